@@ -122,7 +122,18 @@ class GGUFSource:
                                    f"expected [n_experts, {rows}, {cols}]")
             raw = self.gguf.raw(gname).reshape(e, rows, -1)  # (E, rows, row bytes), mmapped
             mats[part] = QuantMatrix.from_raw(raw, info.type, cols, expert_ids, device, gname, self.act_quant)
-        return QuantExperts(device, expert_ids, mats["gate"], mats["up"], mats["down"])
+        group = QuantExperts(device, expert_ids, mats["gate"], mats["up"], mats["down"])
+        if group.fused is not None and all(m.qtype == GGMLType.F32 for m in mats.values()):
+            # float32 experts: hand the fused kernel float views of the same bytes, so each matmul reads
+            # the mmap directly instead of copying the expert out first (as it must for block types)
+            from offload.kernels.cpu.moe import CpuExperts
+
+            with warnings.catch_warnings():  # read-only mmap: the kernel only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                views = [torch.from_numpy(m.blocks).view(torch.float32) for m in (mats["gate"], mats["up"],
+                                                                                   mats["down"])]
+            group.fused = CpuExperts(*views, None, list(expert_ids))
+        return group
 
     def close(self) -> None:
         pass  # the mmap stays alive while expert groups read from it

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from offload.errors import ConfigError
 from offload.tokenizer import Tokenizer
 
@@ -80,6 +82,25 @@ def _as_list(value: Any, key: str) -> list:
     return list(value)
 
 
+def _merge_pairs(merges: list) -> list[tuple[str, str]]:
+    """["a b", ...] -> [("a", "b"), ...]: every merge must be two tokens separated by one space."""
+    if not set(map(type, merges)) - {str}:
+        # all at once: in the NUL-joined text the separators must alternate space, NUL, space, ...
+        joined = "\x00".join(merges)
+        seps = np.frombuffer(joined.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        seps = seps[(seps == 0x20) | (seps == 0)]
+        if len(seps) == 2 * len(merges) - 1 and (seps[0::2] == 0x20).all() and not seps[1::2].any():
+            parts = joined.replace("\x00", " ").split(" ")
+            return list(zip(parts[0::2], parts[1::2]))
+    pairs = []  # the slow path names the first bad entry
+    for i, m in enumerate(merges):
+        parts = str(m).split(" ")
+        if len(parts) != 2:
+            raise ConfigError(f"GGUF metadata: tokenizer.ggml.merges[{i}] = {m!r} is not two tokens separated by a space")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
 def _pre_tokenizer(splits: list[str] | None):
     from tokenizers import Regex, pre_tokenizers
 
@@ -104,22 +125,26 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
         raise ConfigError(f"GGUF metadata: tokenizer.ggml.pre = {pre!r} is not supported (known: {sorted(_PRE)})")
     splits, nfc, ignore_merges, default_add_bos = _PRE[pre]
 
-    tokens = [str(t) for t in _as_list(_get(metadata, "tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")]
+    tokens = _as_list(_get(metadata, "tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
+    if set(map(type, tokens)) - {str}:
+        tokens = [str(t) for t in tokens]
     types = _get(metadata, "tokenizer.ggml.token_type")
-    types = [NORMAL] * len(tokens) if types is None else [int(t) for t in _as_list(types, "tokenizer.ggml.token_type")]
+    if types is None:
+        types = np.full(len(tokens), NORMAL, dtype=np.int64)
+    elif isinstance(types, np.ndarray) and types.ndim == 1 and types.dtype.kind in "iu":
+        types = types.astype(np.int64)
+    else:
+        try:
+            types = np.asarray(_as_list(types, "tokenizer.ggml.token_type"), dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError("GGUF metadata: tokenizer.ggml.token_type must be an array of integers") from None
     if len(types) != len(tokens):
         raise ConfigError(f"GGUF metadata: tokenizer.ggml.token_type has {len(types)} entries, "
                           f"expected {len(tokens)} (one per token)")
-    merges = []
-    for i, m in enumerate(_as_list(_get(metadata, "tokenizer.ggml.merges"), "tokenizer.ggml.merges")):
-        parts = str(m).split(" ")
-        if len(parts) != 2:
-            raise ConfigError(f"GGUF metadata: tokenizer.ggml.merges[{i}] = {m!r} is not two tokens separated by a space")
-        merges.append((parts[0], parts[1]))
+    merges = _merge_pairs(_as_list(_get(metadata, "tokenizer.ggml.merges"), "tokenizer.ggml.merges"))
 
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)  # duplicates (padding entries) keep their first id
+    # duplicates (padding entries) keep their first id: the reversed walk writes the lowest id last
+    vocab: dict[str, int] = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
     backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False,
                                  ignore_merges=ignore_merges))
     if nfc:
@@ -129,9 +154,9 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
 
     # Control tokens are HF "special" tokens; user-defined ones are added tokens matched in plain text.
     added = []
-    for i, (t, ty) in enumerate(zip(tokens, types)):
-        if ty in (CONTROL, USER_DEFINED) and vocab.get(t) == i:
-            added.append(AddedToken(t, special=ty == CONTROL, normalized=False))
+    for i in np.flatnonzero((types == CONTROL) | (types == USER_DEFINED)).tolist():
+        if vocab[tokens[i]] == i:
+            added.append(AddedToken(tokens[i], special=bool(types[i] == CONTROL), normalized=False))
     backend.add_tokens(added)
 
     def token_at(key: str) -> str | None:
@@ -163,7 +188,7 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
     }
     eos_ids = [int(_get(metadata, k)) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                                   "tokenizer.ggml.eom_token_id") if _get(metadata, k) is not None]
-    eos_ids += [vocab[t] for t in _EOG_TEXTS if t in vocab and types[vocab[t]] == CONTROL]
+    eos_ids += [vocab[t] for t in _EOG_TEXTS if t in vocab and int(types[vocab[t]]) == CONTROL]
 
     templates = {}
     if isinstance(_get(metadata, "tokenizer.chat_template"), str):

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from offload.chat_template import render_chat_template
 from offload.errors import ConfigError, RequestError
 
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -242,6 +241,8 @@ class Tokenizer:
             source = chat_template
         else:
             source = self.chat_template(chat_template, tools)
+        from offload.chat_template import render_chat_template  # jinja2: imported on the first chat only
+
         return render_chat_template(
             source, messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
             special_tokens=self.special_tokens, **template_kwargs,
