@@ -2,9 +2,11 @@
 
 Letters: T tokens, K top-k, H hidden, I expert FFN width, E experts held here, P (token, expert) pairs.
 Pairs are sorted by expert so each expert's weights are read once per call however many tokens chose
-it. Experts with few tokens go through the numba grouped row kernel (work split over threads by
-(expert, row block)); experts with >= GEMM_MIN_TOKENS tokens are dequantised once to float32 and
-multiplied with torch.mm (MKL / oneDNN), the prefill path.
+it. Experts with few tokens go through the native kernel (csrc/qdot.cpp: activations quantised to 8 bits
+once per call as llama.cpp does, AVX-512 VNNI dot products, one fused call for gate, up, silu and down)
+or, for types without a SIMD native kernel, the numba grouped row kernel; either splits work over
+threads by (expert, row block). Experts with >= GEMM_MIN_TOKENS tokens are dequantised once to float32
+and multiplied with torch.mm (MKL / oneDNN), the prefill path.
 """
 
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from offload.errors import WeightsError
 from offload.kernels.cpu import dequant as dq
 from offload.kernels.cpu import int4pack as i4
+from offload.kernels.cpu import native
 from offload.kernels.cpu import quantmm as qm
 from offload.kernels.cpu.quantize import QUANTIZERS
 
@@ -130,7 +133,10 @@ def _pairs(expert_ids, expert_weights, experts: CpuExperts):
 
 
 def _ffn_rows(x: np.ndarray, ex: CpuExperts, starts: np.ndarray, eids: np.ndarray) -> np.ndarray:
-    """x (P, H) rows grouped by expert -> (P, H) expert FFN outputs, numba row kernels."""
+    """x (P, H) rows grouped by expert -> (P, H) expert FFN outputs: the native kernel (8-bit
+    activations, as llama.cpp) where every type has one, else the numba row kernels (float activations)."""
+    if native.fast(*ex.qtypes):
+        return native.moe_rows(x, starts, eids, ex.gate, ex.up, ex.down, ex.qtypes)
     h = qm.grouped_gate_up(x, ex.gate, ex.qtypes[0], ex.up, ex.qtypes[1], starts, eids)  # (P, I)
     return qm.grouped_gemv(h, ex.down, ex.qtypes[2], starts, eids)  # (P, H)
 
@@ -168,8 +174,20 @@ def _ffn_dense(x: torch.Tensor, ex: CpuExperts, e: int) -> torch.Tensor:
         xd = x.to(dt)
         h = F.silu(xd @ ex.gate[e].T) * (xd @ ex.up[e].T)  # (n, I)
         return (h @ ex.down[e].T).float()  # (n, H)
+    if native.fast(*ex.qtypes):  # the row path rounds activations to 8 bits: same numbers here
+        x = _round(x, ex.qtypes[0])
     h = F.silu(x @ ex.dense("gate", e).T) * (x @ ex.dense("up", e).T)
+    if native.fast(*ex.qtypes):
+        h = _round(h, ex.qtypes[2])
     return h @ ex.dense("down", e).T
+
+
+def _round(x: torch.Tensor, qtype: int) -> torch.Tensor:
+    """x rounded as ggml quantises activations for a dot product with a `qtype` weight."""
+    from offload.gguf.numerics import round_activations
+    from offload.gguf.types import GGMLType
+
+    return round_activations(x, GGMLType(int(qtype)))
 
 
 def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
@@ -213,8 +231,10 @@ def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
 
 
 def moe_cpu_ref(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
-                experts: CpuExperts) -> torch.Tensor:
-    """Plain reference: a loop over (token, expert) pairs in float32, weights dequantised by gguf-py."""
+                experts: CpuExperts, act_quant: bool = False) -> torch.Tensor:
+    """Plain reference: a loop over (token, expert) pairs in float32, weights dequantised by gguf-py;
+    act_quant rounds each matmul's input as ggml does (offload.gguf.numerics), which is what moe_cpu
+    computes where `native.fast(*experts.qtypes)`."""
     from offload.gguf._ggufpy import gguf_py
 
     cache: dict = {}
@@ -238,6 +258,10 @@ def moe_cpu_ref(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch
             if e is None:
                 continue
             xt = x[t].float()
+            if act_quant:
+                xt = _round(xt, experts.qtypes[0])
             h = F.silu(W("gate", e) @ xt) * (W("up", e) @ xt)
+            if act_quant:
+                h = _round(h, experts.qtypes[2])
             out[t] += float(expert_weights[t, k]) * (W("down", e) @ h)
     return out

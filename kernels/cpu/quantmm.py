@@ -213,8 +213,14 @@ def gemm(x, qweight, qtype) -> torch.Tensor:
 
 
 def qmatmul(x, qweight, qtype) -> torch.Tensor:
-    """x (M, K) @ W.T choosing the row kernel for M < GEMM_MIN_TOKENS, dequant + torch.mm above."""
-    if x.shape[0] < GEMM_MIN_TOKENS and qtype_id(qtype) in dq.FAST_TYPES:
+    """x (M, K) @ W.T choosing the row kernel for M < GEMM_MIN_TOKENS (the native one with 8-bit
+    activations where the type has a SIMD kernel, else numba), dequant + torch.mm above."""
+    from offload.kernels.cpu import native
+
+    qt = qtype_id(qtype)
+    if x.shape[0] < GEMM_MIN_TOKENS and native.fast(qt):
+        return native.gemv(x, qweight, qt)
+    if x.shape[0] < GEMM_MIN_TOKENS and qt in dq.FAST_TYPES:
         return gemv(x, qweight, qtype)
     return gemm(x, qweight, qtype)
 

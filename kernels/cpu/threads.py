@@ -1,4 +1,5 @@
-"""The one owner of CPU threads: numba's pool (our kernels) and torch's OpenMP / MKL pool (matmuls).
+"""The one owner of CPU threads: the native kernels' pool (csrc/qdot.cpp), numba's pool and torch's
+OpenMP / MKL pool (matmuls).
 
 Both pools get the same count, one thread per physical core (hyper-threads share the core's load
 ports and add nothing to a bandwidth-bound GEMV). The pools never run at the same time: moe_cpu
@@ -43,7 +44,7 @@ def numa_nodes() -> dict[int, str]:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Give numba and torch `n` threads each (default: physical cores); returns the count used."""
+    """Give the native pool, numba and torch `n` threads each (default: physical cores); returns the count."""
     global _threads
     n = int(n) if n else physical_cores()
     if n < 1:
@@ -58,6 +59,9 @@ def set_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     _threads = n
+    from offload.kernels.cpu import native
+
+    native.set_threads(n)  # a no-op until the native library is loaded (it then asks get_threads)
     return n
 
 

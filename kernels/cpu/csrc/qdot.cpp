@@ -1,0 +1,708 @@
+// Quantised dot products of ggml weight blocks with 8-bit activations, the GEMV over weight rows and
+// the fused MoE expert FFN, on a small thread pool of our own. Loaded with ctypes by
+// kernels/cpu/native.py, which compiles this file once per machine with -march=native.
+//
+// Activations are quantised the way ggml's CPU backend does before a dot product (its vec_dot_type):
+// K-quants and IQ4_XS against "A8K" rows (Q8_K: per 256 values a float scale, int8 values and the sums
+// of each 16), Q8_0 / Q4_0 against "A80" rows (Q8_0: per 32 values an fp16-rounded scale, int8 values,
+// and their int sum). Integer sums per sub-block are exact, so results equal
+// dequant(W) . dequant(quant(x)) up to float summation order -- the same numbers llama.cpp computes.
+//
+// With AVX-512 VNNI (Ice Lake, Sapphire Rapids and later) Q4_K, Q5_K, Q6_K, Q8_0 and Q4_0 use
+// vpdpbusd (u8 x s8 -> s32) on 64 weights at a time; every other case is plain C++.
+
+#include <immintrin.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define QDOT_VNNI 1
+#else
+#define QDOT_VNNI 0
+#endif
+
+namespace {
+
+// ggml type ids
+enum : int { Q4_0 = 2, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_XS = 23 };
+
+constexpr int QK = 256;  // K-quant super-block
+
+struct A8K {  // 256 activations (ggml block_q8_K)
+    float d;
+    int8_t qs[QK];
+    int16_t bsums[QK / 16];
+};
+struct A80 {  // 32 activations (ggml block_q8_0 plus the sum of its values, for Q4_0's -8 offset)
+    float d;
+    int32_t sum;
+    int8_t qs[32];
+};
+static_assert(sizeof(A8K) == 292, "A8K layout");
+static_assert(sizeof(A80) == 40, "A80 layout");
+
+inline float fp16(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0) {
+        float f = std::ldexp((float)man, -24);
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+inline float round_fp16(float x) {  // x rounded to the nearest fp16, as a float
+#if defined(__F16C__)
+    return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
+#else
+    return x;  // without F16C: scales stay float32 (differs from ggml in the last bits only)
+#endif
+}
+
+// ---------------------------------------------------------------- activation quantisation
+
+void quantize_a8k(const float* x, A8K* y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += QK) {
+        float amax = 0;
+#if QDOT_VNNI
+        __m512 vmax = _mm512_setzero_ps();
+        for (int j = 0; j < QK; j += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+        amax = _mm512_reduce_max_ps(vmax);
+#else
+        for (int j = 0; j < QK; j++) amax = std::fmax(amax, std::fabs(x[j]));
+#endif
+        if (!(amax > 0)) {  // zero block (or NaN: the scale below stays NaN, as in ggml)
+            if (amax == 0) {
+                std::memset(&y[i], 0, sizeof(A8K));
+                continue;
+            }
+        }
+        float mx = amax;  // the value of largest magnitude, its first occurrence (ggml's rule)
+        for (int j = 0; j < QK; j++)
+            if (std::fabs(x[j]) == amax) {
+                mx = x[j];
+                break;
+            }
+        const float iscale = -127.f / mx;
+#if QDOT_VNNI
+        const __m512 vs = _mm512_set1_ps(iscale);
+        for (int j = 0; j < QK; j += 16) {  // cvtps rounds half to even, as ggml's nearest_int
+            __m512i v = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(vs, _mm512_loadu_ps(x + j))),
+                                         _mm512_set1_epi32(127));
+            _mm_storeu_si128((__m128i*)(y[i].qs + j), _mm512_cvtepi32_epi8(v));
+        }
+#else
+        for (int j = 0; j < QK; j++) {
+            int v = (int)std::nearbyint(iscale * x[j]);  // round half to even, as ggml's nearest_int
+            y[i].qs[j] = (int8_t)(v > 127 ? 127 : v);
+        }
+#endif
+        for (int j = 0; j < QK / 16; j++) {
+            int s = 0;
+            for (int l = 0; l < 16; l++) s += y[i].qs[16 * j + l];
+            y[i].bsums[j] = (int16_t)s;
+        }
+        y[i].d = 1.f / iscale;
+    }
+}
+
+void quantize_a80(const float* x, A80* y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += 32) {
+#if QDOT_VNNI
+        const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        const __m512 id = _mm512_set1_ps(amax != 0 ? 127.f / amax : 0.f);
+        const __m512i v0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, id)), v1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, id));
+        _mm_storeu_si128((__m128i*)y[i].qs, _mm512_cvtepi32_epi8(v0));
+        _mm_storeu_si128((__m128i*)(y[i].qs + 16), _mm512_cvtepi32_epi8(v1));
+        y[i].sum = _mm512_reduce_add_epi32(_mm512_add_epi32(v0, v1));
+#else
+        float amax = 0;
+        for (int j = 0; j < 32; j++) amax = std::fmax(amax, std::fabs(x[j]));
+        const float id = amax != 0 ? 127.f / amax : 0.f;
+        int s = 0;
+        for (int j = 0; j < 32; j++) {
+            int v = (int)std::nearbyint(x[j] * id);
+            y[i].qs[j] = (int8_t)v;
+            s += v;
+        }
+        y[i].sum = s;
+#endif
+        y[i].d = round_fp16(amax / 127.f);
+    }
+}
+
+// ---------------------------------------------------------------- plain dot products (any CPU)
+
+inline void k4_scale_mins(const uint8_t* s, uint8_t* sc, uint8_t* mn) {  // 12 bytes -> 8 scales, 8 mins
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+float dot_q8_0_plain(const uint8_t* w, const void* act, int64_t nb) {
+    const A80* a = (const A80*)act;
+    float sum = 0;
+    for (int64_t b = 0; b < nb; b++, w += 34) {
+        const int8_t* q = (const int8_t*)(w + 2);
+        int s = 0;
+        for (int j = 0; j < 32; j++) s += q[j] * a[b].qs[j];
+        sum += fp16(w) * a[b].d * (float)s;
+    }
+    return sum;
+}
+
+float dot_q4_0_plain(const uint8_t* w, const void* act, int64_t nb) {
+    const A80* a = (const A80*)act;
+    float sum = 0;
+    for (int64_t b = 0; b < nb; b++, w += 18) {
+        const uint8_t* q = w + 2;
+        int s = 0;
+        for (int j = 0; j < 16; j++) s += (q[j] & 0xF) * a[b].qs[j] + (q[j] >> 4) * a[b].qs[j + 16];
+        sum += fp16(w) * a[b].d * (float)(s - 8 * a[b].sum);
+    }
+    return sum;
+}
+
+float dot_q4_k_plain(const uint8_t* w, const void* act, int64_t nb) {
+    const A8K* a = (const A8K*)act;
+    float sum = 0;
+    for (int64_t b = 0; b < nb; b++, w += 144) {
+        uint8_t sc[8], mn[8];
+        k4_scale_mins(w + 4, sc, mn);
+        const uint8_t* qs = w + 16;
+        int sumi = 0, summ = 0;
+        for (int c = 0; c < 4; c++) {  // 64 values: low nibbles sub-block 2c, high 2c+1
+            int lo = 0, hi = 0;
+            for (int l = 0; l < 32; l++) {
+                lo += (qs[32 * c + l] & 0xF) * a[b].qs[64 * c + l];
+                hi += (qs[32 * c + l] >> 4) * a[b].qs[64 * c + 32 + l];
+            }
+            sumi += sc[2 * c] * lo + sc[2 * c + 1] * hi;
+        }
+        for (int s = 0; s < 8; s++) summ += mn[s] * (a[b].bsums[2 * s] + a[b].bsums[2 * s + 1]);
+        sum += fp16(w) * a[b].d * (float)sumi - fp16(w + 2) * a[b].d * (float)summ;
+    }
+    return sum;
+}
+
+float dot_q5_k_plain(const uint8_t* w, const void* act, int64_t nb) {
+    const A8K* a = (const A8K*)act;
+    float sum = 0;
+    for (int64_t b = 0; b < nb; b++, w += 176) {
+        uint8_t sc[8], mn[8];
+        k4_scale_mins(w + 4, sc, mn);
+        const uint8_t* qh = w + 16;
+        const uint8_t* qs = w + 48;
+        int sumi = 0, summ = 0;
+        for (int c = 0; c < 4; c++) {
+            int lo = 0, hi = 0;
+            for (int l = 0; l < 32; l++) {
+                int ql = (qs[32 * c + l] & 0xF) | (((qh[l] >> (2 * c)) & 1) << 4);
+                int qhv = (qs[32 * c + l] >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4);
+                lo += ql * a[b].qs[64 * c + l];
+                hi += qhv * a[b].qs[64 * c + 32 + l];
+            }
+            sumi += sc[2 * c] * lo + sc[2 * c + 1] * hi;
+        }
+        for (int s = 0; s < 8; s++) summ += mn[s] * (a[b].bsums[2 * s] + a[b].bsums[2 * s + 1]);
+        sum += fp16(w) * a[b].d * (float)sumi - fp16(w + 2) * a[b].d * (float)summ;
+    }
+    return sum;
+}
+
+float dot_q6_k_plain(const uint8_t* w, const void* act, int64_t nb) {
+    const A8K* a = (const A8K*)act;
+    float sum = 0;
+    for (int64_t b = 0; b < nb; b++, w += 210) {
+        const uint8_t* ql = w;
+        const uint8_t* qh = w + 128;
+        const int8_t* sc = (const int8_t*)(w + 192);
+        int sub[16] = {0};
+        for (int n = 0; n < 2; n++) {
+            for (int l = 0; l < 32; l++) {
+                const int8_t* y = a[b].qs + 128 * n;
+                int q1 = ((ql[64 * n + l] & 0xF) | (((qh[32 * n + l] >> 0) & 3) << 4)) - 32;
+                int q2 = ((ql[64 * n + l + 32] & 0xF) | (((qh[32 * n + l] >> 2) & 3) << 4)) - 32;
+                int q3 = ((ql[64 * n + l] >> 4) | (((qh[32 * n + l] >> 4) & 3) << 4)) - 32;
+                int q4 = ((ql[64 * n + l + 32] >> 4) | (((qh[32 * n + l] >> 6) & 3) << 4)) - 32;
+                sub[8 * n + l / 16 + 0] += q1 * y[l];
+                sub[8 * n + l / 16 + 2] += q2 * y[l + 32];
+                sub[8 * n + l / 16 + 4] += q3 * y[l + 64];
+                sub[8 * n + l / 16 + 6] += q4 * y[l + 96];
+            }
+        }
+        int sumi = 0;
+        for (int s = 0; s < 16; s++) sumi += sc[s] * sub[s];
+        sum += fp16(w + 208) * a[b].d * (float)sumi;
+    }
+    return sum;
+}
+
+// The low-bit types unpack a block to int8 values and 16 int16 scales (one per 16 values), then take
+// the sub-block dot products in loops the compiler vectorises.
+inline int dot16x16(const int8_t* q, const int8_t* a, const int16_t* sc) {
+    int sumi = 0;
+    for (int s = 0; s < 16; s++) {
+        int d = 0;
+        for (int l = 0; l < 16; l++) d += q[16 * s + l] * a[16 * s + l];
+        sumi += sc[s] * d;
+    }
+    return sumi;
+}
+
+float dot_q2_k_plain(const uint8_t* w, const void* act, int64_t nb) {
+    const A8K* a = (const A8K*)act;
+    float sum = 0;
+    alignas(64) int8_t q[QK];
+    int16_t sc[16];
+    for (int64_t b = 0; b < nb; b++, w += 84) {
+        const uint8_t* qs = w + 16;  // w[0..15]: low nibble scale, high nibble min, per 16 values
+        for (int n = 0; n < 2; n++)
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 32; l++) q[128 * n + 32 * j + l] = (int8_t)((qs[32 * n + l] >> (2 * j)) & 3);
+        int summ = 0;
+        for (int s = 0; s < 16; s++) {
+            sc[s] = w[s] & 0xF;
+            summ += (w[s] >> 4) * a[b].bsums[s];
+        }
+        sum += fp16(w + 80) * a[b].d * (float)dot16x16(q, a[b].qs, sc) - fp16(w + 82) * a[b].d * (float)summ;
+    }
+    return sum;
+}
+
+float dot_q3_k_plain(const uint8_t* w, const void* act, int64_t nb) {
+    const A8K* a = (const A8K*)act;
+    float sum = 0;
+    alignas(64) int8_t q[QK];
+    int16_t sc[16];
+    for (int64_t b = 0; b < nb; b++, w += 110) {
+        const uint8_t* hm = w;
+        const uint8_t* qs = w + 32;
+        const uint8_t* s = w + 96;  // 16 six-bit scales: low 4 bits in s[0..7], high 2 bits in s[8..11]
+        for (int j = 0; j < 16; j++) {
+            int lo = j < 8 ? (s[j] & 0xF) : (s[j - 8] >> 4);
+            int hi = (s[8 + (j % 4)] >> (2 * (j / 4))) & 3;
+            sc[j] = (int16_t)((lo | (hi << 4)) - 32);
+        }
+        for (int n = 0; n < 2; n++)
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 32; l++)
+                    q[128 * n + 32 * j + l] =
+                        (int8_t)(((qs[32 * n + l] >> (2 * j)) & 3) - ((hm[l] >> (4 * n + j)) & 1 ? 0 : 4));
+        sum += fp16(w + 108) * a[b].d * (float)dot16x16(q, a[b].qs, sc);
+    }
+    return sum;
+}
+
+const int8_t KVALUES_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+float dot_iq4_xs_plain(const uint8_t* w, const void* act, int64_t nb) {
+    const A8K* a = (const A8K*)act;
+    float sum = 0;
+    alignas(64) int8_t q[QK];
+    int16_t sc[16];
+    for (int64_t b = 0; b < nb; b++, w += 136) {
+        uint16_t sh;
+        std::memcpy(&sh, w + 2, 2);
+        const uint8_t* sl = w + 4;
+        const uint8_t* qs = w + 8;
+        for (int ib = 0; ib < 8; ib++) {
+            const int ls = ((sl[ib / 2] >> (4 * (ib % 2))) & 0xF) | (((sh >> (2 * ib)) & 3) << 4);
+            sc[2 * ib] = sc[2 * ib + 1] = (int16_t)(ls - 32);
+            for (int j = 0; j < 16; j++) {
+                q[32 * ib + j] = KVALUES_IQ4NL[qs[16 * ib + j] & 0xF];
+                q[32 * ib + 16 + j] = KVALUES_IQ4NL[qs[16 * ib + j] >> 4];
+            }
+        }
+        sum += fp16(w) * a[b].d * (float)dot16x16(q, a[b].qs, sc);
+    }
+    return sum;
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI dot products
+
+#if QDOT_VNNI
+inline __m512i idx16(int a, int b) {  // lanes 0-7 = a, 8-15 = b (which scale each int32 lane takes)
+    return _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1);
+}
+
+float dot_q8_0_vnni(const uint8_t* w, const void* act, int64_t nb) {
+    const A80* a = (const A80*)act;
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b++, w += 34) {
+        const __m256i qw = _mm256_loadu_si256((const __m256i*)(w + 2));
+        const __m256i qa = _mm256_loadu_si256((const __m256i*)a[b].qs);
+        // s8 x s8 through u8 x s8: |w| times a with w's sign
+        const __m256i sa = _mm256_mask_sub_epi8(qa, _mm256_movepi8_mask(qw), zero, qa);
+        const __m256i s = _mm256_dpbusd_epi32(zero, _mm256_abs_epi8(qw), sa);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(w) * a[b].d), _mm256_cvtepi32_ps(s), acc);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+float dot_q4_0_vnni(const uint8_t* w, const void* act, int64_t nb) {
+    const A80* a = (const A80*)act;
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++, w += 18) {
+        const __m128i q = _mm_loadu_si128((const __m128i*)(w + 2));
+        const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+        const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw,
+                                              _mm256_loadu_si256((const __m256i*)a[b].qs));
+        const float d = fp16(w) * a[b].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
+        corr += d * (float)(8 * a[b].sum);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r) - corr;
+}
+
+// Q4_K / Q5_K: 64 bytes of nibbles hold sub-blocks (4t, 4t+1) in bytes 0-31 (low, high nibbles) and
+// (4t+2, 4t+3) in bytes 32-63, so the low nibbles pair with activations [4t ; 4t+2], the high with
+// [4t+1 ; 4t+3]; each int32 lane of vpdpbusd then belongs to one sub-block (lanes 0-7 / 8-15).
+template <bool Q5>
+float dot_k4_vnni(const uint8_t* w, const void* act, int64_t nb) {
+    const A8K* a = (const A8K*)act;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512(), sixteen = _mm512_set1_epi8(16);
+    const __m512i ilo[2] = {idx16(0, 2), idx16(4, 6)}, ihi[2] = {idx16(1, 3), idx16(5, 7)};
+    // Q5_K: the fifth bit of sub-block s is bit s of qh[l]
+    const __m512i blo[2] = {_mm512_inserti64x4(_mm512_set1_epi8(1 << 0), _mm256_set1_epi8(1 << 2), 1),
+                            _mm512_inserti64x4(_mm512_set1_epi8(1 << 4), _mm256_set1_epi8((char)(1 << 6)), 1)};
+    const __m512i bhi[2] = {_mm512_inserti64x4(_mm512_set1_epi8(1 << 1), _mm256_set1_epi8(1 << 3), 1),
+                            _mm512_inserti64x4(_mm512_set1_epi8(1 << 5), _mm256_set1_epi8((char)(1 << 7)), 1)};
+    const int bytes = Q5 ? 176 : 144;
+    __m512 acc = _mm512_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, w += bytes) {
+        uint32_t u[3];
+        std::memcpy(u, w + 4, 12);
+        const uint64_t sc8 = (uint64_t)(u[0] & 0x3f3f3f3fu) |
+                             (uint64_t)((u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4)) << 32;
+        const uint64_t mn8 = (uint64_t)(u[1] & 0x3f3f3f3fu) |
+                             (uint64_t)(((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)) << 32;
+        const __m512i sc = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc8));
+        const __m256i bsp = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)a[b].bsums), _mm256_set1_epi16(1));
+        const __m256i mins = _mm256_mullo_epi32(bsp, _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn8)));
+        const uint8_t* qs = w + (Q5 ? 48 : 16);
+        __m512i qh = zero;
+        if (Q5) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + 16)));
+        __m512i sumi = zero;
+        for (int t = 0; t < 2; t++) {
+            const __m512i q = _mm512_loadu_si512(qs + 64 * t);
+            __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+            if (Q5) {
+                lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, blo[t]), lo, sixteen);
+                hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(qh, bhi[t]), hi, sixteen);
+            }
+            const __m512i ya = _mm512_loadu_si512(a[b].qs + 128 * t), yb = _mm512_loadu_si512(a[b].qs + 128 * t + 64);
+            const __m512i dlo = _mm512_dpbusd_epi32(zero, lo, _mm512_shuffle_i64x2(ya, yb, _MM_SHUFFLE(1, 0, 1, 0)));
+            const __m512i dhi = _mm512_dpbusd_epi32(zero, hi, _mm512_shuffle_i64x2(ya, yb, _MM_SHUFFLE(3, 2, 3, 2)));
+            // a lane's sum is at most 4 * 31 * 127 < 2^15 and the scale's high half is 0: vpdpwssd
+            // (int16 pairs) multiplies and accumulates exactly, cheaper than vpmulld + add
+            sumi = _mm512_dpwssd_epi32(sumi, dlo, _mm512_permutexvar_epi32(ilo[t], sc));
+            sumi = _mm512_dpwssd_epi32(sumi, dhi, _mm512_permutexvar_epi32(ihi[t], sc));
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(fp16(w) * a[b].d), _mm512_cvtepi32_ps(sumi), acc);
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(fp16(w + 2) * a[b].d), _mm256_cvtepi32_ps(mins), accm);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(accm), _mm256_extractf128_ps(accm, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm512_reduce_add_ps(acc) - _mm_cvtss_f32(r);
+}
+
+// Q6_K: per 128 values, 64 bytes of low nibbles (values l and 32+l low, 64+l and 96+l high) and 32
+// bytes of 2-bit highs (bit pairs 0, 2, 4, 6 for the four runs). Values are q - 32: the 32 x sum term
+// comes from the activation's 16-value sums.
+float dot_q6_k_vnni(const uint8_t* w, const void* act, int64_t nb) {
+    const A8K* a = (const A8K*)act;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(3), zero = _mm512_setzero_si512();
+    const __m512i lo16 = _mm512_set1_epi32(0xFFFF);
+    const __m512i sh_a = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    const __m512i sh_b = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+    // lane j of a vpdpbusd over values 4j..4j+3 of a 64-run belongs to the 16-value sub-block j/4
+    const __m512i ia[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                           _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8)};
+    const __m512i ib[2] = {_mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
+                           _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, w += 210) {
+        const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 192)));
+        const __m512i bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)a[b].bsums));
+        __m512i sumi = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_mullo_epi32(sc, bs), 5));
+        const __m512i sc16 = _mm512_and_si512(sc, lo16);  // int16 scale, high half 0, for vpdpwssd
+        for (int n = 0; n < 2; n++) {
+            const __m512i L = _mm512_loadu_si512(w + 64 * n);
+            const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + 128 + 32 * n)));
+            const __m512i qa = _mm512_or_si512(
+                _mm512_and_si512(L, m4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_a), m3), 4));
+            const __m512i qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
+                                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_b), m3), 4));
+            const __m512i da = _mm512_dpbusd_epi32(zero, qa, _mm512_loadu_si512(a[b].qs + 128 * n));
+            const __m512i db = _mm512_dpbusd_epi32(zero, qb, _mm512_loadu_si512(a[b].qs + 128 * n + 64));
+            // |lane sum| <= 4 * 63 * 127 < 2^15: vpdpwssd is exact
+            sumi = _mm512_dpwssd_epi32(sumi, da, _mm512_permutexvar_epi32(ia[n], sc16));
+            sumi = _mm512_dpwssd_epi32(sumi, db, _mm512_permutexvar_epi32(ib[n], sc16));
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(fp16(w + 208) * a[b].d), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+// ---------------------------------------------------------------- type table
+
+typedef float (*DotFn)(const uint8_t*, const void*, int64_t);
+struct Type {
+    int id, block, bytes;
+    bool k_act;   // activations as A8K (else A80)
+    DotFn fast;   // SIMD where this CPU has it, else the plain one
+    DotFn plain;
+};
+
+const Type TYPES[] = {
+#if QDOT_VNNI
+    {Q8_0, 32, 34, false, dot_q8_0_vnni, dot_q8_0_plain},
+    {Q4_0, 32, 18, false, dot_q4_0_vnni, dot_q4_0_plain},
+    {Q4_K, QK, 144, true, dot_k4_vnni<false>, dot_q4_k_plain},
+    {Q5_K, QK, 176, true, dot_k4_vnni<true>, dot_q5_k_plain},
+    {Q6_K, QK, 210, true, dot_q6_k_vnni, dot_q6_k_plain},
+#else
+    {Q8_0, 32, 34, false, dot_q8_0_plain, dot_q8_0_plain},
+    {Q4_0, 32, 18, false, dot_q4_0_plain, dot_q4_0_plain},
+    {Q4_K, QK, 144, true, dot_q4_k_plain, dot_q4_k_plain},
+    {Q5_K, QK, 176, true, dot_q5_k_plain, dot_q5_k_plain},
+    {Q6_K, QK, 210, true, dot_q6_k_plain, dot_q6_k_plain},
+#endif
+    {Q2_K, QK, 84, true, dot_q2_k_plain, dot_q2_k_plain},
+    {Q3_K, QK, 110, true, dot_q3_k_plain, dot_q3_k_plain},
+    {IQ4_XS, QK, 136, true, dot_iq4_xs_plain, dot_iq4_xs_plain},
+};
+
+const Type* find_type(int id) {
+    for (const Type& t : TYPES)
+        if (t.id == id) return &t;
+    return nullptr;
+}
+
+int64_t act_row_bytes(const Type* t, int64_t K) {
+    return t->k_act ? K / QK * (int64_t)sizeof(A8K) : K / 32 * (int64_t)sizeof(A80);
+}
+
+void quantize_row(const Type* t, const float* x, int64_t K, uint8_t* out) {
+    if (t->k_act)
+        quantize_a8k(x, (A8K*)out, K / QK);
+    else
+        quantize_a80(x, (A80*)out, K / 32);
+}
+
+// ---------------------------------------------------------------- thread pool
+
+// Workers spin briefly after a job (the next parallel region of the same call comes within
+// microseconds), then sleep on a condition variable so torch's threads get the cores between calls.
+class Pool {
+   public:
+    ~Pool() { resize(1); }
+
+    void resize(int n) {
+        {
+            std::lock_guard<std::mutex> lk(m_);
+            quit_.store(true);
+            gen_.fetch_add(1);
+        }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+        workers_.clear();
+        quit_.store(false);
+        nthreads_ = n < 1 ? 1 : n;
+        const uint64_t start = gen_.load();  // a worker that starts late must still see the next job
+        for (int i = 1; i < nthreads_; i++) workers_.emplace_back([this, start] { loop(start); });
+    }
+
+    int threads() const { return nthreads_; }
+
+    void run(int64_t n_items, const std::function<void(int64_t)>& fn) {
+        if (nthreads_ == 1 || n_items <= 1) {
+            for (int64_t i = 0; i < n_items; i++) fn(i);
+            return;
+        }
+        job_ = &fn;
+        total_ = n_items;
+        next_.store(0);
+        pending_.store((int)workers_.size());
+        {
+            std::lock_guard<std::mutex> lk(m_);
+            gen_.fetch_add(1);
+        }
+        cv_.notify_all();
+        work();
+        // a worker the OS has not scheduled yet: give it this core rather than spin for a time slice
+        for (int spins = 1; pending_.load(std::memory_order_acquire) > 0; spins++) {
+            _mm_pause();
+            if (spins % 256 == 0) std::this_thread::yield();
+        }
+    }
+
+   private:
+    void work() {
+        for (int64_t i; (i = next_.fetch_add(1)) < total_;) (*job_)(i);
+    }
+
+    void loop(uint64_t seen) {
+        for (;;) {
+            const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+            int spins = 0;
+            while (gen_.load(std::memory_order_acquire) == seen) {
+                _mm_pause();
+                if (++spins % 64 == 0 && std::chrono::steady_clock::now() > until) {
+                    std::unique_lock<std::mutex> lk(m_);
+                    cv_.wait(lk, [&] { return gen_.load() != seen; });
+                }
+            }
+            seen = gen_.load();
+            if (quit_.load()) return;
+            work();
+            pending_.fetch_sub(1, std::memory_order_release);
+        }
+    }
+
+    std::vector<std::thread> workers_;
+    int nthreads_ = 1;
+    std::mutex m_;
+    std::condition_variable cv_;
+    std::atomic<uint64_t> gen_{0};
+    std::atomic<int64_t> next_{0};
+    std::atomic<int> pending_{0};
+    const std::function<void(int64_t)>* job_ = nullptr;
+    int64_t total_ = 0;
+    std::atomic<bool> quit_{false};
+};
+
+Pool& pool() {
+    static Pool p;
+    return p;
+}
+std::mutex call_mutex;  // one caller at a time: the pool runs one job
+
+constexpr int64_t ROWS_PER_ITEM = 16;  // rows a thread takes at a time
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+}  // namespace
+
+extern "C" {
+
+int qdot_version() { return 1; }
+int qdot_has_vnni() { return QDOT_VNNI; }
+
+void qdot_set_threads(int n) {
+    std::lock_guard<std::mutex> lk(call_mutex);
+    if (n != pool().threads()) pool().resize(n);
+}
+
+int qdot_get_threads() { return pool().threads(); }
+
+// 1 if the type has a kernel here
+int qdot_supported(int qtype) { return find_type(qtype) != nullptr; }
+
+// bytes of one quantised activation row of K values for weights of `qtype` (-1: unsupported / bad K)
+int64_t qdot_act_row_bytes(int qtype, int64_t K) {
+    const Type* t = find_type(qtype);
+    if (!t || K % t->block) return -1;
+    return act_row_bytes(t, K);
+}
+
+// x (M, K) -> out (M, act_row_bytes): the activation rows as the dot products consume them
+int qdot_quantize(int qtype, const float* x, int64_t M, int64_t K, uint8_t* out) {
+    const Type* t = find_type(qtype);
+    if (!t || K % t->block) return -1;
+    const int64_t ab = act_row_bytes(t, K);
+    for (int64_t m = 0; m < M; m++) quantize_row(t, x + m * K, K, out + m * ab);
+    return 0;
+}
+
+// out (M, N) = x (M, K) . W (N, row_bytes)^T; plain = 1 uses the plain C++ dots (for tests)
+int qdot_gemv(int qtype, const uint8_t* w, int64_t N, int64_t row_bytes, const float* x, int64_t M, int64_t K,
+              float* out, int plain) {
+    const Type* t = find_type(qtype);
+    if (!t || K % t->block || row_bytes != K / t->block * t->bytes) return -1;
+    const DotFn dot = plain ? t->plain : t->fast;
+    const int64_t ab = act_row_bytes(t, K), nb = K / t->block;
+    std::vector<uint8_t> xq(ab * M);
+    std::lock_guard<std::mutex> lk(call_mutex);
+    pool().run(M, [&](int64_t m) { quantize_row(t, x + m * K, K, xq.data() + m * ab); });
+    pool().run((N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, [&](int64_t it) {
+        const int64_t r1 = std::min(N, (it + 1) * ROWS_PER_ITEM);
+        for (int64_t r = it * ROWS_PER_ITEM; r < r1; r++)
+            for (int64_t m = 0; m < M; m++) out[m * N + r] = dot(w + r * row_bytes, xq.data() + m * ab, nb);
+    });
+    return 0;
+}
+
+// Expert FFNs of P (token, expert) rows grouped by expert: rows starts[g]..starts[g+1] of x (P, H) go
+// through local expert eids[g]: y[p] = down(silu(gate x_p) * up x_p). gate / up are (E, I, H-row bytes)
+// and down (E, H, I-row bytes), contiguous. Each expert's rows are read once for all its tokens.
+int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* starts, const int64_t* eids, int64_t G,
+             const uint8_t* gate, int qg, const uint8_t* up, int qu, const uint8_t* down, int qd, float* h, float* y) {
+    const Type *tg = find_type(qg), *tu = find_type(qu), *td = find_type(qd);
+    if (!tg || !tu || !td || H % tg->block || H % tu->block || I % td->block) return -1;
+    const int64_t gb = H / tg->block * tg->bytes, ub = H / tu->block * tu->bytes, db = I / td->block * td->bytes;
+    const int64_t agb = act_row_bytes(tg, H), aub = act_row_bytes(tu, H), adb = act_row_bytes(td, I);
+    const bool same = tg->k_act == tu->k_act;
+    std::vector<uint8_t> xg(agb * P), xu(same ? 0 : aub * P), hq(adb * P);
+    std::lock_guard<std::mutex> lk(call_mutex);
+    pool().run(P, [&](int64_t p) {
+        quantize_row(tg, x + p * H, H, xg.data() + p * agb);
+        if (!same) quantize_row(tu, x + p * H, H, xu.data() + p * aub);
+    });
+    const uint8_t* xup = same ? xg.data() : xu.data();
+    const int64_t ni = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, nh = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    pool().run(G * ni, [&](int64_t it) {
+        const int64_t g = it / ni, r0 = it % ni * ROWS_PER_ITEM, r1 = std::min(I, r0 + ROWS_PER_ITEM);
+        const uint8_t* wg = gate + eids[g] * I * gb;
+        const uint8_t* wu = up + eids[g] * I * ub;
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t p = starts[g]; p < starts[g + 1]; p++)
+                h[p * I + r] = silu(tg->fast(wg + r * gb, xg.data() + p * agb, H / tg->block)) *
+                               tu->fast(wu + r * ub, xup + p * aub, H / tu->block);
+    });
+    pool().run(P, [&](int64_t p) { quantize_row(td, h + p * I, I, hq.data() + p * adb); });
+    pool().run(G * nh, [&](int64_t it) {
+        const int64_t g = it / nh, r0 = it % nh * ROWS_PER_ITEM, r1 = std::min(H, r0 + ROWS_PER_ITEM);
+        const uint8_t* wd = down + eids[g] * H * db;
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t p = starts[g]; p < starts[g + 1]; p++)
+                y[p * H + r] = td->fast(wd + r * db, hq.data() + p * adb, I / td->block);
+    });
+    return 0;
+}
+
+}  // extern "C"

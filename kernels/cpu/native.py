@@ -1,0 +1,231 @@
+"""The native quantised kernels (csrc/qdot.cpp) through ctypes, and their plain reference.
+
+The C++ file is compiled once per machine and source version with the system compiler and
+-march=native (AVX-512 VNNI where the CPU has it), into ~/.cache/offload/native/<hash>/ (or
+$OFFLOAD_CACHE/native). About 4 s; later imports load the cached library. Where no compiler works,
+`lib()` is None and callers use the numba kernels. OFFLOAD_NATIVE=0 turns the native path off.
+
+Numerics: activations are quantised per row like ggml's CPU backend (Q8_K blocks for K-quants and
+IQ4_XS, Q8_0 for Q8_0 / Q4_0), so results are dequant(W) . dequant(quant(x)), what llama.cpp computes;
+`gemv_ref` is that in plain torch: gguf-py's dequantisation times offload.gguf.numerics' rounding.
+
+M tokens, K inputs, N output rows, P (token, expert) pairs, H hidden, I expert FFN width.
+"""
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offload.errors import WeightsError
+
+SOURCE = Path(__file__).parent / "csrc" / "qdot.cpp"
+TYPES = {2: "q4_0", 8: "q8_0", 10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k", 14: "q6_k", 23: "iq4_xs"}
+_BLOCK = {2: (32, 18), 8: (32, 34), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
+          14: (256, 210), 23: (256, 136)}
+
+_lib = None
+_tried = False
+_vp = ctypes.c_void_p  # arrays go over as raw addresses: ndarray.ctypes.data_as costs microseconds
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("OFFLOAD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "offload")
+    return Path(base) / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> "str | None":
+    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def build(force: bool = False) -> Path:
+    """Compile qdot.cpp for this machine (cached); returns the shared library's path."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *flags, version, _cpu_flags()]).encode())
+    out_dir = _cache_dir() / key.hexdigest()[:16]
+    lib_path = out_dir / "libqdot.so"
+    if lib_path.exists() and not force:
+        return lib_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "build.lock", "w") as lock:  # another process may be building the same key
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib_path.exists() and not force:
+            return lib_path
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        r = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
+        os.replace(tmp, lib_path)
+    return lib_path
+
+
+def lib():
+    """The loaded library, or None (no compiler, a failed build, or OFFLOAD_NATIVE=0)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("OFFLOAD_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        L = ctypes.CDLL(str(build()))
+    except Exception as e:  # the numba kernels still work, only slower
+        warnings.warn(f"offload: native CPU kernels unavailable, using numba ({e})", RuntimeWarning, stacklevel=2)
+        return None
+    i64, i32 = ctypes.c_int64, ctypes.c_int
+    L.qdot_act_row_bytes.restype = i64
+    L.qdot_act_row_bytes.argtypes = [i32, i64]
+    L.qdot_quantize.argtypes = [i32, _vp, i64, i64, _vp]
+    L.qdot_gemv.argtypes = [i32, _vp, i64, i64, _vp, i64, i64, _vp, i32]
+    L.qdot_moe.argtypes = [_vp, i64, i64, i64, _vp, _vp, i64, _vp, i32, _vp, i32, _vp, i32, _vp, _vp]
+    L.qdot_set_threads.argtypes = [i32]
+    from offload.kernels.cpu.threads import get_threads
+
+    L.qdot_set_threads(get_threads())
+    _lib = L
+    return _lib
+
+
+# types whose native kernel is SIMD (AVX-512 VNNI) and beats the numba one; Q2_K, Q3_K and IQ4_XS
+# have plain C++ kernels only (tested, not yet faster than numba), so the engine keeps numba for them
+SIMD_TYPES = {2, 8, 12, 13, 14}
+
+
+def supported(qtype: int) -> bool:
+    """True when the native library is loaded and has a kernel for this ggml type id."""
+    return int(qtype) in TYPES and lib() is not None
+
+
+def fast(*qtypes: int) -> bool:
+    """True when every type has a SIMD native kernel on this CPU: the engine's path for them."""
+    return all(int(q) in SIMD_TYPES for q in qtypes) and lib() is not None and bool(lib().qdot_has_vnni())
+
+
+def set_threads(n: int) -> None:
+    if _lib is not None:
+        _lib.qdot_set_threads(int(n))
+
+
+def has_vnni() -> bool:
+    return lib() is not None and bool(lib().qdot_has_vnni())
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _f32(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+            x = x.detach().to("cpu", torch.float32).contiguous()
+        return x.detach().numpy()
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        return x
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _u8(w) -> np.ndarray:
+    if isinstance(w, torch.Tensor):
+        w = w.detach().contiguous().numpy()
+    if w.dtype != np.uint8:
+        raise WeightsError(f"quantised weight must be uint8 ggml blocks, got {w.dtype}")
+    return w if w.flags.c_contiguous else np.ascontiguousarray(w)
+
+
+def _row_elems(row_bytes: int, qtype: int) -> int:
+    bs, bb = _BLOCK[qtype]
+    if row_bytes % bb:
+        raise WeightsError(f"row of {row_bytes} bytes is not a whole number of {TYPES[qtype]} blocks")
+    return row_bytes // bb * bs
+
+
+def quantize_act(x, qtype: int) -> np.ndarray:
+    """x (M, K) -> (M, act row bytes) uint8: the activation rows the dot products consume (for tests)."""
+    x = _f32(x)
+    M, K = x.shape
+    rb = lib().qdot_act_row_bytes(int(qtype), K)
+    if rb < 0:
+        raise WeightsError(f"no native kernel for ggml type {qtype} with K={K}")
+    out = np.empty((M, rb), np.uint8)
+    lib().qdot_quantize(int(qtype), _ptr(x), M, K, _ptr(out))
+    return out
+
+
+def gemv(x, qweight, qtype: int, plain: bool = False) -> torch.Tensor:
+    """x (M, K) float @ W.T, W (N, row bytes) ggml blocks -> (M, N) float32; plain=True uses the plain
+    C++ dot products instead of the SIMD ones (both exist to be tested against each other)."""
+    qtype = int(qtype)
+    x, w = _f32(x), _u8(qweight)
+    if w.ndim != 2:
+        raise WeightsError(f"quantised weight must be (N, row bytes), got shape {w.shape}")
+    K = _row_elems(w.shape[1], qtype)
+    if x.ndim != 2 or x.shape[1] != K:
+        raise WeightsError(f"activations of shape {x.shape} do not match weight rows of {K} elements")
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    if x.shape[0] and w.shape[0]:
+        rc = lib().qdot_gemv(qtype, _ptr(w), w.shape[0], w.shape[1], _ptr(x), x.shape[0], K,
+                             _ptr(out), int(plain))
+        if rc:
+            raise WeightsError(f"native gemv: unsupported ggml type {qtype} or K={K}")
+    return torch.from_numpy(out)
+
+
+def moe_rows(x: np.ndarray, starts: np.ndarray, eids: np.ndarray, gate: np.ndarray, up: np.ndarray,
+             down: np.ndarray, qtypes: tuple[int, int, int]) -> np.ndarray:
+    """Expert FFN outputs (P, H) of rows x (P, H) grouped by expert (rows starts[g]:starts[g+1] through
+    local expert eids[g]); gate / up (E, I, H bytes), down (E, H, I bytes) ggml blocks, C-contiguous."""
+    x = _f32(x)
+    P, H = x.shape
+    gate, up, down = _u8(gate), _u8(up), _u8(down)
+    inter = gate.shape[1]
+    starts = np.ascontiguousarray(starts, np.int64)
+    eids = np.ascontiguousarray(eids, np.int64)
+    h = np.empty((P, inter), np.float32)
+    y = np.empty((P, H), np.float32)
+    rc = lib().qdot_moe(_ptr(x), P, H, inter, _ptr(starts), _ptr(eids), len(eids),
+                        _ptr(gate), qtypes[0], _ptr(up), qtypes[1], _ptr(down), qtypes[2],
+                        _ptr(h), _ptr(y))
+    if rc:
+        raise WeightsError(f"native moe: unsupported ggml types {qtypes} for H={H}, I={inter}")
+    return y
+
+
+def gemv_ref(x, qweight, qtype: int) -> torch.Tensor:
+    """Plain reference of `gemv`: x rounded as ggml quantises activations for this weight type
+    (offload.gguf.numerics), times gguf-py's dequantisation of W, in float64."""
+    from offload.gguf._ggufpy import gguf_py
+    from offload.gguf.numerics import round_activations
+    from offload.gguf.types import GGMLType
+
+    g = gguf_py()
+    W = np.asarray(g.quants.dequantize(_u8(qweight), g.GGMLQuantizationType(int(qtype))), np.float64)
+    xr = round_activations(torch.from_numpy(_f32(x)), GGMLType(int(qtype))).double()
+    return (xr @ torch.from_numpy(W).T).float()

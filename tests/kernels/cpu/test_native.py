@@ -1,0 +1,118 @@
+"""Native (C++) quantised kernels against their plain reference: gguf-py's dequantisation of the weights
+times activations rounded as ggml rounds them (offload.gguf.numerics), in float64.
+
+Integer sums per block are exact, so the only difference is float summation order: the tolerance is
+relative to the size of the terms (sum of |x_i w_i|), not to the result."""
+
+import numpy as np
+import pytest
+import torch
+
+from offload.kernels.cpu import native
+from tests.kernels.cpu.blocks import sane_blocks
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason="no C++ compiler: native kernels not built")
+
+TYPES = sorted(native.TYPES)
+ROWS = [1, 7, 255, 371]
+
+
+def _scale(x, qt, w):
+    """sum_i |x_i w_i| per output: the size of the terms a float summation-order error scales with."""
+    from offload.gguf._ggufpy import gguf_py
+
+    g = gguf_py()
+    W = np.abs(np.asarray(g.quants.dequantize(w, g.GGMLQuantizationType(qt)), np.float64))
+    return torch.from_numpy(np.abs(x.numpy().astype(np.float64)) @ W.T).float()
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=[native.TYPES[t] for t in TYPES])
+@pytest.mark.parametrize("rows", ROWS)
+def test_gemv_matches_reference(qt, rows, rng):
+    bs = native._BLOCK[qt][0]
+    k = bs * int(rng.integers(1, 4)) * (256 // bs if bs == 32 else 1)  # any multiple of 256
+    m = int(rng.integers(1, 5))
+    w = sane_blocks(qt, rows, k, rng)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    ref = native.gemv_ref(x, w, qt)
+    tol = 2e-6 * _scale(x, qt, w) + 1e-6
+    for plain in (False, True):
+        got = native.gemv(x, w, qt, plain=plain)
+        assert got.shape == (m, rows)
+        err = (got - ref).abs()
+        assert bool((err <= tol).all()), f"plain={plain}: worst {float((err / tol).max()):.2f}x tolerance"
+
+
+@pytest.mark.parametrize("qt", [8, 2], ids=["q8_0", "q4_0"])
+def test_q8_0_activations_with_k_of_32(qt, rng):
+    """32-block types take K = any multiple of 32, not only of 256."""
+    w = sane_blocks(qt, 9, 32 * 5, rng)
+    x = torch.from_numpy(rng.standard_normal((3, 160)).astype(np.float32))
+    tol = 2e-6 * _scale(x, qt, w) + 1e-6
+    assert bool(((native.gemv(x, w, qt) - native.gemv_ref(x, w, qt)).abs() <= tol).all())
+
+
+def test_activation_quantisation_is_ggml_q8_k(rng):
+    """Q8_K rows: scale from the value of largest magnitude (-127 / max), round half to even, and the
+    sums of each 16 values; dequantised they equal offload.gguf.numerics' rounding."""
+    from offload.gguf.numerics import round_activations
+    from offload.gguf.types import GGMLType
+
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    x[1, :256] = 0  # an all-zero block
+    q = native.quantize_act(x, 12)  # Q4_K weights -> Q8_K activations
+    blocks = q.reshape(2, 2, 292)
+    d = blocks[..., :4].copy().view(np.float32)[..., 0]  # (2, 2)
+    qs = blocks[..., 4:260].view(np.int8).astype(np.int32)  # (2, 2, 256)
+    bsums = blocks[..., 260:].copy().view(np.int16)  # (2, 2, 16)
+    np.testing.assert_array_equal(bsums, qs.reshape(2, 2, 16, 16).sum(-1))
+    assert d[1, 0] == 0 and not qs[1, 0].any()
+    assert np.abs(qs).max() == 127
+    deq = (qs * d[..., None]).reshape(2, 512)
+    ref = round_activations(torch.from_numpy(x), GGMLType.Q4_K).numpy()
+    np.testing.assert_allclose(deq, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_moe_rows_match_per_expert_gemv(rng):
+    """The fused gate/up/silu/down over expert groups equals the same math through single gemv calls."""
+    E, H, inter = 5, 512, 96
+    gate = sane_blocks(12, inter, H, rng, lead=(E,))
+    up = sane_blocks(12, inter, H, rng, lead=(E,))
+    down = sane_blocks(8, H, inter, rng, lead=(E,))
+    x = rng.standard_normal((6, H)).astype(np.float32)
+    starts = np.array([0, 1, 4, 6])
+    eids = np.array([3, 0, 4])
+    y = native.moe_rows(x, starts, eids, gate, up, down, (12, 12, 8))
+    for g, e in enumerate(eids):
+        xs = torch.from_numpy(x[starts[g]:starts[g + 1]])
+        h = torch.nn.functional.silu(native.gemv(xs, gate[e], 12)) * native.gemv(xs, up[e], 12)
+        torch.testing.assert_close(torch.from_numpy(y[starts[g]:starts[g + 1]]), native.gemv(h, down[e], 8),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input(rng):
+    from offload.errors import WeightsError
+
+    w = sane_blocks(12, 4, 256, rng)
+    with pytest.raises(WeightsError, match="256 elements"):
+        native.gemv(torch.zeros(1, 512), w, 12)
+    with pytest.raises(WeightsError, match="whole number"):
+        native.gemv(torch.zeros(1, 256), w[:, :100], 12)
+    with pytest.raises(WeightsError, match="uint8"):
+        native.gemv(torch.zeros(1, 256), w.astype(np.int16), 12)
+
+
+def test_threads_change_nothing(rng):
+    w = sane_blocks(14, 300, 512, rng)
+    x = torch.from_numpy(rng.standard_normal((2, 512)).astype(np.float32))
+    from offload.kernels.cpu.threads import get_threads
+
+    n = get_threads()
+    try:
+        native.set_threads(1)
+        one = native.gemv(x, w, 14)
+        native.set_threads(3)
+        three = native.gemv(x, w, 14)
+    finally:
+        native.set_threads(n)
+    torch.testing.assert_close(one, three, rtol=0, atol=0)
