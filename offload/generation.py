@@ -38,7 +38,7 @@ def prefill(model, cache: Cache, ids: list[int]) -> torch.Tensor:
     logits = None
     for i in range(0, len(ids), PREFILL_CHUNK):
         chunk = torch.tensor(ids[i:i + PREFILL_CHUNK], dtype=torch.long)
-        logits = model.forward(chunk, cache)[-1]
+        logits = model.forward(chunk, cache, last_only=True)[-1]
     return logits
 
 

@@ -27,7 +27,7 @@ class Decoder:
     embed: torch.Tensor  # (V, H)
     layers: list[Layer]
     norm: torch.Tensor  # (H,)
-    lm_head: torch.Tensor  # (V, H)
+    lm_head: object  # (V, H) float tensor, or a quantised matrix with .matmul(x, 0) (GGUF on the CPU)
     eps: float
     device: torch.device
     skipped: list[str] = field(default_factory=list)  # e.g. the MTP layer, recognised and not run
@@ -36,8 +36,9 @@ class Decoder:
         return Cache([layer.attn.new_cache(max_len) for layer in self.layers], max_len)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """tokens (T,) appended at cache.length; returns logits (T, V) float32."""
+    def forward(self, tokens: torch.Tensor, cache: Cache, last_only: bool = False) -> torch.Tensor:
+        """tokens (T,) appended at cache.length; returns logits (T, V) float32, or (1, V) for the last
+        position only (generation: the head is a big matmul, as costly as a layer for a 512-token chunk)."""
         tokens = tokens.to(self.device)
         cache.check_room(tokens.shape[0])
         start = cache.length
@@ -47,8 +48,12 @@ class Decoder:
             x = x + layer.attn(rms_norm(x, layer.attn_norm, self.eps), start, layer_cache, state)
             x = x + layer.mlp(rms_norm(x, layer.mlp_norm, self.eps))
         cache.length = start + tokens.shape[0]
+        if last_only:
+            x = x[-1:]  # (1, H)
         x = rms_norm(x, self.norm, self.eps)
-        return F.linear(x, self.lm_head).float()  # (T, V)
+        if isinstance(self.lm_head, torch.Tensor):
+            return F.linear(x, self.lm_head).float()  # (T, V)
+        return self.lm_head.matmul(x, 0).float()  # (T, V): quantised blocks, native kernel
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
