@@ -84,14 +84,17 @@ def _as_list(value: Any, key: str) -> list:
 
 def _merge_pairs(merges: list) -> list[tuple[str, str]]:
     """["a b", ...] -> [("a", "b"), ...]: every merge must be two tokens separated by one space."""
-    if not set(map(type, merges)) - {str}:
-        # all at once: in the NUL-joined text the separators must alternate space, NUL, space, ...
+    try:
         joined = "\x00".join(merges)
+    except TypeError:  # not all strings: the slow path below
+        joined = None
+    if joined is not None:
+        # all at once: in the NUL-joined text the separators must alternate space, NUL, space, ...
         seps = np.frombuffer(joined.encode("utf-8", "surrogatepass"), dtype=np.uint8)
         seps = seps[(seps == 0x20) | (seps == 0)]
         if len(seps) == 2 * len(merges) - 1 and (seps[0::2] == 0x20).all() and not seps[1::2].any():
-            parts = joined.replace("\x00", " ").split(" ")
-            return list(zip(parts[0::2], parts[1::2]))
+            parts = iter(joined.replace("\x00", " ").split(" "))
+            return list(zip(parts, parts))
     pairs = []  # the slow path names the first bad entry
     for i, m in enumerate(merges):
         parts = str(m).split(" ")
