@@ -49,6 +49,8 @@ def bench_kernels(mb: int, k: int, dram: float, quick: bool) -> list[tuple]:
     from offload.kernels.cpu import dequant as dq
     from offload.kernels.cpu import quantmm as qm
 
+    from offload.kernels.cpu import native
+
     rng = np.random.default_rng(0)
     rows = []
     names = ["q4_k", "q8_0"] if quick else ["q4_k", "q8_0", "q6_k", "q5_k", "q4_0", "q2_k", "q3_k", "iq4_xs"]
@@ -59,17 +61,21 @@ def bench_kernels(mb: int, k: int, dram: float, quick: bool) -> list[tuple]:
         w = _random_weights(qt, n, k, rng)
         x1 = np.asarray(rng.standard_normal((1, k)), np.float32)
         out = np.empty((1, n), np.float32)
-        t1 = _best(lambda: qm._gemv_kernel(w, qt, x1, out))
-        r = {"name": name, "gbs": w.nbytes / t1 / 1e9}
+        has_native = native.supported(qt)
+        r = {"name": name, "engine": "native" if native.fast(qt) else "numba",
+             "numba": w.nbytes / _best(lambda: qm._gemv_kernel(w, qt, x1, out)) / 1e9,
+             "native": w.nbytes / _best(lambda: native.gemv(x1, w, qt)) / 1e9 if has_native else None}
+        r["gbs"] = r["native"] if native.fast(qt) else r["numba"]
         ws = w[: max(16, n // 8)]  # batches are compute-bound: an eighth of the rows is enough to time
         scale = ws.shape[0] / n  # tok/s reported for the whole weight set
         cross = None
         for m in (4, 8, 16, 32, 64, 128) if name in ("q4_k", "q8_0") else (16, 128):
             xm = torch.randn(m, k)
             tg = _best(lambda: qm.gemv(xm, ws, qt), reps=2)
+            tn = _best(lambda: native.gemv(xm, ws, qt), reps=2) if has_native else None
             tm = _best(lambda: qm.gemm(xm, ws, qt), reps=2)
-            r[m] = (m * scale / tg, m * scale / tm)
-            if cross is None and tm < tg:
+            r[m] = (m * scale / tn if tn else None, m * scale / tg, m * scale / tm)
+            if cross is None and tm < (tn if native.fast(qt) else tg):
                 cross = m
         r["cross"] = cross
         rows.append(r)
@@ -87,7 +93,7 @@ def bench_kernels(mb: int, k: int, dram: float, quick: bool) -> list[tuple]:
          "gbs": nbytes / _best(lambda: [i4.mm(x1, p, z) for p, z in chunks]) / 1e9}
     for m in (16, 128):
         xm = torch.randn(m, k)
-        r[m] = (None, m / _best(lambda: [i4.mm(xm, p, z) for p, z in chunks], reps=2))
+        r[m] = (None, None, m / _best(lambda: [i4.mm(xm, p, z) for p, z in chunks], reps=2))
     rows.append(r)
     del chunks
     # bf16 weights through torch (oneDNN); the int4pack baseline
@@ -97,7 +103,7 @@ def bench_kernels(mb: int, k: int, dram: float, quick: bool) -> list[tuple]:
     r = {"name": "bf16 (torch)", "gbs": wb.numel() * 2 / _best(lambda: xb @ wb.T) / 1e9}
     for m in (16, 128):
         xm = torch.randn(m, k, dtype=torch.bfloat16)
-        r[m] = (None, m / _best(lambda: xm @ wb.T, reps=2))
+        r[m] = (None, None, m / _best(lambda: xm @ wb.T, reps=2))
     rows.append(r)
     del wb
     n = max(16, mb * 2**20 // (k // 2 + k // 32 * 4)) // 16 * 16
@@ -109,7 +115,7 @@ def bench_kernels(mb: int, k: int, dram: float, quick: bool) -> list[tuple]:
         lambda: torch._weight_int4pack_mm_for_cpu(x1, wq, 32, sz)) / 1e9}
     for m in (16, 128):
         xm = torch.randn(m, k, dtype=torch.bfloat16)
-        r[m] = (None, m / _best(lambda: torch._weight_int4pack_mm_for_cpu(xm, wq, 32, sz), reps=2))
+        r[m] = (None, None, m / _best(lambda: torch._weight_int4pack_mm_for_cpu(xm, wq, 32, sz), reps=2))
     rows.append(r)
     return rows
 
@@ -134,9 +140,14 @@ def bench_moe(n_experts: int, dram: float, quick: bool) -> list[tuple]:
     d = np.stack([_random_weights(dq.Q8_0, H, I, rng) for _ in range(n_experts)])
     ex = CpuExperts(g, u, d, (dq.Q4_K, dq.Q4_K, dq.Q8_0))
     per_expert = (g[0].nbytes + u[0].nbytes + d[0].nbytes)
+    from offload.kernels.cpu import native
+
     rows = []
-    for path in ("numba rows", "int4pack gate/up"):
-        if path != "numba rows":
+    paths = (["native rows"] if native.fast(dq.Q4_K, dq.Q8_0) else []) + ["numba rows", "int4pack gate/up"]
+    simd = native.SIMD_TYPES
+    for path in paths:
+        native.SIMD_TYPES = simd if path == "native rows" else set()  # which row kernel moe_cpu takes
+        if path == "int4pack gate/up":
             ex.repack_int4pack()
         for T in (1, 16, 128):
             x = torch.randn(T, H)
@@ -146,6 +157,7 @@ def bench_moe(n_experts: int, dram: float, quick: bool) -> list[tuple]:
             t = _best(lambda: moe_cpu(x, ids, w, ex), reps=3)
             gbs = touched * per_expert / t / 1e9
             rows.append((path, T, touched, T / t, gbs, gbs / dram))
+    native.SIMD_TYPES = simd
     return rows
 
 
@@ -161,6 +173,7 @@ def cpu_moe(argv=None) -> None:
         a.mb, a.experts, a.k = min(a.mb, 128), min(a.experts, 16), min(a.k, 2048)
 
     from offload.kernels.cpu import GEMM_MIN_TOKENS
+    from offload.kernels.cpu import native
     from offload.kernels.cpu.threads import numa_nodes, set_threads
 
     n = set_threads(a.threads)
@@ -173,22 +186,29 @@ def cpu_moe(argv=None) -> None:
     print(f"DRAM read bandwidth (torch.sum, {max(a.mb, 256)} MB): **{dram:.1f} GB/s**\n")
     rows = bench_kernels(a.mb, a.k, dram, a.quick)
     print(f"### Kernels ({a.mb} MB of weights, K={a.k}; tok/s = tokens through the whole weight set)\n")
-    print("| format | M=1 GB/s | % of DRAM | vs int4pack | M=16 tok/s row / gemm | M=128 tok/s row / gemm |")
-    print("|---|---|---|---|---|---|")
+    print("| format | engine kernel | M=1 GB/s | % of DRAM | vs int4pack | M=1 GB/s native / numba "
+          "| M=16 tok/s native / numba / gemm | M=128 tok/s native / numba / gemm |")
+    print("|---|---|---|---|---|---|---|---|")
     base = rows[-1]["gbs"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.0f}"
+
     for r in rows:
-        def cell(m):
-            a_, b_ = r[m]
-            return f"{b_:.0f}" if a_ is None else f"{a_:.0f} / {b_:.0f}"
-        print(f"| {r['name']} | {r['gbs']:.1f} | {100 * r['gbs'] / dram:.0f} % | {r['gbs'] / base:.2f} | "
-              f"{cell(16)} | {cell(128)} |")
-    print(f"\n(row = numba row kernel, gemm = dequantise to fp32 + torch.mm; moe_cpu switches at "
-          f"GEMM_MIN_TOKENS = {GEMM_MIN_TOKENS} tokens per expert)\n")
+        pair = f"{r['native']:.1f} / {r['numba']:.1f}" if r.get("numba") and r.get("native") else (
+            f"- / {r['numba']:.1f}" if r.get("numba") else "-")
+        print(f"| {r['name']} | {r.get('engine', 'torch')} | {r['gbs']:.1f} | {100 * r['gbs'] / dram:.0f} % | "
+              f"{r['gbs'] / base:.2f} | {pair} | {' / '.join(f(v) for v in r[16])} | "
+              f"{' / '.join(f(v) for v in r[128])} |")
+    print(f"\n(native = kernels/cpu/csrc/qdot.cpp with 8-bit activations, numba = numba row kernel with float "
+          f"activations, gemm = dequantise to fp32 + torch.mm; the engine takes the native kernel where the "
+          f"type has a SIMD one (native VNNI: {native.has_vnni()}), and gemm from GEMM_MIN_TOKENS = "
+          f"{GEMM_MIN_TOKENS} tokens per expert)\n")
     for r in rows:
         if 4 in r:
-            print(f"- {r['name']}: gemm first beats the row kernel at M = {r['cross'] or '> 128'} "
-                  f"(tok/s row/gemm: " + ", ".join(f"M={m} {r[m][0]:.0f}/{r[m][1]:.0f}" for m in
-                                                  (4, 8, 16, 32, 64, 128)) + ")")
+            print(f"- {r['name']}: gemm first beats the engine's row kernel at M = {r['cross'] or '> 128'} "
+                  f"(tok/s native/numba/gemm: " + ", ".join(
+                      f"M={m} {'/'.join(f(v) for v in r[m])}" for m in (4, 8, 16, 32, 64, 128)) + ")")
     print()
     moe = bench_moe(a.experts, dram, a.quick)
     print(f"### Fused moe_cpu ({a.experts} experts, {'H 2048 I 704' if a.quick else 'H 4096 I 1408'}, "

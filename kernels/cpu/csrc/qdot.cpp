@@ -19,6 +19,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -343,54 +344,66 @@ float dot_iq4_xs_plain(const uint8_t* w, const void* act, int64_t nb) {
 // ---------------------------------------------------------------- AVX-512 VNNI dot products
 
 #if QDOT_VNNI
+// Each kernel takes NT token rows at once (act + m * astride, m < NT) and decodes every weight block
+// once for all of them: at NT = 8 the per-block decoding costs an eighth per token.
+
 inline __m512i idx16(int a, int b) {  // lanes 0-7 = a, 8-15 = b (which scale each int32 lane takes)
     return _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1);
 }
 
-float dot_q8_0_vnni(const uint8_t* w, const void* act, int64_t nb) {
-    const A80* a = (const A80*)act;
-    __m256 acc = _mm256_setzero_ps();
-    const __m256i zero = _mm256_setzero_si256();
-    for (int64_t b = 0; b < nb; b++, w += 34) {
-        const __m256i qw = _mm256_loadu_si256((const __m256i*)(w + 2));
-        const __m256i qa = _mm256_loadu_si256((const __m256i*)a[b].qs);
-        // s8 x s8 through u8 x s8: |w| times a with w's sign
-        const __m256i sa = _mm256_mask_sub_epi8(qa, _mm256_movepi8_mask(qw), zero, qa);
-        const __m256i s = _mm256_dpbusd_epi32(zero, _mm256_abs_epi8(qw), sa);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(w) * a[b].d), _mm256_cvtepi32_ps(s), acc);
-    }
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+inline float hsum256(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
     return _mm_cvtss_f32(r);
 }
 
-float dot_q4_0_vnni(const uint8_t* w, const void* act, int64_t nb) {
-    const A80* a = (const A80*)act;
-    __m256 acc = _mm256_setzero_ps();
-    float corr = 0;
+template <int NT>
+void dot_q8_0_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+    __m256 acc[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm256_setzero_ps();
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b++, w += 34) {
+        const __m256i qw = _mm256_loadu_si256((const __m256i*)(w + 2));
+        const __m256i aw = _mm256_abs_epi8(qw);  // s8 x s8 through u8 x s8: |w| times a with w's sign
+        const __mmask32 neg = _mm256_movepi8_mask(qw);
+        const float dw = fp16(w);
+        for (int m = 0; m < NT; m++) {
+            const A80& a = ((const A80*)(act + m * astride))[b];
+            const __m256i qa = _mm256_loadu_si256((const __m256i*)a.qs);
+            const __m256i s = _mm256_dpbusd_epi32(zero, aw, _mm256_mask_sub_epi8(qa, neg, zero, qa));
+            acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d), _mm256_cvtepi32_ps(s), acc[m]);
+        }
+    }
+    for (int m = 0; m < NT; m++) out[m] = hsum256(acc[m]);
+}
+
+template <int NT>
+void dot_q4_0_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+    __m256 acc[NT];
+    float corr[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm256_setzero_ps(), corr[m] = 0;
     const __m128i m4 = _mm_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++, w += 18) {
         const __m128i q = _mm_loadu_si128((const __m128i*)(w + 2));
         const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
-        const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw,
-                                              _mm256_loadu_si256((const __m256i*)a[b].qs));
-        const float d = fp16(w) * a[b].d;
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
-        corr += d * (float)(8 * a[b].sum);
+        const float dw = fp16(w);
+        for (int m = 0; m < NT; m++) {
+            const A80& a = ((const A80*)(act + m * astride))[b];
+            const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw, _mm256_loadu_si256((const __m256i*)a.qs));
+            const float d = dw * a.d;
+            acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc[m]);
+            corr[m] += d * (float)(8 * a.sum);  // the -8 offset of every value
+        }
     }
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r) - corr;
+    for (int m = 0; m < NT; m++) out[m] = hsum256(acc[m]) - corr[m];
 }
 
 // Q4_K / Q5_K: 64 bytes of nibbles hold sub-blocks (4t, 4t+1) in bytes 0-31 (low, high nibbles) and
 // (4t+2, 4t+3) in bytes 32-63, so the low nibbles pair with activations [4t ; 4t+2], the high with
 // [4t+1 ; 4t+3]; each int32 lane of vpdpbusd then belongs to one sub-block (lanes 0-7 / 8-15).
-template <bool Q5>
-float dot_k4_vnni(const uint8_t* w, const void* act, int64_t nb) {
-    const A8K* a = (const A8K*)act;
+template <bool Q5, int NT>
+void dot_k4_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512(), sixteen = _mm512_set1_epi8(16);
     const __m512i ilo[2] = {idx16(0, 2), idx16(4, 6)}, ihi[2] = {idx16(1, 3), idx16(5, 7)};
     // Q5_K: the fifth bit of sub-block s is bit s of qh[l]
@@ -399,8 +412,9 @@ float dot_k4_vnni(const uint8_t* w, const void* act, int64_t nb) {
     const __m512i bhi[2] = {_mm512_inserti64x4(_mm512_set1_epi8(1 << 1), _mm256_set1_epi8(1 << 3), 1),
                             _mm512_inserti64x4(_mm512_set1_epi8(1 << 5), _mm256_set1_epi8((char)(1 << 7)), 1)};
     const int bytes = Q5 ? 176 : 144;
-    __m512 acc = _mm512_setzero_ps();
-    __m256 accm = _mm256_setzero_ps();
+    __m512 acc[NT];
+    __m256 accm[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps(), accm[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += bytes) {
         uint32_t u[3];
         std::memcpy(u, w + 4, 12);
@@ -409,41 +423,47 @@ float dot_k4_vnni(const uint8_t* w, const void* act, int64_t nb) {
         const uint64_t mn8 = (uint64_t)(u[1] & 0x3f3f3f3fu) |
                              (uint64_t)(((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4)) << 32;
         const __m512i sc = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc8));
-        const __m256i bsp = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)a[b].bsums), _mm256_set1_epi16(1));
-        const __m256i mins = _mm256_mullo_epi32(bsp, _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn8)));
+        const __m256i mn = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn8));
         const uint8_t* qs = w + (Q5 ? 48 : 16);
-        __m512i qh = zero;
-        if (Q5) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + 16)));
-        __m512i sumi = zero;
+        __m512i lo[2], hi[2], slo[2], shi[2];
         for (int t = 0; t < 2; t++) {
             const __m512i q = _mm512_loadu_si512(qs + 64 * t);
-            __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+            lo[t] = _mm512_and_si512(q, m4);
+            hi[t] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
             if (Q5) {
-                lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, blo[t]), lo, sixteen);
-                hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(qh, bhi[t]), hi, sixteen);
+                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + 16)));
+                lo[t] = _mm512_mask_add_epi8(lo[t], _mm512_test_epi8_mask(qh, blo[t]), lo[t], sixteen);
+                hi[t] = _mm512_mask_add_epi8(hi[t], _mm512_test_epi8_mask(qh, bhi[t]), hi[t], sixteen);
             }
-            const __m512i ya = _mm512_loadu_si512(a[b].qs + 128 * t), yb = _mm512_loadu_si512(a[b].qs + 128 * t + 64);
-            const __m512i dlo = _mm512_dpbusd_epi32(zero, lo, _mm512_shuffle_i64x2(ya, yb, _MM_SHUFFLE(1, 0, 1, 0)));
-            const __m512i dhi = _mm512_dpbusd_epi32(zero, hi, _mm512_shuffle_i64x2(ya, yb, _MM_SHUFFLE(3, 2, 3, 2)));
-            // a lane's sum is at most 4 * 31 * 127 < 2^15 and the scale's high half is 0: vpdpwssd
-            // (int16 pairs) multiplies and accumulates exactly, cheaper than vpmulld + add
-            sumi = _mm512_dpwssd_epi32(sumi, dlo, _mm512_permutexvar_epi32(ilo[t], sc));
-            sumi = _mm512_dpwssd_epi32(sumi, dhi, _mm512_permutexvar_epi32(ihi[t], sc));
+            slo[t] = _mm512_permutexvar_epi32(ilo[t], sc);
+            shi[t] = _mm512_permutexvar_epi32(ihi[t], sc);
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(fp16(w) * a[b].d), _mm512_cvtepi32_ps(sumi), acc);
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(fp16(w + 2) * a[b].d), _mm256_cvtepi32_ps(mins), accm);
+        const float d = fp16(w), dmin = fp16(w + 2);
+        for (int m = 0; m < NT; m++) {
+            const A8K& a = ((const A8K*)(act + m * astride))[b];
+            const __m256i bsp = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)a.bsums), _mm256_set1_epi16(1));
+            __m512i sumi = zero;
+            for (int t = 0; t < 2; t++) {
+                const __m512i ya = _mm512_loadu_si512(a.qs + 128 * t), yb = _mm512_loadu_si512(a.qs + 128 * t + 64);
+                const __m512i dlo = _mm512_dpbusd_epi32(zero, lo[t], _mm512_shuffle_i64x2(ya, yb, _MM_SHUFFLE(1, 0, 1, 0)));
+                const __m512i dhi = _mm512_dpbusd_epi32(zero, hi[t], _mm512_shuffle_i64x2(ya, yb, _MM_SHUFFLE(3, 2, 3, 2)));
+                // a lane's sum is at most 4 * 31 * 127 < 2^15 and the scale's high half is 0: vpdpwssd
+                // (int16 pairs) multiplies and accumulates exactly, cheaper than vpmulld + add
+                sumi = _mm512_dpwssd_epi32(sumi, dlo, slo[t]);
+                sumi = _mm512_dpwssd_epi32(sumi, dhi, shi[t]);
+            }
+            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), _mm512_cvtepi32_ps(sumi), acc[m]);
+            accm[m] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * a.d), _mm256_cvtepi32_ps(_mm256_mullo_epi32(bsp, mn)), accm[m]);
+        }
     }
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(accm), _mm256_extractf128_ps(accm, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm512_reduce_add_ps(acc) - _mm_cvtss_f32(r);
+    for (int m = 0; m < NT; m++) out[m] = _mm512_reduce_add_ps(acc[m]) - hsum256(accm[m]);
 }
 
 // Q6_K: per 128 values, 64 bytes of low nibbles (values l and 32+l low, 64+l and 96+l high) and 32
 // bytes of 2-bit highs (bit pairs 0, 2, 4, 6 for the four runs). Values are q - 32: the 32 x sum term
 // comes from the activation's 16-value sums.
-float dot_q6_k_vnni(const uint8_t* w, const void* act, int64_t nb) {
-    const A8K* a = (const A8K*)act;
+template <int NT>
+void dot_q6_k_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(3), zero = _mm512_setzero_si512();
     const __m512i lo16 = _mm512_set1_epi32(0xFFFF);
     const __m512i sh_a = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
@@ -453,58 +473,95 @@ float dot_q6_k_vnni(const uint8_t* w, const void* act, int64_t nb) {
                            _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8)};
     const __m512i ib[2] = {_mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
                            _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 210) {
         const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 192)));
-        const __m512i bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)a[b].bsums));
-        __m512i sumi = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_mullo_epi32(sc, bs), 5));
         const __m512i sc16 = _mm512_and_si512(sc, lo16);  // int16 scale, high half 0, for vpdpwssd
+        __m512i qa[2], qb[2], sa[2], sb[2];
         for (int n = 0; n < 2; n++) {
             const __m512i L = _mm512_loadu_si512(w + 64 * n);
             const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + 128 + 32 * n)));
-            const __m512i qa = _mm512_or_si512(
-                _mm512_and_si512(L, m4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_a), m3), 4));
-            const __m512i qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
-                                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_b), m3), 4));
-            const __m512i da = _mm512_dpbusd_epi32(zero, qa, _mm512_loadu_si512(a[b].qs + 128 * n));
-            const __m512i db = _mm512_dpbusd_epi32(zero, qb, _mm512_loadu_si512(a[b].qs + 128 * n + 64));
-            // |lane sum| <= 4 * 63 * 127 < 2^15: vpdpwssd is exact
-            sumi = _mm512_dpwssd_epi32(sumi, da, _mm512_permutexvar_epi32(ia[n], sc16));
-            sumi = _mm512_dpwssd_epi32(sumi, db, _mm512_permutexvar_epi32(ib[n], sc16));
+            qa[n] = _mm512_or_si512(_mm512_and_si512(L, m4),
+                                    _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_a), m3), 4));
+            qb[n] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
+                                    _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(H, sh_b), m3), 4));
+            sa[n] = _mm512_permutexvar_epi32(ia[n], sc16);
+            sb[n] = _mm512_permutexvar_epi32(ib[n], sc16);
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(fp16(w + 208) * a[b].d), _mm512_cvtepi32_ps(sumi), acc);
+        const float d = fp16(w + 208);
+        for (int m = 0; m < NT; m++) {
+            const A8K& a = ((const A8K*)(act + m * astride))[b];
+            const __m512i bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)a.bsums));
+            __m512i sumi = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_mullo_epi32(sc, bs), 5));
+            for (int n = 0; n < 2; n++) {
+                // |lane sum| <= 4 * 63 * 127 < 2^15: vpdpwssd is exact
+                sumi = _mm512_dpwssd_epi32(sumi, _mm512_dpbusd_epi32(zero, qa[n], _mm512_loadu_si512(a.qs + 128 * n)), sa[n]);
+                sumi = _mm512_dpwssd_epi32(sumi, _mm512_dpbusd_epi32(zero, qb[n], _mm512_loadu_si512(a.qs + 128 * n + 64)), sb[n]);
+            }
+            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), _mm512_cvtepi32_ps(sumi), acc[m]);
+        }
     }
-    return _mm512_reduce_add_ps(acc);
+    for (int m = 0; m < NT; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
+
+// nt tokens in groups of up to 8 through the NT-templated kernel
+template <template <int> class K>
+void multi(const uint8_t* w, const uint8_t* act, int64_t astride, int nt, int64_t nb, float* out) {
+    for (; nt >= 8; nt -= 8, act += 8 * astride, out += 8) K<8>::run(w, act, astride, nb, out);
+    switch (nt) {
+        case 7: K<7>::run(w, act, astride, nb, out); break;
+        case 6: K<6>::run(w, act, astride, nb, out); break;
+        case 5: K<5>::run(w, act, astride, nb, out); break;
+        case 4: K<4>::run(w, act, astride, nb, out); break;
+        case 3: K<3>::run(w, act, astride, nb, out); break;
+        case 2: K<2>::run(w, act, astride, nb, out); break;
+        case 1: K<1>::run(w, act, astride, nb, out); break;
+        default: break;
+    }
+}
+template <int NT> struct Q80K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q8_0_vnni<NT>(w, a, s, nb, o); } };
+template <int NT> struct Q40K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q4_0_vnni<NT>(w, a, s, nb, o); } };
+template <int NT> struct Q4KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_k4_vnni<false, NT>(w, a, s, nb, o); } };
+template <int NT> struct Q5KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_k4_vnni<true, NT>(w, a, s, nb, o); } };
+template <int NT> struct Q6KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q6_k_vnni<NT>(w, a, s, nb, o); } };
 #endif
 
 // ---------------------------------------------------------------- type table
 
 typedef float (*DotFn)(const uint8_t*, const void*, int64_t);
+// one weight row against nt token rows at act + m * astride -> out[0..nt)
+typedef void (*MultiFn)(const uint8_t*, const uint8_t*, int64_t, int, int64_t, float*);
+
+template <DotFn F>
+void one_by_one(const uint8_t* w, const uint8_t* act, int64_t astride, int nt, int64_t nb, float* out) {
+    for (int m = 0; m < nt; m++) out[m] = F(w, act + m * astride, nb);
+}
+
 struct Type {
     int id, block, bytes;
-    bool k_act;   // activations as A8K (else A80)
-    DotFn fast;   // SIMD where this CPU has it, else the plain one
-    DotFn plain;
+    bool k_act;     // activations as A8K (else A80)
+    MultiFn fast;   // SIMD where this CPU has it, else the plain one
+    MultiFn plain;
 };
 
 const Type TYPES[] = {
 #if QDOT_VNNI
-    {Q8_0, 32, 34, false, dot_q8_0_vnni, dot_q8_0_plain},
-    {Q4_0, 32, 18, false, dot_q4_0_vnni, dot_q4_0_plain},
-    {Q4_K, QK, 144, true, dot_k4_vnni<false>, dot_q4_k_plain},
-    {Q5_K, QK, 176, true, dot_k4_vnni<true>, dot_q5_k_plain},
-    {Q6_K, QK, 210, true, dot_q6_k_vnni, dot_q6_k_plain},
+    {Q8_0, 32, 34, false, multi<Q80K>, one_by_one<dot_q8_0_plain>},
+    {Q4_0, 32, 18, false, multi<Q40K>, one_by_one<dot_q4_0_plain>},
+    {Q4_K, QK, 144, true, multi<Q4KK>, one_by_one<dot_q4_k_plain>},
+    {Q5_K, QK, 176, true, multi<Q5KK>, one_by_one<dot_q5_k_plain>},
+    {Q6_K, QK, 210, true, multi<Q6KK>, one_by_one<dot_q6_k_plain>},
 #else
-    {Q8_0, 32, 34, false, dot_q8_0_plain, dot_q8_0_plain},
-    {Q4_0, 32, 18, false, dot_q4_0_plain, dot_q4_0_plain},
-    {Q4_K, QK, 144, true, dot_q4_k_plain, dot_q4_k_plain},
-    {Q5_K, QK, 176, true, dot_q5_k_plain, dot_q5_k_plain},
-    {Q6_K, QK, 210, true, dot_q6_k_plain, dot_q6_k_plain},
+    {Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>},
+    {Q4_0, 32, 18, false, one_by_one<dot_q4_0_plain>, one_by_one<dot_q4_0_plain>},
+    {Q4_K, QK, 144, true, one_by_one<dot_q4_k_plain>, one_by_one<dot_q4_k_plain>},
+    {Q5_K, QK, 176, true, one_by_one<dot_q5_k_plain>, one_by_one<dot_q5_k_plain>},
+    {Q6_K, QK, 210, true, one_by_one<dot_q6_k_plain>, one_by_one<dot_q6_k_plain>},
 #endif
-    {Q2_K, QK, 84, true, dot_q2_k_plain, dot_q2_k_plain},
-    {Q3_K, QK, 110, true, dot_q3_k_plain, dot_q3_k_plain},
-    {IQ4_XS, QK, 136, true, dot_iq4_xs_plain, dot_iq4_xs_plain},
+    {Q2_K, QK, 84, true, one_by_one<dot_q2_k_plain>, one_by_one<dot_q2_k_plain>},
+    {Q3_K, QK, 110, true, one_by_one<dot_q3_k_plain>, one_by_one<dot_q3_k_plain>},
+    {IQ4_XS, QK, 136, true, one_by_one<dot_iq4_xs_plain>, one_by_one<dot_iq4_xs_plain>},
 };
 
 const Type* find_type(int id) {
@@ -654,15 +711,20 @@ int qdot_gemv(int qtype, const uint8_t* w, int64_t N, int64_t row_bytes, const f
               float* out, int plain) {
     const Type* t = find_type(qtype);
     if (!t || K % t->block || row_bytes != K / t->block * t->bytes) return -1;
-    const DotFn dot = plain ? t->plain : t->fast;
+    const MultiFn dot = plain ? t->plain : t->fast;
     const int64_t ab = act_row_bytes(t, K), nb = K / t->block;
     std::vector<uint8_t> xq(ab * M);
     std::lock_guard<std::mutex> lk(call_mutex);
     pool().run(M, [&](int64_t m) { quantize_row(t, x + m * K, K, xq.data() + m * ab); });
     pool().run((N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, [&](int64_t it) {
         const int64_t r1 = std::min(N, (it + 1) * ROWS_PER_ITEM);
+        float o[8];
         for (int64_t r = it * ROWS_PER_ITEM; r < r1; r++)
-            for (int64_t m = 0; m < M; m++) out[m * N + r] = dot(w + r * row_bytes, xq.data() + m * ab, nb);
+            for (int64_t m0 = 0; m0 < M; m0 += 8) {
+                const int nt = (int)std::min<int64_t>(8, M - m0);
+                dot(w + r * row_bytes, xq.data() + m0 * ab, ab, nt, nb, o);
+                for (int m = 0; m < nt; m++) out[(m0 + m) * N + r] = o[m];
+            }
     });
     return 0;
 }
@@ -689,18 +751,26 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
         const int64_t g = it / ni, r0 = it % ni * ROWS_PER_ITEM, r1 = std::min(I, r0 + ROWS_PER_ITEM);
         const uint8_t* wg = gate + eids[g] * I * gb;
         const uint8_t* wu = up + eids[g] * I * ub;
+        float og[8], ou[8];
         for (int64_t r = r0; r < r1; r++)
-            for (int64_t p = starts[g]; p < starts[g + 1]; p++)
-                h[p * I + r] = silu(tg->fast(wg + r * gb, xg.data() + p * agb, H / tg->block)) *
-                               tu->fast(wu + r * ub, xup + p * aub, H / tu->block);
+            for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8) {
+                const int nt = (int)std::min<int64_t>(8, starts[g + 1] - p0);
+                tg->fast(wg + r * gb, xg.data() + p0 * agb, agb, nt, H / tg->block, og);
+                tu->fast(wu + r * ub, xup + p0 * aub, aub, nt, H / tu->block, ou);
+                for (int m = 0; m < nt; m++) h[(p0 + m) * I + r] = silu(og[m]) * ou[m];
+            }
     });
     pool().run(P, [&](int64_t p) { quantize_row(td, h + p * I, I, hq.data() + p * adb); });
     pool().run(G * nh, [&](int64_t it) {
         const int64_t g = it / nh, r0 = it % nh * ROWS_PER_ITEM, r1 = std::min(H, r0 + ROWS_PER_ITEM);
         const uint8_t* wd = down + eids[g] * H * db;
+        float o[8];
         for (int64_t r = r0; r < r1; r++)
-            for (int64_t p = starts[g]; p < starts[g + 1]; p++)
-                y[p * H + r] = td->fast(wd + r * db, hq.data() + p * adb, I / td->block);
+            for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8) {
+                const int nt = (int)std::min<int64_t>(8, starts[g + 1] - p0);
+                td->fast(wd + r * db, hq.data() + p0 * adb, adb, nt, I / td->block, o);
+                for (int m = 0; m < nt; m++) y[(p0 + m) * H + r] = o[m];
+            }
     });
     return 0;
 }
