@@ -114,9 +114,8 @@ def lib():
     return _lib
 
 
-# types whose native kernel is SIMD (AVX-512 VNNI) and beats the numba one; Q2_K, Q3_K and IQ4_XS
-# have plain C++ kernels only (tested, not yet faster than numba), so the engine keeps numba for them
-SIMD_TYPES = {2, 8, 12, 13, 14}
+# types whose native kernel is SIMD (AVX-512 VNNI) and beats the numba one: all of them
+SIMD_TYPES = set(TYPES)
 
 
 def supported(qtype: int) -> bool:

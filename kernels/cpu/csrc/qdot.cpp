@@ -8,8 +8,8 @@
 // and their int sum). Integer sums per sub-block are exact, so results equal
 // dequant(W) . dequant(quant(x)) up to float summation order -- the same numbers llama.cpp computes.
 //
-// With AVX-512 VNNI (Ice Lake, Sapphire Rapids and later) Q4_K, Q5_K, Q6_K, Q8_0 and Q4_0 use
-// vpdpbusd (u8 x s8 -> s32) on 64 weights at a time; every other case is plain C++.
+// With AVX-512 VNNI (Ice Lake, Sapphire Rapids and later) every type uses vpdpbusd (u8 x s8 -> s32) on
+// 64 weights at a time, decoding each weight block once for up to 8 tokens; without it, plain C++.
 
 #include <immintrin.h>
 
@@ -505,6 +505,105 @@ void dot_q6_k_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_
     for (int m = 0; m < NT; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
+// The low-bit types: a block is unpacked to 256 unsigned bytes u = value + offset and 16 int32
+// scales (one per 16 values), then dotted with vpdpbusd; offset * scale * (sum of the 16 activations)
+// is subtracted from the activation's bsums. Q2_K also has per-16 mins (its values are u - min/scale).
+struct LowBits {
+    alignas(64) uint8_t u[QK];
+    alignas(64) int32_t sc[16];
+    int32_t mn[16];   // Q2_K mins (else 0)
+    int offset;       // u = value + offset
+    float d, dmin;
+};
+
+inline void unpack_q2_k(const uint8_t* w, LowBits& L) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int n = 0; n < 2; n++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(w + 16 + 32 * n));
+        for (int j = 0; j < 4; j++)
+            _mm256_store_si256((__m256i*)(L.u + 128 * n + 32 * j), _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m3));
+    }
+    for (int s = 0; s < 16; s++) L.sc[s] = w[s] & 0xF, L.mn[s] = w[s] >> 4;
+    L.offset = 0;
+    L.d = fp16(w + 80), L.dmin = fp16(w + 82);
+}
+
+inline void unpack_q3_k(const uint8_t* w, LowBits& L) {
+    // value = ((q >> 2j) & 3) - (high bit ? 0 : 4), so value + 4 = ((q >> 2j) & 3) | high bit << 2
+    const __m256i m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
+    const __m256i hm = _mm256_loadu_si256((const __m256i*)w);
+    for (int n = 0; n < 2; n++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(w + 32 + 32 * n));
+        for (int j = 0; j < 4; j++) {
+            const __mmask32 hb = _mm256_test_epi8_mask(hm, _mm256_set1_epi8((char)(1 << (4 * n + j))));
+            const __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m3);
+            _mm256_store_si256((__m256i*)(L.u + 128 * n + 32 * j), _mm256_or_si256(v, _mm256_maskz_mov_epi8(hb, four)));
+        }
+    }
+    const uint8_t* s = w + 96;  // 16 six-bit scales: low 4 bits in s[0..7], high 2 bits in s[8..11]
+    for (int j = 0; j < 16; j++) {
+        const int lo = j < 8 ? (s[j] & 0xF) : (s[j - 8] >> 4);
+        L.sc[j] = (lo | (((s[8 + (j % 4)] >> (2 * (j / 4))) & 3) << 4)) - 32;
+        L.mn[j] = 0;
+    }
+    L.offset = 4;
+    L.d = fp16(w + 108), L.dmin = 0;
+}
+
+inline void unpack_iq4_xs(const uint8_t* w, LowBits& L) {
+    // the 16-entry non-linear grid by pshufb, shifted by 128 into unsigned bytes
+    const __m128i grid = _mm_setr_epi8((char)1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141, (char)153,
+                                       (char)166, (char)181, (char)197, (char)217, (char)241);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    uint16_t sh;
+    std::memcpy(&sh, w + 2, 2);
+    for (int ib = 0; ib < 8; ib++) {
+        const __m128i q = _mm_loadu_si128((const __m128i*)(w + 8 + 16 * ib));
+        _mm_store_si128((__m128i*)(L.u + 32 * ib), _mm_shuffle_epi8(grid, _mm_and_si128(q, m4)));
+        _mm_store_si128((__m128i*)(L.u + 32 * ib + 16), _mm_shuffle_epi8(grid, _mm_and_si128(_mm_srli_epi16(q, 4), m4)));
+        const int ls = ((w[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (((sh >> (2 * ib)) & 3) << 4);
+        L.sc[2 * ib] = L.sc[2 * ib + 1] = ls - 32;
+        L.mn[2 * ib] = L.mn[2 * ib + 1] = 0;
+    }
+    L.offset = 128;
+    L.d = fp16(w), L.dmin = 0;
+}
+
+template <void (*UNPACK)(const uint8_t*, LowBits&), int BYTES, int NT>
+void dot_lowbits_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i idx[4] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                            _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
+                            _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
+                            _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
+    __m512 acc[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
+    LowBits L;
+    for (int64_t b = 0; b < nb; b++, w += BYTES) {
+        UNPACK(w, L);
+        const __m512i sc = _mm512_load_si512(L.sc);
+        // per 16 values: - offset * scale (exact in int32), and Q2_K's - dmin/d * min, folded in floats
+        const __m512i off = _mm512_mullo_epi32(sc, _mm512_set1_epi32(L.offset));
+        const __m512i mn = _mm512_loadu_si512(L.mn);
+        __m512i s[4];
+        for (int c = 0; c < 4; c++) s[c] = _mm512_permutexvar_epi32(idx[c], sc);
+        __m512i u[4];
+        for (int c = 0; c < 4; c++) u[c] = _mm512_load_si512(L.u + 64 * c);
+        for (int m = 0; m < NT; m++) {
+            const A8K& a = ((const A8K*)(act + m * astride))[b];
+            const __m512i bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)a.bsums));
+            __m512i sumi = _mm512_sub_epi32(zero, _mm512_mullo_epi32(off, bs));
+            for (int c = 0; c < 4; c++)
+                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(
+                    _mm512_dpbusd_epi32(zero, u[c], _mm512_loadu_si512(a.qs + 64 * c)), s[c]));
+            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(L.d * a.d), _mm512_cvtepi32_ps(sumi), acc[m]);
+            if (L.dmin != 0)
+                acc[m] = _mm512_fnmadd_ps(_mm512_set1_ps(L.dmin * a.d), _mm512_cvtepi32_ps(_mm512_mullo_epi32(mn, bs)), acc[m]);
+        }
+    }
+    for (int m = 0; m < NT; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+
 // nt tokens in groups of up to 8 through the NT-templated kernel
 template <template <int> class K>
 void multi(const uint8_t* w, const uint8_t* act, int64_t astride, int nt, int64_t nb, float* out) {
@@ -525,6 +624,9 @@ template <int NT> struct Q40K { static void run(const uint8_t* w, const uint8_t*
 template <int NT> struct Q4KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_k4_vnni<false, NT>(w, a, s, nb, o); } };
 template <int NT> struct Q5KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_k4_vnni<true, NT>(w, a, s, nb, o); } };
 template <int NT> struct Q6KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q6_k_vnni<NT>(w, a, s, nb, o); } };
+template <int NT> struct Q2KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_lowbits_vnni<unpack_q2_k, 84, NT>(w, a, s, nb, o); } };
+template <int NT> struct Q3KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_lowbits_vnni<unpack_q3_k, 110, NT>(w, a, s, nb, o); } };
+template <int NT> struct IQ4XSK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_lowbits_vnni<unpack_iq4_xs, 136, NT>(w, a, s, nb, o); } };
 #endif
 
 // ---------------------------------------------------------------- type table
@@ -552,16 +654,19 @@ const Type TYPES[] = {
     {Q4_K, QK, 144, true, multi<Q4KK>, one_by_one<dot_q4_k_plain>},
     {Q5_K, QK, 176, true, multi<Q5KK>, one_by_one<dot_q5_k_plain>},
     {Q6_K, QK, 210, true, multi<Q6KK>, one_by_one<dot_q6_k_plain>},
+    {Q2_K, QK, 84, true, multi<Q2KK>, one_by_one<dot_q2_k_plain>},
+    {Q3_K, QK, 110, true, multi<Q3KK>, one_by_one<dot_q3_k_plain>},
+    {IQ4_XS, QK, 136, true, multi<IQ4XSK>, one_by_one<dot_iq4_xs_plain>},
 #else
     {Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>},
     {Q4_0, 32, 18, false, one_by_one<dot_q4_0_plain>, one_by_one<dot_q4_0_plain>},
     {Q4_K, QK, 144, true, one_by_one<dot_q4_k_plain>, one_by_one<dot_q4_k_plain>},
     {Q5_K, QK, 176, true, one_by_one<dot_q5_k_plain>, one_by_one<dot_q5_k_plain>},
     {Q6_K, QK, 210, true, one_by_one<dot_q6_k_plain>, one_by_one<dot_q6_k_plain>},
-#endif
     {Q2_K, QK, 84, true, one_by_one<dot_q2_k_plain>, one_by_one<dot_q2_k_plain>},
     {Q3_K, QK, 110, true, one_by_one<dot_q3_k_plain>, one_by_one<dot_q3_k_plain>},
     {IQ4_XS, QK, 136, true, one_by_one<dot_iq4_xs_plain>, one_by_one<dot_iq4_xs_plain>},
+#endif
 };
 
 const Type* find_type(int id) {

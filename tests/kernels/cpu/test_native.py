@@ -11,7 +11,14 @@ import torch
 from offload.kernels.cpu import native
 from tests.kernels.cpu.blocks import sane_blocks
 
-pytestmark = pytest.mark.skipif(native.lib() is None, reason="no C++ compiler: native kernels not built")
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler: native kernels not built")
+
+
+def test_library_builds():
+    """With a compiler present the library must build: a failed build would silently send the engine
+    to the slower numba kernels."""
+    native.build()  # raises with the compiler's message
+    assert native.lib() is not None
 
 TYPES = sorted(native.TYPES)
 ROWS = [1, 7, 255, 371]
