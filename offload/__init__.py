@@ -9,6 +9,7 @@ from offload.errors import OffloadError
 # every small op waits for them: measured on a loaded 2-core box, a 1 GiB GLM-DSA GGUF decoded 0.9-2.9 tok/s
 # spinning vs 9-17 tok/s with sleeping workers, and the first token came 2x sooner. Read by OpenMP when
 # torch loads it, so it applies when offload is imported before torch; OMP_WAIT_POLICY=ACTIVE restores spinning.
+_OMP_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

@@ -6,8 +6,9 @@ Each measurement is a fresh Python process (imports included), timed from its la
 generated token of a short greedy prompt is out. The file is read once first so both engines start from a
 warm page cache, and each engine runs once untimed first, with Python's bytecode cache on (the state of an
 installed package: a shell with PYTHONDONTWRITEBYTECODE=1 would otherwise recompile offload's modules on
-every run). Both engines get --threads threads. Prints each time and the ratio offload / llama.cpp (the
-issue's goal: <= 2x).
+every run). Both engines get --threads threads and otherwise their own defaults (offload makes torch's
+OpenMP workers sleep between parallel regions, llama.cpp's spin; export OMP_WAIT_POLICY to set both).
+Prints each time and the ratio offload / llama.cpp (the issue's goal: <= 2x).
 """
 
 import argparse
@@ -17,6 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import offload
 
 _OURS = """
 import sys, time, json
@@ -47,6 +50,8 @@ print(json.dumps({"load": t1 - t0, "first": t2 - t0}))
 def _run(code: str, path: str, device: str, threads: int) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if offload._OMP_WAIT_POLICY_SET_HERE:  # offload's own default, not the user's: llama.cpp runs with its own
+        env.pop("OMP_WAIT_POLICY", None)
     t0 = time.time()
     cmd = [sys.executable, "-c", code, repr(t0), path, device, str(threads)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.expanduser("~"))
