@@ -43,6 +43,16 @@ def _rel(y, yr):
     return float((y - yr).abs().max() / yr.abs().max())
 
 
+def _close_act_quant(y, yr):
+    """moe_cpu vs the reference when both round activations to 8 bits: the expert hidden state h is
+    computed in another float order, so an element of h on a rounding boundary can land one quantum
+    apart (measured: 2 of 60 seeds, 8e-4 and 1.5e-3 of the output's scale; the rest ~3e-7). Allow that,
+    and require the typical element to agree to float rounding."""
+    scale = yr.abs().max()
+    assert _rel(y, yr) < 1e-2
+    assert float((y - yr).abs().median() / scale) < 1e-5
+
+
 @pytest.mark.parametrize("qts", [(dq.Q4_K, dq.Q4_K, dq.Q6_K), (dq.Q8_0,) * 3, (dq.Q5_K, dq.Q5_K, dq.Q8_0),
                                  (dq.Q2_K, dq.Q3_K, dq.IQ4_XS), (dq.Q4_0,) * 3])
 @pytest.mark.parametrize("T,K,crowd", [(1, 4, None), (7, 3, None), (13, 2, 5)])
@@ -54,7 +64,10 @@ def test_moe_cpu_vs_ref(qts, T, K, crowd, rng, monkeypatch):
     ids, w = _route(T, K, rng, crowd)
     y, yr = moe_cpu(x, ids, w, ex), moe_cpu_ref(x, ids, w, ex, act_quant=native.fast(*qts))
     assert y.shape == (T, H) and y.dtype == torch.float32
-    assert _rel(y, yr) < 1e-4
+    if native.fast(*qts):
+        _close_act_quant(y, yr)
+    else:
+        assert _rel(y, yr) < 1e-4
 
 
 def test_moe_cpu_fallback_type(rng):
@@ -106,7 +119,10 @@ def test_batch_path_is_used(rng, monkeypatch):
     monkeypatch.setattr(qm, "GEMM_MIN_TOKENS", 9)
     y_gemm = moe_cpu(x, ids, w, ex)
     assert len(calls) == 3  # gate, up, down of expert 10, dequantised once each
-    assert _rel(y_gemm, y_rows) < 1e-4
+    if native.fast(*ex.qtypes):
+        _close_act_quant(y_gemm, y_rows)
+    else:
+        assert _rel(y_gemm, y_rows) < 1e-4
 
 
 def test_dense_bf16_experts(rng):
@@ -136,8 +152,10 @@ def test_from_dense_quantised_accuracy(quant, bound, rng, monkeypatch):
     ex = CpuExperts.from_dense(g.bfloat16(), u.bfloat16(), d.bfloat16(), quant, IDS)
     assert ex.qtypes == ((8,) * 3 if quant == "q8_0" else (12,) * 3)
     y = moe_cpu(x, ids, w, ex)
-    # the kernels are exact on these blocks
-    assert _rel(y, moe_cpu_ref(x, ids, w, ex, act_quant=native.fast(*ex.qtypes))) < 1e-4
+    if native.fast(*ex.qtypes):  # the kernels are exact on these blocks (up to rounding flips)
+        _close_act_quant(y, moe_cpu_ref(x, ids, w, ex, act_quant=True))
+    else:
+        assert _rel(y, moe_cpu_ref(x, ids, w, ex)) < 1e-4
     ref = moe_cpu_ref(x, ids, w, CpuExperts.from_dense(g, u, d, None, IDS))
     assert float((y - ref).norm() / ref.norm()) < bound
 
