@@ -193,3 +193,26 @@ def test_user_errors(tmp_path):
     p.write_bytes(gguf_bytes([], []))
     with pytest.raises(GGUFError, match="general.architecture"):
         GGUFFile(p).architecture
+
+
+def _string_array(key: str, items: list[bytes]) -> bytes:
+    return s(key) + struct.pack("<IIQ", 9, 8, len(items)) + b"".join(s(x) for x in items)
+
+
+def test_string_arrays_read_in_bulk_or_checked(tmp_path):
+    # the bulk path (one decode, one split) must give what one decode per string gives, and fall back
+    # to the checking loop for NULs inside strings, bad UTF-8, and characters cut between two strings
+    rng = np.random.default_rng(0)
+    alphabet = ["a", "Ġ", "é", "✓", "😀", " ", "\n", ""]
+    words = ["".join(rng.choice(alphabet, rng.integers(0, 6))) for _ in range(500)]
+    p = tmp_path / "ok.gguf"
+    for items in (words, ["", "", "x", ""], ["a\x00b", "c"], ["solo"]):
+        p.write_bytes(gguf_bytes([_string_array("k", [w.encode() for w in items])], []))
+        assert GGUFFile(p).metadata["k"] == items
+    _expect(tmp_path, gguf_bytes([_string_array("k", [b"ok", b"\xff"])], []), r"'k'\[1\] is not valid UTF-8")
+    _expect(tmp_path, gguf_bytes([_string_array("k", [b"a\xc3", b"\xa9b"])], []), r"'k'\[0\] is not valid UTF-8")
+    arr = _string_array("k", [b"abc", b"defg"])
+    _expect(tmp_path, gguf_bytes([arr], [])[:24 + len(arr) - 2], r"'k'\[1\] needs 4 bytes")
+    forged = bytearray(_string_array("k", [b"abc", b"de"]))
+    struct.pack_into("<Q", forged, len(forged) - 10, 2**63)  # the second string's length
+    _expect(tmp_path, gguf_bytes([bytes(forged)], []), r"'k'\[1\] needs 9223372036854775808 bytes")
