@@ -7,8 +7,8 @@ generated token of a short greedy prompt is out. The file is read once first so 
 warm page cache, and each engine runs once untimed first, with Python's bytecode cache on (the state of an
 installed package: a shell with PYTHONDONTWRITEBYTECODE=1 would otherwise recompile offload's modules on
 every run). Both engines get --threads threads and otherwise their own defaults (offload makes torch's
-OpenMP workers sleep between parallel regions, llama.cpp's spin; export OMP_WAIT_POLICY to set both).
-Prints each time and the ratio offload / llama.cpp (the issue's goal: <= 2x).
+OpenMP workers sleep between parallel regions, llama.cpp's spin a while first; export OMP_WAIT_POLICY to
+set both). Prints each time and the ratio offload / llama.cpp (the issue's goal: <= 2x).
 """
 
 import argparse
