@@ -68,6 +68,14 @@ class QuantMatrix:
         return F.linear(x.float(), self.weight(i, torch.float32))
 
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """As F.linear(x (..., K), W_0, bias) for a one-matrix group (a projection kept quantised)."""
+        y = self.matmul(x.reshape(-1, x.shape[-1]), 0)  # (M, N) float32
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
 class QuantExperts:
     """Expert group over quantised GGUF blocks: `group(x (T, H), ids (T, K), weights (T, K)) -> (T, H)`,
     ids of -1 being pairs computed by another group."""

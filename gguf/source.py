@@ -20,6 +20,14 @@ from offload.gguf.reader import GGUFFile
 from offload.gguf.types import GGMLType
 
 
+# matrices the models only use through offload.models.base.linear: on the CPU they stay in their GGUF
+# blocks, multiplied by the native kernels with 8-bit activations, as llama.cpp does (routers, the
+# embedding and MLA's absorbed kv_b stay float: they are used in other ways)
+_PROJECTIONS = tuple(f"{p}.weight" for p in (
+    "q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+    "gate_proj", "up_proj", "down_proj", "indexer.wq_b", "indexer.wk"))
+
+
 class GGUFSource:
     """`get/has/shape` by HF name (like offload.checkpoint.Checkpoint) over one GGUF (all its shards)."""
 
@@ -91,6 +99,10 @@ class GGUFSource:
                                f"{list(self.shape(name))}, expected {list(shape)}")
         g = self._find(name)
         if g is not None:
+            if device.type == "cpu" and dtype == torch.float32 and name.endswith(_PROJECTIONS):
+                q = self.quant_linear(name, self.shape(name))
+                if q is not None:
+                    return q
             return self._read(g, device, dtype)
         parts = self._kv_b_parts(name)
         if parts is None:

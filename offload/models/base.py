@@ -13,6 +13,14 @@ import torch.nn.functional as F
 from offload.errors import ConfigError
 
 
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, where w may also be a quantised matrix kept as its GGUF blocks (offload.gguf.experts
+    .QuantMatrix: the native CPU kernels multiply it without expanding it)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    return w.linear(x, b)
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same order as transformers: normalise in fp32, cast back, then scale.
     dtype = x.dtype
@@ -128,7 +136,7 @@ class MLP:
         self.gate, self.up, self.down = gate, up, down  # (I, H), (I, H), (H, I)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, scale: float,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.cache import Cache
-from offload.models.base import rms_norm
+from offload.models.base import linear, rms_norm
 from offload.models.moe import MoE
 
 
@@ -27,7 +27,7 @@ class Decoder:
     embed: torch.Tensor  # (V, H)
     layers: list[Layer]
     norm: torch.Tensor  # (H,)
-    lm_head: object  # (V, H) float tensor, or a quantised matrix with .matmul(x, 0) (GGUF on the CPU)
+    lm_head: object  # (V, H) float tensor, or a quantised matrix (GGUF on the CPU; see base.linear)
     eps: float
     device: torch.device
     skipped: list[str] = field(default_factory=list)  # e.g. the MTP layer, recognised and not run
@@ -51,9 +51,7 @@ class Decoder:
         if last_only:
             x = x[-1:]  # (1, H)
         x = rms_norm(x, self.norm, self.eps)
-        if isinstance(self.lm_head, torch.Tensor):
-            return F.linear(x, self.lm_head).float()  # (T, V)
-        return self.lm_head.matmul(x, 0).float()  # (T, V): quantised blocks, native kernel
+        return linear(x, self.lm_head).float()  # (T, V)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from offload.cache import MLACache
 from offload.errors import ConfigError
 from offload.models import deepseek_v3
-from offload.models.base import Rope, build_rope, causal_mask, yarn_softmax_scale
+from offload.models.base import Rope, build_rope, causal_mask, linear, yarn_softmax_scale
 from offload.models.decoder import Decoder
 from offload.models.loading import LoadContext, finish_decoder, load_layer, load_noaux_moe
 from offload.models.mla import load_mla
@@ -74,8 +74,8 @@ class Indexer:
     def __call__(self, x: torch.Tensor, q_resid: torch.Tensor, start: int, cache: MLACache, state: dict):
         t = x.shape[0]
         r = self.rope.inv_freq.shape[0] * 2
-        q = F.linear(q_resid, self.wq_b).view(t, self.n_heads, self.head_dim)  # (T, i, D)
-        k = F.layer_norm(F.linear(x, self.wk), (self.head_dim,), self.k_norm_w, self.k_norm_b, 1e-6)  # (T, D)
+        q = linear(q_resid, self.wq_b).view(t, self.n_heads, self.head_dim)  # (T, i, D)
+        k = F.layer_norm(linear(x, self.wk), (self.head_dim,), self.k_norm_w, self.k_norm_b, 1e-6)  # (T, D)
         positions = torch.arange(start, start + t, device=x.device)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         q = torch.cat([self.rope.apply(q[..., :r], cos, sin), q[..., r:]], dim=-1)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.cache import GQACache
-from offload.models.base import Rope, causal_attention, rms_norm
+from offload.models.base import Rope, causal_attention, linear, rms_norm
 from offload.models.loading import LoadContext
 
 
@@ -29,9 +29,9 @@ class GQAAttention:
 
     def __call__(self, x: torch.Tensor, start: int, cache: GQACache, state: dict) -> torch.Tensor:
         t = x.shape[0]
-        q = F.linear(x, self.wq, self.bq).view(t, self.n_heads, self.head_dim)  # (T, h, d)
-        k = F.linear(x, self.wk, self.bk).view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
-        v = F.linear(x, self.wv, self.bv).view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
+        q = linear(x, self.wq, self.bq).view(t, self.n_heads, self.head_dim)  # (T, h, d)
+        k = linear(x, self.wk, self.bk).view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
+        v = linear(x, self.wv, self.bv).view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
         if self.q_norm is not None:
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
         positions = torch.arange(start, start + t, device=x.device)
@@ -42,7 +42,7 @@ class GQAAttention:
         k_all = k_all.repeat_interleave(rep, dim=1).transpose(0, 1)  # (h, S, d)
         v_all = v_all.repeat_interleave(rep, dim=1).transpose(0, 1)  # (h, S, d)
         out = causal_attention(q.transpose(0, 1), k_all, v_all, start, self.scale)  # (h, T, d)
-        return F.linear(out.transpose(0, 1).reshape(t, -1), self.wo)
+        return linear(out.transpose(0, 1).reshape(t, -1), self.wo)
 
 
 def load_gqa(ctx: LoadContext, prefix: str, a, rope: Rope, qk_norm: bool, bias: bool) -> GQAAttention:

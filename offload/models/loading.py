@@ -91,13 +91,16 @@ class LoadContext:
 def load_embeddings(ctx: LoadContext, a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     embed = ctx.get("model.embed_tokens.weight", (a.vocab_size, a.hidden_size))
     norm = ctx.get("model.norm.weight", (a.hidden_size,))
-    if a.tie_word_embeddings and not ctx.source.has("lm_head.weight"):
-        return embed, norm, embed
     shape = (a.vocab_size, a.hidden_size)
-    # a GGUF head on the CPU stays in its quantisation (Q6_K: 5x smaller than float32 to read per token)
+    name = "model.embed_tokens.weight" if a.tie_word_embeddings and not ctx.source.has("lm_head.weight") \
+        else "lm_head.weight"
+    # a GGUF head on the CPU stays in its quantisation (Q6_K: 5x fewer bytes per token than float32); a
+    # tied one too: the float embedding only serves row lookups
     quantised = getattr(ctx.source, "quant_linear", None)
-    head = quantised("lm_head.weight", shape) if quantised is not None and ctx.device.type == "cpu" else None
-    return embed, norm, head if head is not None else ctx.get("lm_head.weight", shape)
+    head = quantised(name, shape) if quantised is not None and ctx.device.type == "cpu" else None
+    if head is None:
+        head = embed if name == "model.embed_tokens.weight" else ctx.get(name, shape)
+    return embed, norm, head
 
 
 def load_noaux_moe(ctx: LoadContext, prefix: str, layer: int, a) -> "MoE":

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.cache import MLACache
-from offload.models.base import Rope, causal_mask, rms_norm
+from offload.models.base import Rope, causal_mask, linear, rms_norm
 from offload.models.loading import LoadContext
 
 
@@ -41,13 +41,13 @@ class MLAAttention:
         t = x.shape[0]
         if self.q_proj is not None:
             q_resid = None
-            q = F.linear(x, self.q_proj)
+            q = linear(x, self.q_proj)
         else:
-            q_resid = rms_norm(F.linear(x, self.q_a, self.q_a_bias), self.q_a_norm, self.eps)  # (T, q_lora)
-            q = F.linear(q_resid, self.q_b)
+            q_resid = rms_norm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, self.eps)  # (T, q_lora)
+            q = linear(q_resid, self.q_b)
         q = q.view(t, self.h, self.nope + self.r)  # (T, h, n + r)
         q_nope, q_rot = q[..., : self.nope], q[..., self.nope:]
-        kv = F.linear(x, self.kv_a, self.kv_a_bias)  # (T, c + r)
+        kv = linear(x, self.kv_a, self.kv_a_bias)  # (T, c + r)
         latent = rms_norm(kv[:, : self.c], self.kv_a_norm, self.eps)  # (T, c)
         k_rot = kv[:, self.c:].view(t, 1, self.r)  # (T, 1, r)
         positions = torch.arange(start, start + t, device=x.device)
@@ -67,7 +67,7 @@ class MLAAttention:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)  # (h, T, S)
         out_lat = torch.matmul(probs, latent_all)  # (h, T, c)
         out = torch.einsum("htc,hvc->thv", out_lat, self.w_uv).reshape(t, self.h * self.v)  # (T, h*v)
-        return F.linear(out, self.wo, self.wo_bias)
+        return linear(out, self.wo, self.wo_bias)
 
 
 def load_mla(ctx: LoadContext, prefix: str, a, rope: Rope, scale: float, selector=None,
