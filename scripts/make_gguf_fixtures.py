@@ -1,8 +1,10 @@
 """Tiny random GGUF models made by llama.cpp's own tools, for the GGUF cross-checks.
 
-For each architecture: a random transformers model (offload.testing.tiny_hf_model, logits of order 1)
-saved with a real ~151k BPE tokenizer (llama.cpp's qwen2 vocab test GGUF + the GLM special tokens, so the
-converter recognises its pre-tokenizer), converted by the llama-cpp-python sdist's convert_hf_to_gguf.py
+For each architecture: a random transformers model (offload.testing.tiny_hf_model, logits of order 1),
+conditioned like a trained model on the test prompt (`condition`: peaked next-token logits, decisive
+routing, so that the engines' rounding differences do not flip top-1 tokens or experts), saved with a real
+~151k BPE tokenizer (llama.cpp's qwen2 vocab test GGUF + the GLM special tokens, so the converter
+recognises its pre-tokenizer), converted by the llama-cpp-python sdist's convert_hf_to_gguf.py
 to F32, then quantised by `llama_cpp.llama_model_quantize`. Outputs are cached outside the repo under
 ~/.cache/offload-tests/gguf-fixtures/<name>-<hash of the recipe>/.
 
@@ -35,15 +37,26 @@ FIXTURES = {
                         indexer_types=["full", "shared", "full", "shared"], tie_word_embeddings=True,
                         num_nextn_predict_layers=0),
 }
-FIXTURES["glm_moe_dsa_sparse"] = dict(FIXTURES["glm_moe_dsa"], index_topk=8)
+# 32 indexer heads as in GLM-5: with 4, a key whose heads are all ReLU-clamped scores exactly 0 and such
+# ties at the index_topk boundary are broken differently by llama.cpp and torch (docs/gguf.md)
+FIXTURES["glm_moe_dsa_sparse"] = dict(FIXTURES["glm_moe_dsa"], index_topk=8, index_n_heads=32)
 # not built by default: a ~1.2 GB F32 GLM-DSA file for `python -m offload.bench_load`
 FIXTURES["bench_glm_moe_dsa"] = dict(FIXTURES["glm_moe_dsa"], num_hidden_layers=8, n_routed_experts=64,
                                      indexer_types=["full", "shared"] * 4)
 DEFAULT = ["qwen3_moe", "glm4_moe", "deepseek_v3", "glm_moe_dsa", "glm_moe_dsa_sparse"]
 MODEL_TYPE = {"glm_moe_dsa_sparse": "glm_moe_dsa", "bench_glm_moe_dsa": "glm_moe_dsa"}
-RECIPE_VERSION = 1  # bump when this script changes what it writes
+RECIPE_VERSION = 2  # bump when this script changes what it writes
 FORMATS = ("F32", "F16", "Q8_0", "Q4_K_M", "Q2_K", "IQ4_XS")
-ROUTER_GAIN = 4.0
+# The prompt the fixtures are conditioned on and the tests compare on (tests/gguf/fixtures_models.py):
+# >= 48 tokens after tokenisation, plain text so both tokenisers agree
+PROMPT = ("The quick brown fox jumps over the lazy dog. Offload runs giant mixture of experts models on one "
+          "workstation, keeping the experts quantised in memory while attention lives on the GPU. It agrees "
+          "with llama.cpp and with transformers on every fixture we could build, in every format.")
+N_TOKENS = 48
+TRAIN_STEPS, TRAIN_LR = 20, 3e-3
+# routing margins on the prompt, k-th vs (k+1)-th choice: softmax routers in logits, sigmoid routers in
+# scores (slope <= 1/4, so >= 0.12 in logits); llama.cpp's rounding moves router logits by ~5e-3
+MARGIN = {"softmax": 0.15, "sigmoid": 0.03}
 GLM_SPECIAL = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 
 
@@ -66,16 +79,19 @@ def sdist_dir() -> Path:
 
 
 def _hash(name: str) -> str:
-    """Key of everything that makes the files: the recipe, the random init, the llama.cpp version."""
+    """Key of everything that makes the files: the recipe and the code that applies it, the random init,
+    the llama.cpp and transformers versions."""
     import inspect
     from importlib.metadata import version
 
     from offload import testing
 
-    recipe = [RECIPE_VERSION, ROUTER_GAIN, GLM_SPECIAL, testing.TINY_CONFIGS[MODEL_TYPE.get(name, name)],
-              FIXTURES[name], version("llama-cpp-python")]
+    recipe = [RECIPE_VERSION, GLM_SPECIAL, testing.TINY_CONFIGS[MODEL_TYPE.get(name, name)],
+              FIXTURES[name], PROMPT, N_TOKENS, TRAIN_STEPS, TRAIN_LR, MARGIN,
+              version("llama-cpp-python"), version("transformers")]
     h = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
-    h.update(inspect.getsource(testing.tiny_hf_model).encode())
+    for fn in (testing.tiny_hf_model, make_hf, condition, _train, _gates, _margins):  # the code that makes the weights
+        h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:12]
 
 
@@ -100,12 +116,7 @@ def make_hf(name: str, sdist: Path) -> Path:
     tok.save_pretrained(out)
     model_type = MODEL_TYPE.get(name, name)
     model = tiny_hf_model(model_type, len(tok), seed=0, **FIXTURES[name])
-    import torch
-
-    with torch.no_grad():  # decisive routing: random routers have near-tied experts that flip on rounding
-        for pname, p in model.named_parameters():
-            if pname.endswith("mlp.gate.weight"):
-                p.mul_(ROUTER_GAIN)
+    condition(model, tok.encode(PROMPT)[:N_TOKENS])
     model.save_pretrained(out)
     if model_type in ("deepseek_v3", "glm_moe_dsa"):
         # real DeepSeek-V3 configs say so; without it llama.cpp's deepseek2 falls back to softmax gating
@@ -113,6 +124,91 @@ def make_hf(name: str, sdist: Path) -> Path:
         config.update(scoring_func="sigmoid", topk_method="noaux_tc")
         (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / ".complete").write_text("ok")
+    return out
+
+
+def condition(model, ids: list[int]) -> None:
+    """Give the random model the two properties of a trained one that a like-for-like comparison needs
+    (docs/gguf.md, "Fixture conditioning"): peaked next-token distributions (random logits over 151k tokens
+    have top-1 gaps of ~0.01 at some position, below the engines' rounding differences) and decisive
+    routing (random routers have k-th/(k+1)-th ties that rounding flips, swapping whole experts).
+    1. a few Adam steps of next-token training on the prompt, embedding and routers frozen;
+    2. each router in turn (layer order, inputs recomputed) nudged until every k-th/(k+1)-th choice on the
+       prompt, groups included, is at least MARGIN apart."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights on any machine: reductions depend on the thread count
+    try:
+        _train(model, torch.tensor([ids]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model, x) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    # frozen: the embedding (no common logit offset) and the routers (trained, their logits grow and sigmoid
+    # gates saturate, where a margin cannot be widened); step 2 sets the routers
+    frozen = [model.get_input_embeddings().weight] + [m.weight for n, m in _gates(model)]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=TRAIN_LR)
+    model.train()
+    for _ in range(TRAIN_STEPS):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for _, gate in _gates(model):
+        seen = []
+        hook = gate.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+        with torch.no_grad():
+            model(x)
+        hook.remove()
+        h = seen[0].reshape(-1, seen[0].shape[-1]).float()
+        w = gate.weight.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=1e-2)
+        for _ in range(500):
+            short = [torch.relu(m0 - m) for m, m0 in _margins(gate, h, w)]
+            if not any(bool((v > 0).any()) for v in short):
+                break
+            opt.zero_grad()
+            sum(v.sum() for v in short).backward()
+            opt.step()
+        else:
+            raise RuntimeError(f"routing margins not reached for {type(gate).__name__} after 500 steps")
+        with torch.no_grad():
+            gate.weight.copy_(w)
+
+
+def _gates(model) -> list:
+    return [(n, m) for n, m in model.named_modules() if n.endswith("mlp.gate")]
+
+
+def _margins(gate, h, w):
+    """[(margins (T,), target)]: gaps at the group and expert top-k boundaries of `gate`'s selection."""
+    import torch
+
+    logits = h @ w.T  # (T, E)
+    k, out = gate.top_k, []
+    if not hasattr(gate, "e_score_correction_bias"):  # softmax: top-k of the logits
+        top = logits.sort(-1, descending=True).values
+        return [(top[:, k - 1] - top[:, k], MARGIN["softmax"])]
+    s = logits.sigmoid() + gate.e_score_correction_bias  # noaux_tc selection scores
+    t, e = s.shape
+    groups, keep = gate.num_group, gate.topk_group
+    if groups > 1:
+        g = s.view(t, groups, e // groups).topk(2, -1).values.sum(-1)  # (T, G)
+        top = g.sort(-1, descending=True).values
+        out.append((top[:, keep - 1] - top[:, keep], MARGIN["sigmoid"]))
+        mask = torch.zeros_like(g, dtype=torch.bool).scatter(1, g.topk(keep, -1).indices, True)
+        s = s.masked_fill(~mask.repeat_interleave(e // groups, 1), float("-inf"))
+    top = s.sort(-1, descending=True).values
+    margin = top[:, k - 1] - top[:, k]  # +inf where the kept groups hold only k experts
+    out.append((torch.where(torch.isfinite(margin), margin, torch.ones_like(margin)), MARGIN["sigmoid"]))
     return out
 
 

@@ -10,11 +10,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# >= 32 tokens after tokenisation (48 are used), plain text so both tokenisers agree
-PROMPT = ("The quick brown fox jumps over the lazy dog. Offload runs giant mixture of experts models on one "
-          "workstation, keeping the experts quantised in memory while attention lives on the GPU. It agrees "
-          "with llama.cpp and with transformers on every fixture we could build, in every format.")
-N_TOKENS = 48
 
 
 def _script():
@@ -23,6 +18,11 @@ def _script():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# the prompt the fixtures were conditioned on (make_gguf_fixtures.condition): plain text, 48 tokens
+_recipe = _script()
+PROMPT, N_TOKENS = _recipe.PROMPT, _recipe.N_TOKENS
 
 
 class Fixtures:
