@@ -68,6 +68,18 @@ class QuantMatrix:
         return F.linear(x.float(), self.weight(i, torch.float32))
 
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (T,) of a one-matrix group as float32 (T, K): an embedding lookup."""
+        from offload.kernels.cpu.quantmm import dequantize
+
+        ids = ids.cpu()
+        if bool(((ids < 0) | (ids >= self.blocks.shape[1])).any()):
+            raise IndexError(f"{self.name}: token id out of range [0, {self.blocks.shape[1]})")
+        b = np.ascontiguousarray(self.blocks[0][ids.numpy()])  # (T, row bytes)
+        if self.qtype in _FLOAT:
+            return torch.from_numpy(b).view(_FLOAT[self.qtype]).float()
+        return dequantize(b, int(self.qtype))
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """As F.linear(x (..., K), W_0, bias) for a one-matrix group (a projection kept quantised)."""
         y = self.matmul(x.reshape(-1, x.shape[-1]), 0)  # (M, N) float32

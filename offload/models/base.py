@@ -14,6 +14,13 @@ from offload.errors import ConfigError
 
 
 
+def embedding(tokens: torch.Tensor, table) -> torch.Tensor:
+    """F.embedding, where the table may also be a quantised matrix (only the rows asked for are expanded)."""
+    if isinstance(table, torch.Tensor):
+        return F.embedding(tokens, table)
+    return table.rows(tokens)
+
+
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, where w may also be a quantised matrix kept as its GGUF blocks (offload.gguf.experts
     .QuantMatrix: the native CPU kernels multiply it without expanding it)."""

@@ -6,10 +6,9 @@ T new tokens, H hidden, V vocab.
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from offload.cache import Cache
-from offload.models.base import linear, rms_norm
+from offload.models.base import embedding, linear, rms_norm
 from offload.models.moe import MoE
 
 
@@ -24,7 +23,7 @@ class Layer:
 @dataclass
 class Decoder:
     args: object  # the architecture's ModelArgs
-    embed: torch.Tensor  # (V, H)
+    embed: object  # (V, H) float tensor, or a quantised matrix (GGUF on the CPU; see base.embedding)
     layers: list[Layer]
     norm: torch.Tensor  # (H,)
     lm_head: object  # (V, H) float tensor, or a quantised matrix (GGUF on the CPU; see base.linear)
@@ -42,7 +41,7 @@ class Decoder:
         tokens = tokens.to(self.device)
         cache.check_room(tokens.shape[0])
         start = cache.length
-        x = F.embedding(tokens, self.embed)  # (T, H)
+        x = embedding(tokens, self.embed)  # (T, H)
         state: dict = {}  # per-forward values layers hand on (DSA top-k selections)
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = x + layer.attn(rms_norm(x, layer.attn_norm, self.eps), start, layer_cache, state)

@@ -88,19 +88,20 @@ class LoadContext:
         return groups, home
 
 
-def load_embeddings(ctx: LoadContext, a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    embed = ctx.get("model.embed_tokens.weight", (a.vocab_size, a.hidden_size))
-    norm = ctx.get("model.norm.weight", (a.hidden_size,))
+def load_embeddings(ctx: LoadContext, a) -> tuple[object, torch.Tensor, object]:
+    """Embedding table, final norm, head. A GGUF on the CPU keeps the table and the head as their blocks
+    (a tied head is the table itself): lookups dequantise only the rows asked for, and the head is read
+    quantised each token (Q6_K: 5x fewer bytes than float32), as llama.cpp does."""
     shape = (a.vocab_size, a.hidden_size)
-    name = "model.embed_tokens.weight" if a.tie_word_embeddings and not ctx.source.has("lm_head.weight") \
-        else "lm_head.weight"
-    # a GGUF head on the CPU stays in its quantisation (Q6_K: 5x fewer bytes per token than float32); a
-    # tied one too: the float embedding only serves row lookups
-    quantised = getattr(ctx.source, "quant_linear", None)
-    head = quantised(name, shape) if quantised is not None and ctx.device.type == "cpu" else None
-    if head is None:
-        head = embed if name == "model.embed_tokens.weight" else ctx.get(name, shape)
-    return embed, norm, head
+    quantised = getattr(ctx.source, "quant_linear", None) if ctx.device.type == "cpu" else None
+    embed = quantised("model.embed_tokens.weight", shape) if quantised is not None else None
+    if embed is None:
+        embed = ctx.get("model.embed_tokens.weight", shape)
+    norm = ctx.get("model.norm.weight", (a.hidden_size,))
+    if a.tie_word_embeddings and not ctx.source.has("lm_head.weight"):
+        return embed, norm, embed
+    head = quantised("lm_head.weight", shape) if quantised is not None else None
+    return embed, norm, head if head is not None else ctx.get("lm_head.weight", shape)
 
 
 def load_noaux_moe(ctx: LoadContext, prefix: str, layer: int, a) -> "MoE":
