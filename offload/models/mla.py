@@ -17,6 +17,12 @@ from offload.models.base import Rope, causal_mask, linear, rms_norm
 from offload.models.loading import LoadContext
 
 
+# Query chunks of at least this many tokens use the expanded form (keys and values per head): per
+# (query, key) pair it costs n + r + v multiply-adds against the absorbed form's 2c + r (DeepSeek-V3:
+# 320 vs 1088), plus S·c·(n + v) per head to expand, which a long chunk amortises; decode stays absorbed.
+EXPANDED_MIN_TOKENS = 16
+
+
 class MLAAttention:
     def __init__(self, *, q_a, q_a_bias, q_a_norm, q_b, q_proj, kv_a, kv_a_bias, kv_a_norm, kv_b, wo, wo_bias,
                  n_heads, nope, rope_dim, v_dim, kv_lora, rope: Rope, scale: float, eps: float, device, dtype,
@@ -55,8 +61,14 @@ class MLAAttention:
         q_rot, k_rot = self.rope.apply(q_rot, cos, sin), self.rope.apply(k_rot, cos, sin)
         latent_all, k_rot_all = cache.update(latent, k_rot[:, 0], start)  # (S, c), (S, r)
 
-        q_lat = torch.einsum("thn,hnc->htc", q_nope, self.w_uk)  # (h, T, c)
-        scores = torch.matmul(q_lat, latent_all.T) + torch.matmul(q_rot.transpose(0, 1), k_rot_all.T)  # (h, T, S)
+        expanded = t >= EXPANDED_MIN_TOKENS
+        if expanded:  # prefill: expand keys and values per head, (n + r + v) per score instead of (2c + r)
+            k_nope = torch.einsum("sc,hnc->hsn", latent_all, self.w_uk)  # (h, S, n)
+            scores = torch.matmul(q_nope.transpose(0, 1), k_nope.transpose(1, 2))  # (h, T, S)
+        else:  # decode: absorb W_UK into the query, attend over the cached latents directly
+            q_lat = torch.einsum("thn,hnc->htc", q_nope, self.w_uk)  # (h, T, c)
+            scores = torch.matmul(q_lat, latent_all.T)  # (h, T, S)
+        scores = scores + torch.matmul(q_rot.transpose(0, 1), k_rot_all.T)  # (h, T, S)
         scores = scores * self.scale
         s = latent_all.shape[0]
         if self.selector is not None:
@@ -65,8 +77,12 @@ class MLAAttention:
             mask = causal_mask(t, s, start, x.device)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)  # (h, T, S)
-        out_lat = torch.matmul(probs, latent_all)  # (h, T, c)
-        out = torch.einsum("htc,hvc->thv", out_lat, self.w_uv).reshape(t, self.h * self.v)  # (T, h*v)
+        if expanded:
+            v_all = torch.einsum("sc,hvc->hsv", latent_all, self.w_uv)  # (h, S, v)
+            out = torch.matmul(probs, v_all).transpose(0, 1).reshape(t, self.h * self.v)  # (T, h*v)
+        else:
+            out_lat = torch.matmul(probs, latent_all)  # (h, T, c)
+            out = torch.einsum("htc,hvc->thv", out_lat, self.w_uv).reshape(t, self.h * self.v)  # (T, h*v)
         return linear(out, self.wo, self.wo_bias)
 
 
