@@ -56,7 +56,7 @@ N_TOKENS = 48
 TRAIN_STEPS, TRAIN_LR = 20, 3e-3
 # routing margins on the prompt, k-th vs (k+1)-th choice: softmax routers in logits, sigmoid routers in
 # scores (slope <= 1/4, so >= 0.12 in logits); llama.cpp's rounding moves router logits by ~5e-3
-MARGIN = {"softmax": 0.15, "sigmoid": 0.03}
+MARGIN = {"softmax": 3.0, "sigmoid": 0.15}
 GLM_SPECIAL = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 
 
