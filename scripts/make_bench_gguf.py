@@ -28,12 +28,41 @@ AIR = dict(hidden_size=4096, moe_intermediate_size=1408, intermediate_size=1408,
            max_position_embeddings=4096)
 
 
+def _random_bf16_model(vocab: int, layers: int, experts: int):
+    """A random Glm4MoeForCausalLM born in bfloat16 (offload.testing.tiny_hf_model's float32 copy of 4B
+    weights would not fit in RAM): matrices ~N(0, 1/fan_in), norms ~1, random router biases."""
+    import torch
+    import transformers
+
+    from offload.testing import TINY_CONFIGS
+
+    config = transformers.Glm4MoeConfig(**dict(TINY_CONFIGS["glm4_moe"], vocab_size=vocab,
+                                                num_hidden_layers=layers + 1, n_routed_experts=experts, **AIR))
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = transformers.Glm4MoeForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return model
+
+
 def make(layers: int, experts: int, formats: list[str]) -> dict[str, Path]:
     import torch
     from transformers import AutoTokenizer
 
     from offload.gguf._ggufpy import gguf_py
-    from offload.testing import tiny_hf_model
 
     name = f"bench_glm4_moe_air-{layers}x{experts}"
     root = fx.CACHE / "gguf-fixtures" / name
@@ -46,10 +75,7 @@ def make(layers: int, experts: int, formats: list[str]) -> dict[str, Path]:
         tok = AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file="ggml-vocab-qwen2.gguf")
         tok.add_special_tokens({"additional_special_tokens": fx.GLM_SPECIAL})  # the GLM converter needs them
         tok.save_pretrained(hf)
-        torch.set_default_dtype(torch.bfloat16)  # parameters are born bf16: no float32 copy of 4B weights
-        model = tiny_hf_model("glm4_moe", len(tok), seed=0, num_hidden_layers=layers + 1,
-                              n_routed_experts=experts, **AIR).to(torch.bfloat16)
-        torch.set_default_dtype(torch.float32)
+        model = _random_bf16_model(len(tok), layers, experts)
         model.save_pretrained(hf)
         del model
         (hf / ".complete").write_text("ok")

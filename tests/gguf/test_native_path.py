@@ -1,0 +1,53 @@
+"""The default CPU path for quantised GGUF files: routed experts, attention / dense / shared projections, the
+output head and the embedding stay in their blocks and run on the native kernels (8-bit activations, as
+llama.cpp). Checked against llama.cpp and against the dequantise-per-call path (float activations)."""
+
+import numpy as np
+import pytest
+import torch
+
+from offload.kernels.cpu import native
+from tests.gguf.fixtures_models import agreement, gguf_models  # noqa: F401  (session fixture)
+
+pytestmark = pytest.mark.skipif(not native.fast(12, 14, 8), reason="no native SIMD kernels on this CPU")
+CASES = [("qwen3_moe", "Q4_K_M"), ("deepseek_v3", "Q4_K_M")]
+
+
+@pytest.mark.parametrize("name,fmt", CASES)
+def test_default_path_keeps_weights_quantised_and_matches_llama_cpp(gguf_models, name, fmt):
+    from offload.gguf.experts import QuantMatrix
+
+    llm = gguf_models.ours(name, fmt)  # plain offload.load: no numerics emulation asked for
+    model = llm.model
+    assert isinstance(model.embed, QuantMatrix) and isinstance(model.lm_head, QuantMatrix)
+    attn = model.layers[0].attn
+    proj = attn.wq if hasattr(attn, "wq") else attn.kv_a
+    assert isinstance(proj, QuantMatrix)
+    ids = gguf_models.prompt_ids(name, fmt)
+    ours = llm.logits(ids).numpy()
+    _, ref = gguf_models.compare(name, fmt)
+    m = agreement(ours, ref)
+    print(f"\n{name} {fmt} default path vs llama.cpp: cos mean {m['cos_mean']:.6f} min {m['cos_min']:.6f} "
+          f"top-1 {m['top1']:.3f}")
+    assert m["cos_mean"] >= 0.999 and m["top1"] >= 0.9
+
+
+@pytest.mark.parametrize("name,fmt", CASES)
+def test_native_path_vs_dequantise_per_call(gguf_models, name, fmt, monkeypatch):
+    """Without the native kernels the same file runs on float-expanded weights and numba's float-activation
+    expert kernels: the two paths must agree like two implementations of one model (they are not equal:
+    8-bit activations vs float ones)."""
+    import offload
+
+    ids = gguf_models.prompt_ids(name, fmt)
+    fast = gguf_models.ours(name, fmt).logits(ids)
+    monkeypatch.setattr(native, "SIMD_TYPES", set())
+    slow_llm = offload.load(gguf_models.path(name, fmt), device="cpu", progress=False)
+    assert isinstance(slow_llm.model.lm_head, torch.Tensor)  # the float path really ran
+    slow = slow_llm.logits(ids)
+    m = agreement(fast.numpy(), slow.numpy())
+    print(f"\n{name} {fmt} native vs dequantise-per-call: cos mean {m['cos_mean']:.6f} top-1 {m['top1']:.3f} "
+          f"max diff {m['max_diff']:.3g}")
+    assert not torch.equal(fast, slow)
+    assert m["cos_mean"] >= 0.999 and m["top1"] >= 0.9
+    assert np.isfinite(fast.numpy()).all()
