@@ -211,7 +211,7 @@ def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
     starts = torch.zeros(len(uniq) + 1, dtype=torch.int64)
     starts[1:] = counts.cumsum(0)
     y = torch.empty_like(xs)  # (P, H)
-    fast = experts.quantised and all(q in dq.FAST_TYPES for q in experts.qtypes)
+    fast = experts.quantised and (native.fast(*experts.qtypes) or all(q in dq.FAST_TYPES for q in experts.qtypes))
     small = counts < qm.GEMM_MIN_TOKENS if fast else torch.zeros(len(uniq), dtype=torch.bool)
     if small.any() and experts.packed:
         _ffn_packed(xs, y, experts, [(int(uniq[i]), int(starts[i]), int(starts[i + 1]))

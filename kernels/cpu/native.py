@@ -6,7 +6,7 @@ $OFFLOAD_CACHE/native). About 4 s; later imports load the cached library. Where 
 `lib()` is None and callers use the numba kernels. OFFLOAD_NATIVE=0 turns the native path off.
 
 Numerics: activations are quantised per row like ggml's CPU backend (Q8_K blocks for K-quants and
-IQ4_XS, Q8_0 for Q8_0 / Q4_0), so results are dequant(W) . dequant(quant(x)), what llama.cpp computes;
+IQ4_XS, Q8_0 for the 32-value types; Q4_1 / Q5_1's Q8_1 is Q8_0 with its sum), so results are dequant(W) . dequant(quant(x)), what llama.cpp computes;
 `gemv_ref` is that in plain torch: gguf-py's dequantisation times offload.gguf.numerics' rounding.
 
 M tokens, K inputs, N output rows, P (token, expert) pairs, H hidden, I expert FFN width.
@@ -29,9 +29,10 @@ import torch
 from offload.errors import WeightsError
 
 SOURCE = Path(__file__).parent / "csrc" / "qdot.cpp"
-TYPES = {2: "q4_0", 8: "q8_0", 10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k", 14: "q6_k", 23: "iq4_xs"}
-_BLOCK = {2: (32, 18), 8: (32, 34), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-          14: (256, 210), 23: (256, 136)}
+TYPES = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: "q3_k", 12: "q4_k",
+         13: "q5_k", 14: "q6_k", 23: "iq4_xs"}
+_BLOCK = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (256, 84), 11: (256, 110),
+          12: (256, 144), 13: (256, 176), 14: (256, 210), 23: (256, 136)}
 
 _lib = None
 _tried = False

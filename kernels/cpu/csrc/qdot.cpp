@@ -35,7 +35,7 @@
 namespace {
 
 // ggml type ids
-enum : int { Q4_0 = 2, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_XS = 23 };
+enum : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_XS = 23 };
 
 constexpr int QK = 256;  // K-quant super-block
 
@@ -174,14 +174,29 @@ float dot_q8_0_plain(const uint8_t* w, const void* act, int64_t nb) {
     return sum;
 }
 
-float dot_q4_0_plain(const uint8_t* w, const void* act, int64_t nb) {
+// The 32-value nibble family: value = nibble (+ 16 if its bit in qh) - offset, times d, plus m.
+// (bytes, d at 0, m offset or -1, qh offset or -1, qs offset, value offset)
+struct Q32 {
+    int bytes, m, qh, qs, offset;
+};
+constexpr Q32 Q32_4_0{18, -1, -1, 2, 8}, Q32_4_1{20, 2, -1, 4, 0}, Q32_5_0{22, -1, 2, 6, 16},
+    Q32_5_1{24, 2, 4, 8, 0};
+
+template <const Q32& F>
+float dot_q32_plain(const uint8_t* w, const void* act, int64_t nb) {
     const A80* a = (const A80*)act;
     float sum = 0;
-    for (int64_t b = 0; b < nb; b++, w += 18) {
-        const uint8_t* q = w + 2;
+    for (int64_t b = 0; b < nb; b++, w += F.bytes) {
+        uint32_t qh = 0;
+        if (F.qh >= 0) std::memcpy(&qh, w + F.qh, 4);
+        const uint8_t* q = w + F.qs;
         int s = 0;
-        for (int j = 0; j < 16; j++) s += (q[j] & 0xF) * a[b].qs[j] + (q[j] >> 4) * a[b].qs[j + 16];
-        sum += fp16(w) * a[b].d * (float)(s - 8 * a[b].sum);
+        for (int j = 0; j < 16; j++) {
+            s += ((q[j] & 0xF) | (((qh >> j) & 1) << 4)) * a[b].qs[j];
+            s += ((q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) * a[b].qs[j + 16];
+        }
+        sum += fp16(w) * a[b].d * (float)(s - F.offset * a[b].sum);
+        if (F.m >= 0) sum += fp16(w + F.m) * a[b].d * (float)a[b].sum;
     }
     return sum;
 }
@@ -379,22 +394,28 @@ void dot_q8_0_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_
     for (int m = 0; m < NT; m++) out[m] = hsum256(acc[m]);
 }
 
-template <int NT>
-void dot_q4_0_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+template <const Q32& F, int NT>
+void dot_q32_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
     __m256 acc[NT];
     float corr[NT];
     for (int m = 0; m < NT; m++) acc[m] = _mm256_setzero_ps(), corr[m] = 0;
     const __m128i m4 = _mm_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; b++, w += 18) {
-        const __m128i q = _mm_loadu_si128((const __m128i*)(w + 2));
-        const __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
-        const float dw = fp16(w);
+    for (int64_t b = 0; b < nb; b++, w += F.bytes) {
+        const __m128i q = _mm_loadu_si128((const __m128i*)(w + F.qs));
+        __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+        if (F.qh >= 0) {  // bit e of qh is the fifth bit of value e: the 32-bit word is a byte mask
+            uint32_t qh;
+            std::memcpy(&qh, w + F.qh, 4);
+            qw = _mm256_mask_add_epi8(qw, (__mmask32)qh, qw, _mm256_set1_epi8(16));
+        }
+        const float dw = fp16(w), mw = F.m >= 0 ? fp16(w + F.m) : 0.f;
         for (int m = 0; m < NT; m++) {
             const A80& a = ((const A80*)(act + m * astride))[b];
             const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw, _mm256_loadu_si256((const __m256i*)a.qs));
             const float d = dw * a.d;
             acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc[m]);
-            corr[m] += d * (float)(8 * a.sum);  // the -8 offset of every value
+            // the value offset (Q4_0: 8, Q5_0: 16) and the min (Q4_1, Q5_1) through the activation sum
+            corr[m] += (d * (float)F.offset - mw * a.d) * (float)a.sum;
         }
     }
     for (int m = 0; m < NT; m++) out[m] = hsum256(acc[m]) - corr[m];
@@ -621,7 +642,10 @@ void multi(const uint8_t* w, const uint8_t* act, int64_t astride, int nt, int64_
     }
 }
 template <int NT> struct Q80K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q8_0_vnni<NT>(w, a, s, nb, o); } };
-template <int NT> struct Q40K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q4_0_vnni<NT>(w, a, s, nb, o); } };
+template <int NT> struct Q40K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q32_vnni<Q32_4_0, NT>(w, a, s, nb, o); } };
+template <int NT> struct Q41K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q32_vnni<Q32_4_1, NT>(w, a, s, nb, o); } };
+template <int NT> struct Q50K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q32_vnni<Q32_5_0, NT>(w, a, s, nb, o); } };
+template <int NT> struct Q51K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q32_vnni<Q32_5_1, NT>(w, a, s, nb, o); } };
 template <int NT> struct Q4KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_k4_vnni<false, NT>(w, a, s, nb, o); } };
 template <int NT> struct Q5KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_k4_vnni<true, NT>(w, a, s, nb, o); } };
 template <int NT> struct Q6KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q6_k_vnni<NT>(w, a, s, nb, o); } };
@@ -651,7 +675,10 @@ struct Type {
 const Type TYPES[] = {
 #if QDOT_VNNI
     {Q8_0, 32, 34, false, multi<Q80K>, one_by_one<dot_q8_0_plain>},
-    {Q4_0, 32, 18, false, multi<Q40K>, one_by_one<dot_q4_0_plain>},
+    {Q4_0, 32, 18, false, multi<Q40K>, one_by_one<dot_q32_plain<Q32_4_0>>},
+    {Q4_1, 32, 20, false, multi<Q41K>, one_by_one<dot_q32_plain<Q32_4_1>>},
+    {Q5_0, 32, 22, false, multi<Q50K>, one_by_one<dot_q32_plain<Q32_5_0>>},
+    {Q5_1, 32, 24, false, multi<Q51K>, one_by_one<dot_q32_plain<Q32_5_1>>},
     {Q4_K, QK, 144, true, multi<Q4KK>, one_by_one<dot_q4_k_plain>},
     {Q5_K, QK, 176, true, multi<Q5KK>, one_by_one<dot_q5_k_plain>},
     {Q6_K, QK, 210, true, multi<Q6KK>, one_by_one<dot_q6_k_plain>},
@@ -660,7 +687,10 @@ const Type TYPES[] = {
     {IQ4_XS, QK, 136, true, multi<IQ4XSK>, one_by_one<dot_iq4_xs_plain>},
 #else
     {Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>},
-    {Q4_0, 32, 18, false, one_by_one<dot_q4_0_plain>, one_by_one<dot_q4_0_plain>},
+    {Q4_0, 32, 18, false, one_by_one<dot_q32_plain<Q32_4_0>>, one_by_one<dot_q32_plain<Q32_4_0>>},
+    {Q4_1, 32, 20, false, one_by_one<dot_q32_plain<Q32_4_1>>, one_by_one<dot_q32_plain<Q32_4_1>>},
+    {Q5_0, 32, 22, false, one_by_one<dot_q32_plain<Q32_5_0>>, one_by_one<dot_q32_plain<Q32_5_0>>},
+    {Q5_1, 32, 24, false, one_by_one<dot_q32_plain<Q32_5_1>>, one_by_one<dot_q32_plain<Q32_5_1>>},
     {Q4_K, QK, 144, true, one_by_one<dot_q4_k_plain>, one_by_one<dot_q4_k_plain>},
     {Q5_K, QK, 176, true, one_by_one<dot_q5_k_plain>, one_by_one<dot_q5_k_plain>},
     {Q6_K, QK, 210, true, one_by_one<dot_q6_k_plain>, one_by_one<dot_q6_k_plain>},

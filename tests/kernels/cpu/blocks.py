@@ -6,7 +6,7 @@ from offload.gguf.testing import random_blocks
 from offload.kernels.cpu.quantmm import block_info
 
 # byte offsets of each type's fp16 scale fields inside a block (ggml block structs)
-_F16_FIELDS = {2: [0], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2], 14: [208], 23: [0]}
+_F16_FIELDS = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2], 14: [208], 23: [0]}
 
 
 def sane_blocks(qt: int, rows: int, k: int, rng: np.random.Generator, lead: tuple = ()) -> np.ndarray:
