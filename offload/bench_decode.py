@@ -17,7 +17,7 @@ def bench_llama_cpp(path: str, ids: list[int], n_prompt: int, threads: int) -> t
 
     llm = Llama(model_path=path, n_ctx=len(ids) + 8, n_threads=threads, n_threads_batch=threads,
                 n_gpu_layers=0, n_batch=n_prompt, verbose=False)
-    llm.eval(ids[:8])  # warm-up
+    llm.eval(ids[:n_prompt])  # warm-up: the same prompt once (page cache, buffers)
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids[:n_prompt])
@@ -35,13 +35,15 @@ def bench_offload(path: str, ids: list[int], n_prompt: int, threads: int) -> tup
     set_threads(threads)
     llm = offload.load(path, device="cpu", ctx=len(ids) + 8, progress=False)
     model = llm.model
-    model.forward(torch.tensor(ids[:8]), model.new_cache(16))  # warm-up (numba compile, caches)
+    # warm-up: the same prompt once (page cache, numba's cached kernels, the native library), as for llama.cpp
+    model.forward(torch.tensor(ids[:n_prompt]), model.new_cache(n_prompt), last_only=True)
     cache = model.new_cache(len(ids) + 8)
     t0 = time.perf_counter()
-    model.forward(torch.tensor(ids[:n_prompt]), cache)
+    # the last position's logits only, as llama.cpp's eval computes (logits_all=False)
+    model.forward(torch.tensor(ids[:n_prompt]), cache, last_only=True)
     t1 = time.perf_counter()
     for tok in ids[n_prompt:]:
-        model.forward(torch.tensor([tok]), cache)
+        model.forward(torch.tensor([tok]), cache, last_only=True)
     t2 = time.perf_counter()
     return n_prompt / (t1 - t0), (len(ids) - n_prompt) / (t2 - t1)
 
