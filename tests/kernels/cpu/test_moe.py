@@ -46,11 +46,13 @@ def _rel(y, yr):
 def _close_act_quant(y, yr):
     """moe_cpu vs the reference when both round activations to 8 bits: the expert hidden state h is
     computed in another float order, so an element of h on a rounding boundary can land one quantum
-    apart (measured: 2 of 60 seeds, 8e-4 and 1.5e-3 of the output's scale; the rest ~3e-7). Allow that,
-    and require the typical element to agree to float rounding."""
+    apart (measured: 2 of 60 seeds, 8e-4 and 1.5e-3 of the output's scale; the rest ~3e-7). Allow that
+    in a few tokens, and require every other token to agree to float rounding."""
     scale = yr.abs().max()
     assert _rel(y, yr) < 1e-2
-    assert float((y - yr).abs().median() / scale) < 1e-5
+    # a flip moves one token's whole output row: allow it in a quarter of the tokens (at least one)
+    per_token = (y - yr).abs().amax(-1) / scale  # (T,)
+    assert int((per_token > 1e-5).sum()) <= max(1, y.shape[0] // 4), per_token.tolist()
 
 
 @pytest.mark.parametrize("qts", [(dq.Q4_K, dq.Q4_K, dq.Q6_K), (dq.Q8_0,) * 3, (dq.Q5_K, dq.Q5_K, dq.Q8_0),
