@@ -201,44 +201,25 @@ float dot_q32_plain(const uint8_t* w, const void* act, int64_t nb) {
     return sum;
 }
 
-float dot_q4_k_plain(const uint8_t* w, const void* act, int64_t nb) {
+// Q4_K / Q5_K: 64 values per 32 bytes of nibbles (low -> sub-block 2c, high -> 2c+1); Q5_K's fifth
+// bit of sub-block s is bit s of qh[l]
+template <bool Q5>
+float dot_k4_plain(const uint8_t* w, const void* act, int64_t nb) {
     const A8K* a = (const A8K*)act;
     float sum = 0;
-    for (int64_t b = 0; b < nb; b++, w += 144) {
-        uint8_t sc[8], mn[8];
-        k4_scale_mins(w + 4, sc, mn);
-        const uint8_t* qs = w + 16;
-        int sumi = 0, summ = 0;
-        for (int c = 0; c < 4; c++) {  // 64 values: low nibbles sub-block 2c, high 2c+1
-            int lo = 0, hi = 0;
-            for (int l = 0; l < 32; l++) {
-                lo += (qs[32 * c + l] & 0xF) * a[b].qs[64 * c + l];
-                hi += (qs[32 * c + l] >> 4) * a[b].qs[64 * c + 32 + l];
-            }
-            sumi += sc[2 * c] * lo + sc[2 * c + 1] * hi;
-        }
-        for (int s = 0; s < 8; s++) summ += mn[s] * (a[b].bsums[2 * s] + a[b].bsums[2 * s + 1]);
-        sum += fp16(w) * a[b].d * (float)sumi - fp16(w + 2) * a[b].d * (float)summ;
-    }
-    return sum;
-}
-
-float dot_q5_k_plain(const uint8_t* w, const void* act, int64_t nb) {
-    const A8K* a = (const A8K*)act;
-    float sum = 0;
-    for (int64_t b = 0; b < nb; b++, w += 176) {
+    for (int64_t b = 0; b < nb; b++, w += Q5 ? 176 : 144) {
         uint8_t sc[8], mn[8];
         k4_scale_mins(w + 4, sc, mn);
         const uint8_t* qh = w + 16;
-        const uint8_t* qs = w + 48;
+        const uint8_t* qs = w + (Q5 ? 48 : 16);
         int sumi = 0, summ = 0;
         for (int c = 0; c < 4; c++) {
             int lo = 0, hi = 0;
             for (int l = 0; l < 32; l++) {
-                int ql = (qs[32 * c + l] & 0xF) | (((qh[l] >> (2 * c)) & 1) << 4);
-                int qhv = (qs[32 * c + l] >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4);
-                lo += ql * a[b].qs[64 * c + l];
-                hi += qhv * a[b].qs[64 * c + 32 + l];
+                const int q_lo = (qs[32 * c + l] & 0xF) | (Q5 ? ((qh[l] >> (2 * c)) & 1) << 4 : 0);
+                const int q_hi = (qs[32 * c + l] >> 4) | (Q5 ? ((qh[l] >> (2 * c + 1)) & 1) << 4 : 0);
+                lo += q_lo * a[b].qs[64 * c + l];
+                hi += q_hi * a[b].qs[64 * c + 32 + l];
             }
             sumi += sc[2 * c] * lo + sc[2 * c + 1] * hi;
         }
@@ -679,8 +660,8 @@ const Type TYPES[] = {
     {Q4_1, 32, 20, false, multi<Q41K>, one_by_one<dot_q32_plain<Q32_4_1>>},
     {Q5_0, 32, 22, false, multi<Q50K>, one_by_one<dot_q32_plain<Q32_5_0>>},
     {Q5_1, 32, 24, false, multi<Q51K>, one_by_one<dot_q32_plain<Q32_5_1>>},
-    {Q4_K, QK, 144, true, multi<Q4KK>, one_by_one<dot_q4_k_plain>},
-    {Q5_K, QK, 176, true, multi<Q5KK>, one_by_one<dot_q5_k_plain>},
+    {Q4_K, QK, 144, true, multi<Q4KK>, one_by_one<dot_k4_plain<false>>},
+    {Q5_K, QK, 176, true, multi<Q5KK>, one_by_one<dot_k4_plain<true>>},
     {Q6_K, QK, 210, true, multi<Q6KK>, one_by_one<dot_q6_k_plain>},
     {Q2_K, QK, 84, true, multi<Q2KK>, one_by_one<dot_q2_k_plain>},
     {Q3_K, QK, 110, true, multi<Q3KK>, one_by_one<dot_q3_k_plain>},
@@ -691,8 +672,8 @@ const Type TYPES[] = {
     {Q4_1, 32, 20, false, one_by_one<dot_q32_plain<Q32_4_1>>, one_by_one<dot_q32_plain<Q32_4_1>>},
     {Q5_0, 32, 22, false, one_by_one<dot_q32_plain<Q32_5_0>>, one_by_one<dot_q32_plain<Q32_5_0>>},
     {Q5_1, 32, 24, false, one_by_one<dot_q32_plain<Q32_5_1>>, one_by_one<dot_q32_plain<Q32_5_1>>},
-    {Q4_K, QK, 144, true, one_by_one<dot_q4_k_plain>, one_by_one<dot_q4_k_plain>},
-    {Q5_K, QK, 176, true, one_by_one<dot_q5_k_plain>, one_by_one<dot_q5_k_plain>},
+    {Q4_K, QK, 144, true, one_by_one<dot_k4_plain<false>>, one_by_one<dot_k4_plain<false>>},
+    {Q5_K, QK, 176, true, one_by_one<dot_k4_plain<true>>, one_by_one<dot_k4_plain<true>>},
     {Q6_K, QK, 210, true, one_by_one<dot_q6_k_plain>, one_by_one<dot_q6_k_plain>},
     {Q2_K, QK, 84, true, one_by_one<dot_q2_k_plain>, one_by_one<dot_q2_k_plain>},
     {Q3_K, QK, 110, true, one_by_one<dot_q3_k_plain>, one_by_one<dot_q3_k_plain>},
