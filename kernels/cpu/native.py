@@ -108,6 +108,8 @@ def lib():
     L.qdot_gemv.argtypes = [i32, _vp, i64, i64, _vp, i64, i64, _vp, i32]
     L.qdot_moe.argtypes = [_vp, i64, i64, i64, _vp, _vp, i64, _vp, i32, _vp, i32, _vp, i32, _vp, _vp]
     L.qdot_set_threads.argtypes = [i32]
+    L.qdot_pool_selftest.restype = i64
+    L.qdot_pool_selftest.argtypes = [i64, i64]
     from offload.kernels.cpu.threads import get_threads
 
     L.qdot_set_threads(get_threads())

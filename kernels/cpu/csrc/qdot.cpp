@@ -736,6 +736,10 @@ class Pool {
     // hot: more parallel regions of the same call follow, workers may spin for them
     void hot(bool on) { hot_.store(on, std::memory_order_relaxed); }
 
+    // Runs fn(0..n_items-1) on the caller and whichever workers arrive in time. The caller does not wait
+    // for a worker that has not woken (a futex wake-up costs ~0.1-1 ms on a VM, more than a small job):
+    // workers join the job through gate_, the caller closes the gate once every item is claimed and
+    // then waits only for the workers that joined, each of which finishes the items it claimed.
     void run(int64_t n_items, const std::function<void(int64_t)>& fn) {
         if (nthreads_ == 1 || n_items <= 1) {
             for (int64_t i = 0; i < n_items; i++) fn(i);
@@ -743,24 +747,36 @@ class Pool {
         }
         job_ = &fn;
         total_ = n_items;
-        next_.store(0);
-        pending_.store((int)workers_.size());
-        {
+        next_.store(0, std::memory_order_relaxed);
+        left_.store(0, std::memory_order_relaxed);
+        gate_.store(0, std::memory_order_release);  // open, nobody joined: publishes the job above
+        gen_.fetch_add(1);  // seq_cst with sleepers_: a worker going to sleep either sees it or is woken
+        if (sleepers_.load() > 0) {
             std::lock_guard<std::mutex> lk(m_);
-            gen_.fetch_add(1);
+            cv_.notify_all();
         }
-        cv_.notify_all();
         work();
-        // a worker the OS has not scheduled yet: give it this core rather than spin for a time slice
-        for (int spins = 1; pending_.load(std::memory_order_acquire) > 0; spins++) {
+        const uint64_t joined = gate_.fetch_or(CLOSED, std::memory_order_acq_rel) & ~CLOSED;
+        for (int spins = 1; (uint64_t)left_.load(std::memory_order_acquire) < joined; spins++) {
             _mm_pause();
-            if (spins % 256 == 0) std::this_thread::yield();
+            if (spins % 1024 == 0) std::this_thread::yield();  // a joined worker lost its core
         }
     }
 
    private:
+    static constexpr uint64_t CLOSED = 1ull << 62;
+
     void work() {
-        for (int64_t i; (i = next_.fetch_add(1)) < total_;) (*job_)(i);
+        for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < total_;) (*job_)(i);
+    }
+
+    // join the open job, if any; the job seen then is the one published before the gate opened
+    bool join() {
+        uint64_t g = gate_.load(std::memory_order_acquire);
+        while (!(g & CLOSED))
+            if (gate_.compare_exchange_weak(g, g + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+                return true;
+        return false;
     }
 
     void loop(uint64_t seen) {
@@ -772,13 +788,17 @@ class Pool {
                 if (!hot_.load(std::memory_order_relaxed) ||
                     (++spins % 64 == 0 && std::chrono::steady_clock::now() > until)) {
                     std::unique_lock<std::mutex> lk(m_);
+                    sleepers_.fetch_add(1);
                     cv_.wait(lk, [&] { return gen_.load() != seen; });
+                    sleepers_.fetch_sub(1);
                 }
             }
-            seen = gen_.load();
+            seen = gen_.load(std::memory_order_acquire);
             if (quit_.load()) return;
-            work();
-            pending_.fetch_sub(1, std::memory_order_release);
+            if (join()) {
+                work();
+                left_.fetch_add(1, std::memory_order_release);  // publishes this worker's results
+            }
         }
     }
 
@@ -787,8 +807,10 @@ class Pool {
     std::mutex m_;
     std::condition_variable cv_;
     std::atomic<uint64_t> gen_{0};
-    std::atomic<int64_t> next_{0};
-    std::atomic<int> pending_{0};
+    alignas(64) std::atomic<int64_t> next_{0};
+    alignas(64) std::atomic<uint64_t> gate_{CLOSED};  // CLOSED bit | workers joined
+    alignas(64) std::atomic<int64_t> left_{0};        // joined workers that finished
+    std::atomic<int> sleepers_{0};
     const std::function<void(int64_t)>* job_ = nullptr;
     int64_t total_ = 0;
     std::atomic<bool> quit_{false};
@@ -842,6 +864,27 @@ int qdot_quantize(int qtype, const float* x, int64_t M, int64_t K, uint8_t* out)
     const int64_t ab = act_row_bytes(t, K);
     for (int64_t m = 0; m < M; m++) quantize_row(t, x + m * K, K, out + m * ab);
     return 0;
+}
+
+// Pool check for tests: `jobs` two-phase jobs of 1..max_items items; phase 2 reads what phase 1 wrote,
+// as qdot_gemv's dots read its quantised activations. Returns the number of wrong values seen.
+int64_t qdot_pool_selftest(int64_t jobs, int64_t max_items) {
+    std::vector<int64_t> a(max_items), b(max_items);
+    std::vector<std::atomic<int>> hits(max_items);
+    int64_t bad = 0;
+    for (int64_t j = 0; j < jobs; j++) {
+        const int64_t n = 1 + (j * 7919) % max_items;
+        for (int64_t i = 0; i < n; i++) hits[i].store(0);
+        Call call;
+        pool().run(n, [&](int64_t i) { a[i] = j * 1000003 + i; hits[i].fetch_add(1, std::memory_order_relaxed); });
+        pool().run(n, [&](int64_t i) {
+            int64_t s = 0;
+            for (int64_t k = 0; k < n; k++) s += a[k] - j * 1000003;
+            b[i] = s;
+        });
+        for (int64_t i = 0; i < n; i++) bad += (hits[i].load() != 1) + (b[i] != n * (n - 1) / 2);
+    }
+    return bad;
 }
 
 // out (M, N) = x (M, K) . W (N, row_bytes)^T; plain = 1 uses the plain C++ dots (for tests)

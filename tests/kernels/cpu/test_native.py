@@ -123,3 +123,19 @@ def test_threads_change_nothing(rng):
     finally:
         native.set_threads(n)
     torch.testing.assert_close(one, three, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_pool_runs_every_item_once_and_publishes_results(threads):
+    """The pool's caller does not wait for workers that have not woken: every item must still run once,
+    and a region must see what the region before it wrote (1..40-item jobs, workers asleep or spinning,
+    more threads than cores)."""
+    from offload.kernels.cpu.threads import get_threads
+
+    n = get_threads()
+    try:
+        native.set_threads(threads)
+        for max_items in (2, 3, 7, 40):
+            assert native.lib().qdot_pool_selftest(3000, max_items) == 0
+    finally:
+        native.set_threads(n)
