@@ -88,6 +88,45 @@ class QuantMatrix:
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
+def _native_rows(mats, m: int) -> bool:
+    """True when m-row inputs to every matrix (one-matrix CPU groups) go through the native row kernels."""
+    from offload.kernels.cpu import native, quantmm
+
+    return m < quantmm.GEMM_MIN_TOKENS and all(
+        isinstance(w, QuantMatrix) and w.device.type == "cpu" and not w.act_quant and w.blocks.shape[0] == 1
+        for w in mats) and native.fast(*(int(w.qtype) for w in mats))
+
+
+def linear_many(x: torch.Tensor, mats: list, biases: list) -> "list[torch.Tensor] | None":
+    """[F.linear(x, W, b)] for projections that share their input (q / k / v), as one native call; None
+    where the native row kernels do not take them all (the caller multiplies one by one)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not _native_rows(mats, x2.shape[0]) or any(w.cols != x2.shape[1] for w in mats):
+        return None
+    from offload.kernels.cpu import native
+
+    with warnings.catch_warnings():  # read-only mmap views: the kernels only read them
+        warnings.simplefilter("ignore", UserWarning)
+        ys = native.gemv_multi(x2, [w.blocks[0] for w in mats], [int(w.qtype) for w in mats])
+    return [(y if b is None else y + b).reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype) for y, b in zip(ys, biases)]
+
+
+def swiglu(x: torch.Tensor, gate, up, down) -> "torch.Tensor | None":
+    """down(silu(gate x) * up x) for a dense or shared-expert MLP kept quantised, as one native call (the
+    fused expert kernel with a single expert); None where the native row kernels do not take it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not _native_rows((gate, up, down), x2.shape[0]) or gate.cols != x2.shape[1]:
+        return None
+    from offload.kernels.cpu import native
+
+    m = x2.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        y = native.moe_rows(x2, np.array([0, m], np.int64), np.zeros(1, np.int64), gate.blocks, up.blocks,
+                            down.blocks, (int(gate.qtype), int(up.qtype), int(down.qtype)))
+    return torch.from_numpy(y).reshape(x.shape).to(x.dtype)
+
+
 class QuantExperts:
     """Expert group over quantised GGUF blocks: `group(x (T, H), ids (T, K), weights (T, K)) -> (T, H)`,
     ids of -1 being pairs computed by another group."""

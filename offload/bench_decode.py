@@ -62,7 +62,10 @@ def main() -> None:
     ids = torch.randint(100, 5000, (a.prompt + a.tokens,), generator=g).tolist()
     lp, ld = bench_llama_cpp(a.gguf, ids, a.prompt, threads)
     op, od = bench_offload(a.gguf, ids, a.prompt, threads)
+    import llama_cpp
+
     print(f"## decode / prefill, {a.gguf}, {threads} threads, CPU only\n")
+    print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, {llama_cpp.llama_print_system_info().decode().strip()}\n")
     print("| engine | prefill tok/s (%d tokens) | decode tok/s (%d steps) |" % (a.prompt, a.tokens))
     print("|---|---|---|")
     print(f"| llama.cpp (llama-cpp-python) | {lp:.1f} | {ld:.2f} |")

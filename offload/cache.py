@@ -10,15 +10,17 @@ from offload.errors import RequestError
 
 
 class GQACache:
+    # head-major, so attention reads each KV head's keys as one contiguous (S, d) matrix
     def __init__(self, max_len: int, n_kv_heads: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(max_len, n_kv_heads, head_dim, device=device, dtype=dtype)  # (S, kv, d)
-        self.v = torch.zeros(max_len, n_kv_heads, head_dim, device=device, dtype=dtype)  # (S, kv, d)
+        self.k = torch.zeros(n_kv_heads, max_len, head_dim, device=device, dtype=dtype)  # (kv, S, d)
+        self.v = torch.zeros(n_kv_heads, max_len, head_dim, device=device, dtype=dtype)  # (kv, S, d)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (T, kv, d) written at start..start+T; returns all cached (kv, S, d) so far."""
         end = start + k.shape[0]
-        self.k[start:end] = k
-        self.v[start:end] = v
-        return self.k[:end], self.v[:end]
+        self.k[:, start:end] = k.transpose(0, 1)
+        self.v[:, start:end] = v.transpose(0, 1)
+        return self.k[:, :end], self.v[:, :end]
 
 
 class MLACache:

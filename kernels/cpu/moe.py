@@ -202,6 +202,12 @@ def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
     T, H = x.shape
     if H != experts.hidden:
         raise WeightsError(f"moe_cpu: hidden states of width {H}, experts expect {experts.hidden}")
+    if (T < qm.GEMM_MIN_TOKENS and experts.quantised and not experts.packed and native.fast(*experts.qtypes)
+            and expert_weights.shape == expert_ids.shape):
+        # every expert gets < GEMM_MIN_TOKENS tokens: the row kernels only, grouping and sum in one native call
+        loc = experts.local_index(expert_ids.long())  # (T, K)
+        return torch.from_numpy(native.moe_topk(x.numpy(), loc.numpy(), expert_weights.float().numpy(),
+                                                experts.gate, experts.up, experts.down, experts.qtypes))
     out = torch.zeros(T, H, dtype=torch.float32)
     tok, loc, w = _pairs(expert_ids, expert_weights, experts)
     if tok.numel() == 0:

@@ -107,6 +107,8 @@ def lib():
     L.qdot_quantize.argtypes = [i32, _vp, i64, i64, _vp]
     L.qdot_gemv.argtypes = [i32, _vp, i64, i64, _vp, i64, i64, _vp, i32]
     L.qdot_moe.argtypes = [_vp, i64, i64, i64, _vp, _vp, i64, _vp, i32, _vp, i32, _vp, i32, _vp, _vp]
+    L.qdot_moe_topk.argtypes = [_vp, i64, i64, _vp, _vp, i64, i64, i64, _vp, i32, _vp, i32, _vp, i32, _vp]
+    L.qdot_gemv_multi.argtypes = [i32, _vp, _vp, _vp, _vp, i64, i64, _vp]
     L.qdot_set_threads.argtypes = [i32]
     L.qdot_pool_selftest.restype = i64
     L.qdot_pool_selftest.argtypes = [i64, i64]
@@ -200,6 +202,27 @@ def gemv(x, qweight, qtype: int, plain: bool = False) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def gemv_multi(x, qweights: list, qtypes: list[int]) -> list[torch.Tensor]:
+    """[gemv(x, W_j, qtype_j)] in one native call: x (M, K) quantised once, one parallel region over every
+    matrix's rows. Each W_j is (N_j, row bytes) ggml blocks over K elements."""
+    x = _f32(x)
+    M, K = x.shape
+    ws = [_u8(w) for w in qweights]
+    for w, qt in zip(ws, qtypes):
+        if w.ndim != 2 or _row_elems(w.shape[1], int(qt)) != K:
+            raise WeightsError(f"gemv_multi: weight {w.shape} of type {TYPES.get(int(qt), qt)} does not take "
+                               f"rows of {K} elements")
+    outs = [np.empty((M, w.shape[0]), np.float32) for w in ws]
+    if M:
+        qts = np.array([int(q) for q in qtypes], np.int32)
+        wp = np.array([_ptr(w) for w in ws], np.uint64)
+        ns = np.array([w.shape[0] for w in ws], np.int64)
+        op = np.array([_ptr(o) for o in outs], np.uint64)
+        if lib().qdot_gemv_multi(len(ws), _ptr(qts), _ptr(wp), _ptr(ns), _ptr(x), M, K, _ptr(op)):
+            raise WeightsError(f"native gemv_multi: unsupported ggml types {list(qtypes)} or K={K}")
+    return [torch.from_numpy(o) for o in outs]
+
+
 def moe_rows(x: np.ndarray, starts: np.ndarray, eids: np.ndarray, gate: np.ndarray, up: np.ndarray,
              down: np.ndarray, qtypes: tuple[int, int, int]) -> np.ndarray:
     """Expert FFN outputs (P, H) of rows x (P, H) grouped by expert (rows starts[g]:starts[g+1] through
@@ -218,6 +241,25 @@ def moe_rows(x: np.ndarray, starts: np.ndarray, eids: np.ndarray, gate: np.ndarr
     if rc:
         raise WeightsError(f"native moe: unsupported ggml types {qtypes} for H={H}, I={inter}")
     return y
+
+
+def moe_topk(x: np.ndarray, loc: np.ndarray, weights: np.ndarray, gate: np.ndarray, up: np.ndarray,
+             down: np.ndarray, qtypes: tuple[int, int, int]) -> np.ndarray:
+    """out (T, H) = sum_k weights[t, k] * FFN_loc[t, k](x_t) for x (T, H), loc (T, K) local expert indices
+    (-1: not held here, skipped), weights (T, K); gate / up (E, I, H bytes), down (E, H, I bytes). The
+    grouping by expert and the weighted sum run in C++: one call per MoE layer."""
+    x = _f32(x)
+    T, H = x.shape
+    loc = np.ascontiguousarray(loc, np.int64)
+    weights = np.ascontiguousarray(weights, np.float32)
+    out = np.empty((T, H), np.float32)
+    rc = lib().qdot_moe_topk(_ptr(x), T, loc.shape[1], _ptr(loc), _ptr(weights), gate.shape[0], H, gate.shape[1],
+                             _ptr(gate), qtypes[0], _ptr(up), qtypes[1], _ptr(down), qtypes[2], _ptr(out))
+    if rc == -2:
+        raise WeightsError(f"native moe_topk: a local expert index is >= {gate.shape[0]}")
+    if rc:
+        raise WeightsError(f"native moe: unsupported ggml types {qtypes} for H={H}, I={gate.shape[1]}")
+    return out
 
 
 def gemv_ref(x, qweight, qtype: int) -> torch.Tensor:

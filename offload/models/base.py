@@ -28,6 +28,19 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, w, b)
     return w.linear(x, b)
 
+
+def linears(x: torch.Tensor, ws: list, bs: list | None = None) -> list[torch.Tensor]:
+    """[linear(x, w, b)] for matrices that share their input; quantised CPU matrices in one native call."""
+    bs = bs or [None] * len(ws)
+    if not any(isinstance(w, torch.Tensor) for w in ws):
+        from offload.gguf.experts import linear_many
+
+        ys = linear_many(x, ws, bs)
+        if ys is not None:
+            return ys
+    return [linear(x, w, b) for w, b in zip(ws, bs)]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same order as transformers: normalise in fp32, cast back, then scale.
     dtype = x.dtype
@@ -143,6 +156,12 @@ class MLP:
         self.gate, self.up, self.down = gate, up, down  # (I, H), (I, H), (H, I)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.gate, torch.Tensor):  # kept quantised (GGUF on the CPU): one native call
+            from offload.gguf.experts import swiglu
+
+            y = swiglu(x, self.gate, self.up, self.down)
+            if y is not None:
+                return y
         return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
 
 
@@ -159,6 +178,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_po
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)  # (h, T, dv)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+                      scale: float) -> torch.Tensor:
+    """causal_attention for grouped-query heads without repeating the cache per query head: q (h, T, d),
+    k (kv, S, d), v (kv, S, dv), query head i reading KV head i // (h / kv), as repeat_interleave would."""
+    h, t, d = q.shape
+    kv, s = k.shape[0], k.shape[1]
+    rep = h // kv
+    mask = causal_mask(t, s, start_pos, q.device)  # (T, S)
+    scores = torch.matmul(q.reshape(kv, rep * t, d), k.transpose(1, 2)) * scale  # (kv, rep*T, S)
+    scores = scores.view(kv, rep, t, s).masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(kv, rep * t, s)
+    return torch.matmul(probs, v).view(h, t, v.shape[-1])  # (h, T, dv)
 
 
 def causal_mask(t: int, s: int, start_pos: int, device) -> torch.Tensor:

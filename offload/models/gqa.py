@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.cache import GQACache
-from offload.models.base import Rope, causal_attention, linear, rms_norm
+from offload.models.base import Rope, grouped_attention, linear, linears, rms_norm
 from offload.models.loading import LoadContext
 
 
@@ -29,19 +29,17 @@ class GQAAttention:
 
     def __call__(self, x: torch.Tensor, start: int, cache: GQACache, state: dict) -> torch.Tensor:
         t = x.shape[0]
-        q = linear(x, self.wq, self.bq).view(t, self.n_heads, self.head_dim)  # (T, h, d)
-        k = linear(x, self.wk, self.bk).view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
-        v = linear(x, self.wv, self.bv).view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
+        q, k, v = linears(x, [self.wq, self.wk, self.wv], [self.bq, self.bk, self.bv])
+        q = q.view(t, self.n_heads, self.head_dim)  # (T, h, d)
+        k = k.view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
+        v = v.view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
         if self.q_norm is not None:
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
         positions = torch.arange(start, start + t, device=x.device)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
-        k_all, v_all = cache.update(k, v, start)  # (S, kv, d)
-        rep = self.n_heads // self.n_kv_heads
-        k_all = k_all.repeat_interleave(rep, dim=1).transpose(0, 1)  # (h, S, d)
-        v_all = v_all.repeat_interleave(rep, dim=1).transpose(0, 1)  # (h, S, d)
-        out = causal_attention(q.transpose(0, 1), k_all, v_all, start, self.scale)  # (h, T, d)
+        k_all, v_all = cache.update(k, v, start)  # (kv, S, d)
+        out = grouped_attention(q.transpose(0, 1), k_all, v_all, start, self.scale)  # (h, T, d)
         return linear(out.transpose(0, 1).reshape(t, -1), self.wo)
 
 

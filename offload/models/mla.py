@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.cache import MLACache
-from offload.models.base import Rope, causal_mask, linear, rms_norm
+from offload.models.base import Rope, causal_mask, linear, linears, rms_norm
 from offload.models.loading import LoadContext
 
 
@@ -47,13 +47,13 @@ class MLAAttention:
         t = x.shape[0]
         if self.q_proj is not None:
             q_resid = None
-            q = linear(x, self.q_proj)
+            q, kv = linears(x, [self.q_proj, self.kv_a], [None, self.kv_a_bias])  # (T, h*(n + r)), (T, c + r)
         else:
-            q_resid = rms_norm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, self.eps)  # (T, q_lora)
+            q_a, kv = linears(x, [self.q_a, self.kv_a], [self.q_a_bias, self.kv_a_bias])  # (T, q_lora), (T, c + r)
+            q_resid = rms_norm(q_a, self.q_a_norm, self.eps)  # (T, q_lora)
             q = linear(q_resid, self.q_b)
         q = q.view(t, self.h, self.nope + self.r)  # (T, h, n + r)
         q_nope, q_rot = q[..., : self.nope], q[..., self.nope:]
-        kv = linear(x, self.kv_a, self.kv_a_bias)  # (T, c + r)
         latent = rms_norm(kv[:, : self.c], self.kv_a_norm, self.eps)  # (T, c)
         k_rot = kv[:, self.c:].view(t, 1, self.r)  # (T, 1, r)
         positions = torch.arange(start, start + t, device=x.device)

@@ -82,6 +82,10 @@ class MoE:
         ids, weights = self.router(x)  # (T, K), (T, K)
         if self.observer is not None:
             self.observer(self.layer_idx, ids.detach().cpu())
+        if len(self.groups) == 1:  # one home for every expert (all on the CPU, or all on the GPU)
+            group = self.groups[0]
+            out = group(x.to(group.device), ids.to(group.device), weights.to(group.device)).to(x.device)
+            return out + self.shared(x) if self.shared is not None else out
         home = self.home.to(ids.device)[ids]  # (T, K)
         out = None
         for g, group in enumerate(self.groups):

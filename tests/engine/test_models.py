@@ -86,7 +86,9 @@ def test_sharded_checkpoint_with_index(tiny_checkpoint, hf_model, tmp_path):
     ids = prompt(1000, 16, seed=4)
     ours = offload.load(dst, device="cpu", progress=False).logits(ids)
     ref = offload.load(src, device="cpu", progress=False).logits(ids)
-    assert torch.equal(ours, ref)
+    # the same weights at other file offsets: BLAS may take another code path for differently aligned
+    # operands (measured on an AMD EPYC: 1e-6 apart), so equal to float rounding, not bit for bit
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
 def test_stacked_expert_layout(tiny_checkpoint, tmp_path):

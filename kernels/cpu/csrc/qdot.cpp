@@ -355,51 +355,69 @@ inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(r);
 }
 
+// Two accumulators per token, even and odd blocks (the loop body is written twice so they stay in
+// registers): with one token a single fmadd chain (4 cycles a block) was the limit.
+template <int NT>
+inline void q8_0_block(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t b, __m256* acc) {
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256i qw = _mm256_loadu_si256((const __m256i*)(w + 2));
+    const __m256i aw = _mm256_abs_epi8(qw);  // s8 x s8 through u8 x s8: |w| times a with w's sign
+    const __mmask32 neg = _mm256_movepi8_mask(qw);
+    const float dw = fp16(w);
+    for (int m = 0; m < NT; m++) {
+        const A80& a = ((const A80*)(act + m * astride))[b];
+        const __m256i qa = _mm256_loadu_si256((const __m256i*)a.qs);
+        const __m256i s = _mm256_dpbusd_epi32(zero, aw, _mm256_mask_sub_epi8(qa, neg, zero, qa));
+        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d), _mm256_cvtepi32_ps(s), acc[m]);
+    }
+}
+
 template <int NT>
 void dot_q8_0_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
-    __m256 acc[NT];
-    for (int m = 0; m < NT; m++) acc[m] = _mm256_setzero_ps();
-    const __m256i zero = _mm256_setzero_si256();
-    for (int64_t b = 0; b < nb; b++, w += 34) {
-        const __m256i qw = _mm256_loadu_si256((const __m256i*)(w + 2));
-        const __m256i aw = _mm256_abs_epi8(qw);  // s8 x s8 through u8 x s8: |w| times a with w's sign
-        const __mmask32 neg = _mm256_movepi8_mask(qw);
-        const float dw = fp16(w);
-        for (int m = 0; m < NT; m++) {
-            const A80& a = ((const A80*)(act + m * astride))[b];
-            const __m256i qa = _mm256_loadu_si256((const __m256i*)a.qs);
-            const __m256i s = _mm256_dpbusd_epi32(zero, aw, _mm256_mask_sub_epi8(qa, neg, zero, qa));
-            acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d), _mm256_cvtepi32_ps(s), acc[m]);
-        }
+    __m256 acc0[NT], acc1[NT];
+    for (int m = 0; m < NT; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        q8_0_block<NT>(w + b * 34, act, astride, b, acc0);
+        q8_0_block<NT>(w + (b + 1) * 34, act, astride, b + 1, acc1);
     }
-    for (int m = 0; m < NT; m++) out[m] = hsum256(acc[m]);
+    if (b < nb) q8_0_block<NT>(w + b * 34, act, astride, b, acc0);
+    for (int m = 0; m < NT; m++) out[m] = hsum256(_mm256_add_ps(acc0[m], acc1[m]));
+}
+
+template <const Q32& F, int NT>
+inline void q32_block(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t b, __m256* acc, float* corr) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i q = _mm_loadu_si128((const __m128i*)(w + F.qs));
+    __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+    if (F.qh >= 0) {  // bit e of qh is the fifth bit of value e: the 32-bit word is a byte mask
+        uint32_t qh;
+        std::memcpy(&qh, w + F.qh, 4);
+        qw = _mm256_mask_add_epi8(qw, (__mmask32)qh, qw, _mm256_set1_epi8(16));
+    }
+    const float dw = fp16(w), mw = F.m >= 0 ? fp16(w + F.m) : 0.f;
+    for (int m = 0; m < NT; m++) {
+        const A80& a = ((const A80*)(act + m * astride))[b];
+        // the value offset (Q4_0: 8, Q5_0: 16) comes off in integers, through the activation sum
+        const __m256i s0 = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-F.offset * a.sum));
+        const __m256i s = _mm256_dpbusd_epi32(s0, qw, _mm256_loadu_si256((const __m256i*)a.qs));
+        acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d), _mm256_cvtepi32_ps(s), acc[m]);
+        if (F.m >= 0) corr[m] += mw * a.d * (float)a.sum;  // the min (Q4_1, Q5_1)
+    }
 }
 
 template <const Q32& F, int NT>
 void dot_q32_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
-    __m256 acc[NT];
+    __m256 acc0[NT], acc1[NT];
     float corr[NT];
-    for (int m = 0; m < NT; m++) acc[m] = _mm256_setzero_ps(), corr[m] = 0;
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; b++, w += F.bytes) {
-        const __m128i q = _mm_loadu_si128((const __m128i*)(w + F.qs));
-        __m256i qw = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
-        if (F.qh >= 0) {  // bit e of qh is the fifth bit of value e: the 32-bit word is a byte mask
-            uint32_t qh;
-            std::memcpy(&qh, w + F.qh, 4);
-            qw = _mm256_mask_add_epi8(qw, (__mmask32)qh, qw, _mm256_set1_epi8(16));
-        }
-        const float dw = fp16(w), mw = F.m >= 0 ? fp16(w + F.m) : 0.f;
-        for (int m = 0; m < NT; m++) {
-            const A80& a = ((const A80*)(act + m * astride))[b];
-            const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw, _mm256_loadu_si256((const __m256i*)a.qs));
-            const float d = dw * a.d;
-            acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc[m]);
-            // the value offset (Q4_0: 8, Q5_0: 16) and the min (Q4_1, Q5_1) through the activation sum
-            corr[m] += (d * (float)F.offset - mw * a.d) * (float)a.sum;
-        }
+    for (int m = 0; m < NT; m++) acc0[m] = acc1[m] = _mm256_setzero_ps(), corr[m] = 0;
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        q32_block<F, NT>(w + b * F.bytes, act, astride, b, acc0, corr);
+        q32_block<F, NT>(w + (b + 1) * F.bytes, act, astride, b + 1, acc1, corr);
     }
-    for (int m = 0; m < NT; m++) out[m] = hsum256(acc[m]) - corr[m];
+    if (b < nb) q32_block<F, NT>(w + b * F.bytes, act, astride, b, acc0, corr);
+    for (int m = 0; m < NT; m++) out[m] = hsum256(_mm256_add_ps(acc0[m], acc1[m])) + corr[m];
 }
 
 // Q4_K / Q5_K: 64 bytes of nibbles hold sub-blocks (4t, 4t+1) in bytes 0-31 (low, high nibbles) and
@@ -728,7 +746,8 @@ class Pool {
         quit_.store(false);
         nthreads_ = n < 1 ? 1 : n;
         const uint64_t start = gen_.load();  // a worker that starts late must still see the next job
-        for (int i = 1; i < nthreads_; i++) workers_.emplace_back([this, start] { loop(start); });
+        chunks_ = std::vector<Chunk>(nthreads_);
+        for (int i = 1; i < nthreads_; i++) workers_.emplace_back([this, start, i] { loop(start, i); });
     }
 
     int threads() const { return nthreads_; }
@@ -746,8 +765,10 @@ class Pool {
             return;
         }
         job_ = &fn;
-        total_ = n_items;
-        next_.store(0, std::memory_order_relaxed);
+        for (int c = 0; c < nthreads_; c++) {  // thread c starts on the c-th contiguous share of the items
+            chunks_[c].next.store(n_items * c / nthreads_, std::memory_order_relaxed);
+            chunks_[c].end = n_items * (c + 1) / nthreads_;
+        }
         left_.store(0, std::memory_order_relaxed);
         gate_.store(0, std::memory_order_release);  // open, nobody joined: publishes the job above
         gen_.fetch_add(1);  // seq_cst with sleepers_: a worker going to sleep either sees it or is woken
@@ -755,7 +776,7 @@ class Pool {
             std::lock_guard<std::mutex> lk(m_);
             cv_.notify_all();
         }
-        work();
+        work(0);
         const uint64_t joined = gate_.fetch_or(CLOSED, std::memory_order_acq_rel) & ~CLOSED;
         for (int spins = 1; (uint64_t)left_.load(std::memory_order_acquire) < joined; spins++) {
             _mm_pause();
@@ -766,8 +787,13 @@ class Pool {
    private:
     static constexpr uint64_t CLOSED = 1ull << 62;
 
-    void work() {
-        for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < total_;) (*job_)(i);
+    // Each thread walks its own contiguous share of the items in order (one sequential stream of weight
+    // rows per core, which the hardware prefetchers follow), then takes what is left of the others'.
+    void work(int self) {
+        for (int k = 0; k < nthreads_; k++) {
+            Chunk& c = chunks_[(self + k) % nthreads_];
+            for (int64_t i; (i = c.next.fetch_add(1, std::memory_order_relaxed)) < c.end;) (*job_)(i);
+        }
     }
 
     // join the open job, if any; the job seen then is the one published before the gate opened
@@ -779,7 +805,7 @@ class Pool {
         return false;
     }
 
-    void loop(uint64_t seen) {
+    void loop(uint64_t seen, int self) {
         for (;;) {
             const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us());
             int spins = 0;
@@ -796,7 +822,7 @@ class Pool {
             seen = gen_.load(std::memory_order_acquire);
             if (quit_.load()) return;
             if (join()) {
-                work();
+                work(self);
                 left_.fetch_add(1, std::memory_order_release);  // publishes this worker's results
             }
         }
@@ -807,12 +833,15 @@ class Pool {
     std::mutex m_;
     std::condition_variable cv_;
     std::atomic<uint64_t> gen_{0};
-    alignas(64) std::atomic<int64_t> next_{0};
+    struct alignas(64) Chunk {
+        std::atomic<int64_t> next{0};
+        int64_t end = 0;
+    };
+    std::vector<Chunk> chunks_ = std::vector<Chunk>(1);
     alignas(64) std::atomic<uint64_t> gate_{CLOSED};  // CLOSED bit | workers joined
     alignas(64) std::atomic<int64_t> left_{0};        // joined workers that finished
     std::atomic<int> sleepers_{0};
     const std::function<void(int64_t)>* job_ = nullptr;
-    int64_t total_ = 0;
     std::atomic<bool> quit_{false};
     std::atomic<bool> hot_{false};
 };
@@ -910,6 +939,46 @@ int qdot_gemv(int qtype, const uint8_t* w, int64_t N, int64_t row_bytes, const f
     return 0;
 }
 
+// out_j (M, N_j) = x (M, K) . W_j^T for n matrices that share one input (q / k / v, q_a / kv_a): one call,
+// the activations quantised once per activation kind, one parallel region over every matrix's row blocks
+// (per-call costs matter: a decode step calls dozens of 1-10 MB GEMVs).
+int qdot_gemv_multi(int n, const int* qtypes, const uint8_t* const* ws, const int64_t* Ns, const float* x, int64_t M,
+                    int64_t K, float* const* outs) {
+    if (n < 1 || n > 16) return -1;
+    const Type* t[16];
+    int64_t first_item[17] = {0};
+    const Type* act[2] = {nullptr, nullptr};  // one type of each activation kind: A80, A8K
+    for (int j = 0; j < n; j++) {
+        t[j] = find_type(qtypes[j]);
+        if (!t[j] || K % t[j]->block) return -1;
+        act[t[j]->k_act] = t[j];
+        first_item[j + 1] = first_item[j] + (Ns[j] + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    }
+    const int64_t ab[2] = {act[0] ? act_row_bytes(act[0], K) : 0, act[1] ? act_row_bytes(act[1], K) : 0};
+    std::vector<uint8_t> xq0(ab[0] * M), xq1(ab[1] * M);
+    uint8_t* xq[2] = {xq0.data(), xq1.data()};
+    Call call;
+    pool().run(2 * M, [&](int64_t i) {
+        const int kind = (int)(i / M);
+        if (act[kind]) quantize_row(act[kind], x + (i % M) * K, K, xq[kind] + (i % M) * ab[kind]);
+    });
+    pool().run(first_item[n], [&](int64_t it) {
+        int j = 0;
+        while (it >= first_item[j + 1]) j++;
+        const Type* tj = t[j];
+        const int64_t N = Ns[j], rb = K / tj->block * tj->bytes, kind = tj->k_act, nb = K / tj->block;
+        const int64_t r0 = (it - first_item[j]) * ROWS_PER_ITEM, r1 = std::min(N, r0 + ROWS_PER_ITEM);
+        float o[8];
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t m0 = 0; m0 < M; m0 += 8) {
+                const int nt = (int)std::min<int64_t>(8, M - m0);
+                tj->fast(ws[j] + r * rb, xq[kind] + m0 * ab[kind], ab[kind], nt, nb, o);
+                for (int m = 0; m < nt; m++) outs[j][(m0 + m) * N + r] = o[m];
+            }
+    });
+    return 0;
+}
+
 // Expert FFNs of P (token, expert) rows grouped by expert: rows starts[g]..starts[g+1] of x (P, H) go
 // through local expert eids[g]: y[p] = down(silu(gate x_p) * up x_p). gate / up are (E, I, H-row bytes)
 // and down (E, H, I-row bytes), contiguous. Each expert's rows are read once for all its tokens.
@@ -953,6 +1022,50 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
                 for (int m = 0; m < nt; m++) y[(p0 + m) * H + r] = o[m];
             }
     });
+    return 0;
+}
+
+// out (T, H) = sum over k of w[t, k] * FFN_e(x_t), e = loc[t, k] a local expert index (-1: held elsewhere,
+// skipped). The grouping by expert, the gather of x rows and the weighted sum happen here, so a decode
+// step's MoE layer is one call from Python (each torch op there costs microseconds). Sums run in k order.
+int qdot_moe_topk(const float* x, int64_t T, int64_t K, const int64_t* loc, const float* wts, int64_t E, int64_t H,
+                  int64_t I, const uint8_t* gate, int qg, const uint8_t* up, int qu, const uint8_t* down, int qd,
+                  float* out) {
+    std::vector<int64_t> count(E + 1, 0);
+    for (int64_t i = 0; i < T * K; i++) {
+        if (loc[i] >= E) return -2;
+        if (loc[i] >= 0) count[loc[i] + 1]++;
+    }
+    std::vector<int64_t> first(E + 1, 0), starts, eids;  // pairs of expert e at first[e]..first[e+1]
+    for (int64_t e = 0; e < E; e++) {
+        first[e + 1] = first[e] + count[e + 1];
+        if (count[e + 1]) starts.push_back(first[e]), eids.push_back(e);
+    }
+    const int64_t P = first[E];
+    starts.push_back(P);
+    std::vector<int64_t> slot(T * K, -1), fill(first.begin(), first.end() - 1);
+    std::vector<float> xs(P * H), h(P * I), y(P * H);
+    for (int64_t i = 0; i < T * K; i++)
+        if (loc[i] >= 0) {
+            slot[i] = fill[loc[i]]++;
+            std::memcpy(xs.data() + slot[i] * H, x + (i / K) * H, H * sizeof(float));
+        }
+    if (P) {
+        const int rc = qdot_moe(xs.data(), P, H, I, starts.data(), eids.data(), (int64_t)eids.size(), gate, qg, up,
+                                qu, down, qd, h.data(), y.data());
+        if (rc) return rc;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        float* o = out + t * H;
+        std::memset(o, 0, H * sizeof(float));
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t p = slot[t * K + k];
+            if (p < 0) continue;
+            const float w = wts[t * K + k];
+            const float* yp = y.data() + p * H;
+            for (int64_t j = 0; j < H; j++) o[j] += w * yp[j];
+        }
+    }
     return 0;
 }
 
