@@ -92,7 +92,7 @@ def _native_rows(mats, m: int) -> bool:
     """True when m-row inputs to every matrix (one-matrix CPU groups) go through the native row kernels."""
     from offload.kernels.cpu import native, quantmm
 
-    return m < quantmm.GEMM_MIN_TOKENS and all(
+    return m < quantmm.NATIVE_GEMM_MIN_TOKENS and all(
         isinstance(w, QuantMatrix) and w.device.type == "cpu" and not w.act_quant and w.blocks.shape[0] == 1
         for w in mats) and native.fast(*(int(w.qtype) for w in mats))
 

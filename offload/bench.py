@@ -172,7 +172,7 @@ def cpu_moe(argv=None) -> None:
     if a.quick:
         a.mb, a.experts, a.k = min(a.mb, 128), min(a.experts, 16), min(a.k, 2048)
 
-    from offload.kernels.cpu import GEMM_MIN_TOKENS
+    from offload.kernels.cpu.quantmm import GEMM_MIN_TOKENS, NATIVE_GEMM_MIN_TOKENS
     from offload.kernels.cpu import native
     from offload.kernels.cpu.threads import numa_nodes, set_threads
 
@@ -202,8 +202,8 @@ def cpu_moe(argv=None) -> None:
               f"{' / '.join(f(v) for v in r[128])} |")
     print(f"\n(native = kernels/cpu/csrc/qdot.cpp with 8-bit activations, numba = numba row kernel with float "
           f"activations, gemm = dequantise to fp32 + torch.mm; the engine takes the native kernel where the "
-          f"type has a SIMD one (native VNNI: {native.has_vnni()}), and gemm from GEMM_MIN_TOKENS = "
-          f"{GEMM_MIN_TOKENS} tokens per expert)\n")
+          f"type has a SIMD one (native VNNI: {native.has_vnni()}), and gemm from {NATIVE_GEMM_MIN_TOKENS} "
+          f"tokens per expert for native types, {GEMM_MIN_TOKENS} for numba ones)\n")
     for r in rows:
         if 4 in r:
             print(f"- {r['name']}: gemm first beats the engine's row kernel at M = {r['cross'] or '> 128'} "

@@ -5,7 +5,7 @@ Pairs are sorted by expert so each expert's weights are read once per call howev
 it. Experts with few tokens go through the native kernel (csrc/qdot.cpp: activations quantised to 8 bits
 once per call as llama.cpp does, AVX-512 VNNI dot products, one fused call for gate, up, silu and down)
 or, for types without a SIMD native kernel, the numba grouped row kernel; either splits work over
-threads by (expert, row block). Experts with >= GEMM_MIN_TOKENS tokens are dequantised once to float32
+threads by (expert, row block). Experts with >= gemm_min_tokens tokens are dequantised once to float32
 and multiplied with torch.mm (MKL / oneDNN), the prefill path.
 """
 
@@ -202,9 +202,9 @@ def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
     T, H = x.shape
     if H != experts.hidden:
         raise WeightsError(f"moe_cpu: hidden states of width {H}, experts expect {experts.hidden}")
-    if (T < qm.GEMM_MIN_TOKENS and experts.quantised and not experts.packed and native.fast(*experts.qtypes)
-            and expert_weights.shape == expert_ids.shape):
-        # every expert gets < GEMM_MIN_TOKENS tokens: the row kernels only, grouping and sum in one native call
+    if (experts.quantised and not experts.packed and native.fast(*experts.qtypes)
+            and T < qm.NATIVE_GEMM_MIN_TOKENS and expert_weights.shape == expert_ids.shape):
+        # no expert can reach the batch path: the row kernels only, grouping and sum in one native call
         loc = experts.local_index(expert_ids.long())  # (T, K)
         return torch.from_numpy(native.moe_topk(x.numpy(), loc.numpy(), expert_weights.float().numpy(),
                                                 experts.gate, experts.up, experts.down, experts.qtypes))
@@ -218,7 +218,7 @@ def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
     starts[1:] = counts.cumsum(0)
     y = torch.empty_like(xs)  # (P, H)
     fast = experts.quantised and (native.fast(*experts.qtypes) or all(q in dq.FAST_TYPES for q in experts.qtypes))
-    small = counts < qm.GEMM_MIN_TOKENS if fast else torch.zeros(len(uniq), dtype=torch.bool)
+    small = counts < qm.gemm_min_tokens(*experts.qtypes) if fast else torch.zeros(len(uniq), dtype=torch.bool)
     if small.any() and experts.packed:
         _ffn_packed(xs, y, experts, [(int(uniq[i]), int(starts[i]), int(starts[i + 1]))
                                      for i in torch.nonzero(small)[:, 0].tolist()])

@@ -18,9 +18,13 @@ from numba import njit, prange
 from offload.errors import WeightsError
 from offload.kernels.cpu import dequant as dq
 
-# tokens per expert at which dequant + torch.mm beats the row kernel: 64 measured by `python -m
-# offload.bench cpu-moe` on the 2-core dev box; AMX machines likely want less (env override)
+# tokens per expert (rows of x) from which dequant + torch.mm beats the row kernels (env overrides; AMX
+# machines likely want less). numba's float row kernel: 64, measured by `python -m offload.bench cpu-moe`
+# on a 2-core Ice Lake. The native 8-bit kernels: 1024; on a 2-core AMD EPYC (Zen 4) they ran one expert
+# 1.7-2x faster than dequant + torch.mm at 64-256 tokens (a 512-token prefill of the Air-shaped bench file:
+# 38 -> 54 tok/s), on the Ice Lake box 0.92x at 128 tokens.
 GEMM_MIN_TOKENS = int(os.environ.get("OFFLOAD_CPU_GEMM_MIN_TOKENS", "64"))
+NATIVE_GEMM_MIN_TOKENS = int(os.environ.get("OFFLOAD_NATIVE_GEMM_MIN_TOKENS", "1024"))
 _ROWS_PER_ITEM = 16  # rows a thread takes at a time: small enough to balance, big enough to amortise
 _FM = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; not nnan/ninf, so overflow stays visible
 # numba's workqueue pool (see __init__) must not be entered from two Python threads at once
@@ -212,13 +216,20 @@ def gemm(x, qweight, qtype) -> torch.Tensor:
     return torch.mm(xt, dequantize(w, qtype).T)
 
 
+def gemm_min_tokens(*qtypes) -> int:
+    """Rows from which the batch path (dequant + torch.mm) takes over, for weights of these types."""
+    from offload.kernels.cpu import native
+
+    return NATIVE_GEMM_MIN_TOKENS if native.fast(*qtypes) else GEMM_MIN_TOKENS
+
+
 def qmatmul(x, qweight, qtype) -> torch.Tensor:
-    """x (M, K) @ W.T choosing the row kernel for M < GEMM_MIN_TOKENS (the native one with 8-bit
+    """x (M, K) @ W.T choosing the row kernel for M < gemm_min_tokens(qtype) (the native one with 8-bit
     activations where the type has a SIMD kernel, else numba), dequant + torch.mm above."""
     from offload.kernels.cpu import native
 
     qt = qtype_id(qtype)
-    if x.shape[0] < GEMM_MIN_TOKENS and native.fast(qt):
+    if x.shape[0] < NATIVE_GEMM_MIN_TOKENS and native.fast(qt):
         return native.gemv(x, qweight, qt)
     if x.shape[0] < GEMM_MIN_TOKENS and qt in dq.FAST_TYPES:
         return gemv(x, qweight, qtype)

@@ -61,6 +61,7 @@ def _close_act_quant(y, yr):
 def test_moe_cpu_vs_ref(qts, T, K, crowd, rng, monkeypatch):
     if crowd is not None:  # 13 tokens on one expert: take the batch path (dequant + torch.mm) for it
         monkeypatch.setattr(qm, "GEMM_MIN_TOKENS", 8)
+    monkeypatch.setattr(qm, "NATIVE_GEMM_MIN_TOKENS", 8)
     ex = _experts(qts, rng)
     x = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32))
     ids, w = _route(T, K, rng, crowd)
@@ -119,6 +120,7 @@ def test_batch_path_is_used(rng, monkeypatch):
     y_rows = moe_cpu(x, ids, w, ex)
     assert not calls
     monkeypatch.setattr(qm, "GEMM_MIN_TOKENS", 9)
+    monkeypatch.setattr(qm, "NATIVE_GEMM_MIN_TOKENS", 9)
     y_gemm = moe_cpu(x, ids, w, ex)
     assert len(calls) == 3  # gate, up, down of expert 10, dequantised once each
     if native.fast(*ex.qtypes):
@@ -150,7 +152,8 @@ def test_from_dense_quantised_accuracy(quant, bound, rng, monkeypatch):
     d = torch.randn(E, H, I) * 0.05
     x = torch.from_numpy(rng.standard_normal((7, H)).astype(np.float32))
     ids, w = _route(7, 3, rng, crowd=8)
-    monkeypatch.setattr(qm, "GEMM_MIN_TOKENS", 4)  # expert 8 (7 tokens) takes the batch path
+    monkeypatch.setattr(qm, "GEMM_MIN_TOKENS", 4)
+    monkeypatch.setattr(qm, "NATIVE_GEMM_MIN_TOKENS", 4)  # expert 8 (7 tokens) takes the batch path
     ex = CpuExperts.from_dense(g.bfloat16(), u.bfloat16(), d.bfloat16(), quant, IDS)
     assert ex.qtypes == ((8,) * 3 if quant == "q8_0" else (12,) * 3)
     y = moe_cpu(x, ids, w, ex)
