@@ -117,7 +117,8 @@ def make_hf(name: str, sdist: Path) -> Path:
     tok.save_pretrained(out)
     model_type = MODEL_TYPE.get(name, name)
     model = tiny_hf_model(model_type, len(tok), seed=0, **FIXTURES[name])
-    condition(model, tok.encode(PROMPT)[:N_TOKENS])
+    if not name.startswith("bench_"):  # a benchmark needs no margins (and 64 experts top-4 misses them)
+        condition(model, tok.encode(PROMPT)[:N_TOKENS])
     model.save_pretrained(out)
     if model_type in ("deepseek_v3", "glm_moe_dsa"):
         # real DeepSeek-V3 configs say so; without it llama.cpp's deepseek2 falls back to softmax gating
