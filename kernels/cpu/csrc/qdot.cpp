@@ -997,20 +997,32 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
     });
     const uint8_t* xup = same ? xg.data() : xu.data();
     const int64_t ni = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, nh = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-    pool().run(G * ni, [&](int64_t it) {
-        const int64_t g = it / ni, r0 = it % ni * ROWS_PER_ITEM, r1 = std::min(I, r0 + ROWS_PER_ITEM);
-        const uint8_t* wg = gate + eids[g] * I * gb;
-        const uint8_t* wu = up + eids[g] * I * ub;
-        float og[8], ou[8];
+    // gate and up rows are separate items, each one weight stream (two interleaved streams per thread
+    // were ~25 % slower at one token per expert, measured against the same rows through gemv_multi)
+    std::vector<float> hu(P * I);
+    pool().run(2 * G * ni, [&](int64_t it) {
+        const bool is_up = it >= G * ni;
+        const int64_t jt = is_up ? it - G * ni : it;
+        const int64_t g = jt / ni, r0 = jt % ni * ROWS_PER_ITEM, r1 = std::min(I, r0 + ROWS_PER_ITEM);
+        const Type* t = is_up ? tu : tg;
+        const int64_t rb = is_up ? ub : gb, ab = is_up ? aub : agb;
+        const uint8_t* w = (is_up ? up : gate) + eids[g] * I * rb;
+        const uint8_t* xa = is_up ? xup : xg.data();
+        float* o_rows = is_up ? hu.data() : h;
+        float o[8];
         for (int64_t r = r0; r < r1; r++)
             for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8) {
                 const int nt = (int)std::min<int64_t>(8, starts[g + 1] - p0);
-                tg->fast(wg + r * gb, xg.data() + p0 * agb, agb, nt, H / tg->block, og);
-                tu->fast(wu + r * ub, xup + p0 * aub, aub, nt, H / tu->block, ou);
-                for (int m = 0; m < nt; m++) h[(p0 + m) * I + r] = silu(og[m]) * ou[m];
+                t->fast(w + r * rb, xa + p0 * ab, ab, nt, H / t->block, o);
+                for (int m = 0; m < nt; m++) o_rows[(p0 + m) * I + r] = o[m];
             }
     });
-    pool().run(P, [&](int64_t p) { quantize_row(td, h + p * I, I, hq.data() + p * adb); });
+    pool().run(P, [&](int64_t p) {
+        float* hp = h + p * I;
+        const float* up_p = hu.data() + p * I;
+        for (int64_t i = 0; i < I; i++) hp[i] = silu(hp[i]) * up_p[i];
+        quantize_row(td, hp, I, hq.data() + p * adb);
+    });
     pool().run(G * nh, [&](int64_t it) {
         const int64_t g = it / nh, r0 = it % nh * ROWS_PER_ITEM, r1 = std::min(H, r0 + ROWS_PER_ITEM);
         const uint8_t* wd = down + eids[g] * H * db;
