@@ -929,8 +929,8 @@ int qdot_gemv(int qtype, const uint8_t* w, int64_t N, int64_t row_bytes, const f
     pool().run((N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, [&](int64_t it) {
         const int64_t r1 = std::min(N, (it + 1) * ROWS_PER_ITEM);
         float o[8];
-        for (int64_t r = it * ROWS_PER_ITEM; r < r1; r++)
-            for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        for (int64_t m0 = 0; m0 < M; m0 += 8)  // token tiles outside: a tile's activations stay in L1
+            for (int64_t r = it * ROWS_PER_ITEM; r < r1; r++) {
                 const int nt = (int)std::min<int64_t>(8, M - m0);
                 dot(w + r * row_bytes, xq.data() + m0 * ab, ab, nt, nb, o);
                 for (int m = 0; m < nt; m++) out[(m0 + m) * N + r] = o[m];
@@ -969,8 +969,8 @@ int qdot_gemv_multi(int n, const int* qtypes, const uint8_t* const* ws, const in
         const int64_t N = Ns[j], rb = K / tj->block * tj->bytes, kind = tj->k_act, nb = K / tj->block;
         const int64_t r0 = (it - first_item[j]) * ROWS_PER_ITEM, r1 = std::min(N, r0 + ROWS_PER_ITEM);
         float o[8];
-        for (int64_t r = r0; r < r1; r++)
-            for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        for (int64_t m0 = 0; m0 < M; m0 += 8)
+            for (int64_t r = r0; r < r1; r++) {
                 const int nt = (int)std::min<int64_t>(8, M - m0);
                 tj->fast(ws[j] + r * rb, xq[kind] + m0 * ab[kind], ab[kind], nt, nb, o);
                 for (int m = 0; m < nt; m++) outs[j][(m0 + m) * N + r] = o[m];
@@ -1010,8 +1010,8 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
         const uint8_t* xa = is_up ? xup : xg.data();
         float* o_rows = is_up ? hu.data() : h;
         float o[8];
-        for (int64_t r = r0; r < r1; r++)
-            for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8) {
+        for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8)
+            for (int64_t r = r0; r < r1; r++) {
                 const int nt = (int)std::min<int64_t>(8, starts[g + 1] - p0);
                 t->fast(w + r * rb, xa + p0 * ab, ab, nt, H / t->block, o);
                 for (int m = 0; m < nt; m++) o_rows[(p0 + m) * I + r] = o[m];
@@ -1027,8 +1027,8 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
         const int64_t g = it / nh, r0 = it % nh * ROWS_PER_ITEM, r1 = std::min(H, r0 + ROWS_PER_ITEM);
         const uint8_t* wd = down + eids[g] * H * db;
         float o[8];
-        for (int64_t r = r0; r < r1; r++)
-            for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8) {
+        for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8)
+            for (int64_t r = r0; r < r1; r++) {
                 const int nt = (int)std::min<int64_t>(8, starts[g + 1] - p0);
                 td->fast(wd + r * db, hq.data() + p0 * adb, adb, nt, I / td->block, o);
                 for (int m = 0; m < nt; m++) y[(p0 + m) * H + r] = o[m];
