@@ -526,73 +526,98 @@ void dot_q6_k_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_
     for (int m = 0; m < NT; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
-// The low-bit types: a block is unpacked to 256 unsigned bytes u = value + offset and 16 int32
-// scales (one per 16 values), then dotted with vpdpbusd; offset * scale * (sum of the 16 activations)
-// is subtracted from the activation's bsums. Q2_K also has per-16 mins (its values are u - min/scale).
+// The low-bit types: a block is unpacked, in registers, to 256 unsigned bytes u = value + offset (four
+// zmm, values 64c..64c+63 in u[c]) and 16 int32 scales (one per 16 values), then dotted with vpdpbusd;
+// offset * scale * (sum of the 16 activations) comes off through the activation's bsums. Q2_K also has
+// per-16 mins (its values are u - min/scale). Unpacking through a memory buffer instead (256-bit stores,
+// 512-bit reloads: no store forwarding) and scalar scale loops made these types 3-5x slower than Q4_K.
 struct LowBits {
-    alignas(64) uint8_t u[QK];
-    alignas(64) int32_t sc[16];
-    int32_t mn[16];   // Q2_K mins (else 0)
-    int offset;       // u = value + offset
+    __m512i u[4];
+    __m512i sc;  // int32 scales
+    __m512i mn;  // Q2_K mins (else 0)
     float d, dmin;
 };
 
+inline __m512i halves(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+
 inline void unpack_q2_k(const uint8_t* w, LowBits& L) {
-    const __m256i m3 = _mm256_set1_epi8(3);
-    for (int n = 0; n < 2; n++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(w + 16 + 32 * n));
-        for (int j = 0; j < 4; j++)
-            _mm256_store_si256((__m256i*)(L.u + 128 * n + 32 * j), _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m3));
+    // u[128n + 32j + l] = (q_n[l] >> 2j) & 3, q_n the 32 bytes at w + 16 + 32n: u[c] is j = 2(c%2), +1
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const __m512i shift[2] = {halves(_mm256_set1_epi16(0), _mm256_set1_epi16(2)),
+                              halves(_mm256_set1_epi16(4), _mm256_set1_epi16(6))};
+    for (int c = 0; c < 4; c++) {
+        const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + 16 + 32 * (c / 2))));
+        L.u[c] = _mm512_and_si512(_mm512_srlv_epi16(q, shift[c % 2]), m3);
     }
-    for (int s = 0; s < 16; s++) L.sc[s] = w[s] & 0xF, L.mn[s] = w[s] >> 4;
-    L.offset = 0;
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w));
+    L.sc = _mm512_and_si512(b, _mm512_set1_epi32(0xF));
+    L.mn = _mm512_srli_epi32(b, 4);
     L.d = fp16(w + 80), L.dmin = fp16(w + 82);
 }
 
 inline void unpack_q3_k(const uint8_t* w, LowBits& L) {
-    // value = ((q >> 2j) & 3) - (high bit ? 0 : 4), so value + 4 = ((q >> 2j) & 3) | high bit << 2
-    const __m256i m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
-    const __m256i hm = _mm256_loadu_si256((const __m256i*)w);
-    for (int n = 0; n < 2; n++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(w + 32 + 32 * n));
-        for (int j = 0; j < 4; j++) {
-            const __mmask32 hb = _mm256_test_epi8_mask(hm, _mm256_set1_epi8((char)(1 << (4 * n + j))));
-            const __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m3);
-            _mm256_store_si256((__m256i*)(L.u + 128 * n + 32 * j), _mm256_or_si256(v, _mm256_maskz_mov_epi8(hb, four)));
-        }
+    // value = ((q >> 2j) & 3) - (high bit ? 0 : 4), so value + 4 = ((q >> 2j) & 3) | high bit << 2,
+    // the high bit of value 128n + 32j + l being bit 4n + j of hm[l]
+    const __m512i m3 = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+    const __m512i shift[2] = {halves(_mm256_set1_epi16(0), _mm256_set1_epi16(2)),
+                              halves(_mm256_set1_epi16(4), _mm256_set1_epi16(6))};
+    const __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)w));
+    for (int c = 0; c < 4; c++) {
+        const int n = c / 2, j = 2 * (c % 2);
+        const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(w + 32 + 32 * n)));
+        const __m512i bit = halves(_mm256_set1_epi8((char)(1 << (4 * n + j))), _mm256_set1_epi8((char)(1 << (4 * n + j + 1))));
+        const __m512i v = _mm512_and_si512(_mm512_srlv_epi16(q, shift[c % 2]), m3);
+        L.u[c] = _mm512_or_si512(v, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(hm, bit), four));
     }
-    const uint8_t* s = w + 96;  // 16 six-bit scales: low 4 bits in s[0..7], high 2 bits in s[8..11]
-    for (int j = 0; j < 16; j++) {
-        const int lo = j < 8 ? (s[j] & 0xF) : (s[j - 8] >> 4);
-        L.sc[j] = (lo | (((s[8 + (j % 4)] >> (2 * (j / 4))) & 3) << 4)) - 32;
-        L.mn[j] = 0;
-    }
-    L.offset = 4;
+    // 16 six-bit scales: low 4 bits in s[0..7] (j < 8: low nibble, else high nibble of s[j - 8]),
+    // high 2 bits in s[8 + j % 4] at bit 2 (j / 4)
+    const uint8_t* sp = w + 96;
+    uint64_t s8;
+    uint32_t s4;
+    std::memcpy(&s8, sp, 8);
+    std::memcpy(&s4, sp + 8, 4);
+    const __m512i lo_b = _mm512_cvtepu8_epi32(_mm_set_epi64x((long long)s8, (long long)s8));
+    const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(lo_b, _mm512_set_epi32(4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0)),
+                                        _mm512_set1_epi32(0xF));
+    const __m512i hsh = _mm512_set_epi32(30, 22, 14, 6, 28, 20, 12, 4, 26, 18, 10, 2, 24, 16, 8, 0);  // 8 (j%4) + 2 (j/4)
+    const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)s4), hsh), _mm512_set1_epi32(3));
+    L.sc = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+    L.mn = _mm512_setzero_si512();
     L.d = fp16(w + 108), L.dmin = 0;
 }
 
 inline void unpack_iq4_xs(const uint8_t* w, LowBits& L) {
-    // the 16-entry non-linear grid by pshufb, shifted by 128 into unsigned bytes
-    const __m128i grid = _mm_setr_epi8((char)1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141, (char)153,
-                                       (char)166, (char)181, (char)197, (char)217, (char)241);
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    uint16_t sh;
-    std::memcpy(&sh, w + 2, 2);
-    for (int ib = 0; ib < 8; ib++) {
-        const __m128i q = _mm_loadu_si128((const __m128i*)(w + 8 + 16 * ib));
-        _mm_store_si128((__m128i*)(L.u + 32 * ib), _mm_shuffle_epi8(grid, _mm_and_si128(q, m4)));
-        _mm_store_si128((__m128i*)(L.u + 32 * ib + 16), _mm_shuffle_epi8(grid, _mm_and_si128(_mm_srli_epi16(q, 4), m4)));
-        const int ls = ((w[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (((sh >> (2 * ib)) & 3) << 4);
-        L.sc[2 * ib] = L.sc[2 * ib + 1] = ls - 32;
-        L.mn[2 * ib] = L.mn[2 * ib + 1] = 0;
+    // the 16-entry non-linear grid by pshufb, shifted by 128 into unsigned bytes; sub-block ib (32 values)
+    // is the low nibbles then the high nibbles of its 16 bytes at w + 8 + 16 ib
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_setr_epi8((char)1, 24, 45, 63, 79, 93, 106, 118, (char)129,
+                                                              (char)141, (char)153, (char)166, (char)181, (char)197,
+                                                              (char)217, (char)241));
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i nib = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);  // 128-bit lanes: low, high, low, high
+    for (int c = 0; c < 4; c++) {
+        const __m512i q2 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w + 8 + 32 * c)));
+        const __m512i q = _mm512_shuffle_i64x2(q2, q2, _MM_SHUFFLE(1, 1, 0, 0));  // [ib, ib, ib+1, ib+1]
+        L.u[c] = _mm512_shuffle_epi8(grid, _mm512_and_si512(_mm512_srlv_epi64(q, nib), m4));
     }
-    L.offset = 128;
+    uint16_t sh;
+    uint32_t sl;
+    std::memcpy(&sh, w + 2, 2);
+    std::memcpy(&sl, w + 4, 4);
+    const __m512i ib = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // scale j's sub-block
+    const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)sl), _mm512_slli_epi32(ib, 2)),
+                                        _mm512_set1_epi32(0xF));
+    const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(sh), _mm512_slli_epi32(ib, 1)),
+                                        _mm512_set1_epi32(3));
+    L.sc = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+    L.mn = _mm512_setzero_si512();
     L.d = fp16(w), L.dmin = 0;
 }
 
-template <void (*UNPACK)(const uint8_t*, LowBits&), int BYTES, int NT>
+// OFFSET: u = value + OFFSET. SMALL: |a lane's vpdpbusd sum| < 2^15 (Q2_K, Q3_K), so the int16 scale
+// multiplies it by vpdpwssd exactly; IQ4_XS's bytes reach 241 and take vpmulld.
+template <void (*UNPACK)(const uint8_t*, LowBits&), int BYTES, int OFFSET, bool SMALL, int NT>
 void dot_lowbits_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
-    const __m512i zero = _mm512_setzero_si512();
+    const __m512i zero = _mm512_setzero_si512(), lo16 = _mm512_set1_epi32(0xFFFF);
     const __m512i idx[4] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                             _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
                             _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
@@ -602,24 +627,23 @@ void dot_lowbits_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int
     LowBits L;
     for (int64_t b = 0; b < nb; b++, w += BYTES) {
         UNPACK(w, L);
-        const __m512i sc = _mm512_load_si512(L.sc);
-        // per 16 values: - offset * scale (exact in int32), and Q2_K's - dmin/d * min, folded in floats
-        const __m512i off = _mm512_mullo_epi32(sc, _mm512_set1_epi32(L.offset));
-        const __m512i mn = _mm512_loadu_si512(L.mn);
+        // int16 halves with a zero high half: vpdpwssd against sign-extended int16 sums is then exact
+        const __m512i sc16 = _mm512_and_si512(L.sc, lo16);
+        const __m512i off16 = _mm512_and_si512(_mm512_mullo_epi32(L.sc, _mm512_set1_epi32(OFFSET)), lo16);
         __m512i s[4];
-        for (int c = 0; c < 4; c++) s[c] = _mm512_permutexvar_epi32(idx[c], sc);
-        __m512i u[4];
-        for (int c = 0; c < 4; c++) u[c] = _mm512_load_si512(L.u + 64 * c);
+        for (int c = 0; c < 4; c++) s[c] = _mm512_permutexvar_epi32(idx[c], SMALL ? sc16 : L.sc);
         for (int m = 0; m < NT; m++) {
             const A8K& a = ((const A8K*)(act + m * astride))[b];
             const __m512i bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)a.bsums));
-            __m512i sumi = _mm512_sub_epi32(zero, _mm512_mullo_epi32(off, bs));
-            for (int c = 0; c < 4; c++)
-                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(
-                    _mm512_dpbusd_epi32(zero, u[c], _mm512_loadu_si512(a.qs + 64 * c)), s[c]));
+            __m512i sumi = OFFSET ? _mm512_sub_epi32(zero, _mm512_dpwssd_epi32(zero, bs, off16)) : zero;
+            for (int c = 0; c < 4; c++) {
+                const __m512i d = _mm512_dpbusd_epi32(zero, L.u[c], _mm512_loadu_si512(a.qs + 64 * c));
+                sumi = SMALL ? _mm512_dpwssd_epi32(sumi, d, s[c]) : _mm512_add_epi32(sumi, _mm512_mullo_epi32(d, s[c]));
+            }
             acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(L.d * a.d), _mm512_cvtepi32_ps(sumi), acc[m]);
-            if (L.dmin != 0)
-                acc[m] = _mm512_fnmadd_ps(_mm512_set1_ps(L.dmin * a.d), _mm512_cvtepi32_ps(_mm512_mullo_epi32(mn, bs)), acc[m]);
+            if (L.dmin != 0)  // Q2_K: mins 0..15, exact through vpdpwssd too
+                acc[m] = _mm512_fnmadd_ps(_mm512_set1_ps(L.dmin * a.d),
+                                          _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(zero, bs, L.mn)), acc[m]);
         }
     }
     for (int m = 0; m < NT; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
@@ -648,9 +672,9 @@ template <int NT> struct Q51K { static void run(const uint8_t* w, const uint8_t*
 template <int NT> struct Q4KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_k4_vnni<false, NT>(w, a, s, nb, o); } };
 template <int NT> struct Q5KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_k4_vnni<true, NT>(w, a, s, nb, o); } };
 template <int NT> struct Q6KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_q6_k_vnni<NT>(w, a, s, nb, o); } };
-template <int NT> struct Q2KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_lowbits_vnni<unpack_q2_k, 84, NT>(w, a, s, nb, o); } };
-template <int NT> struct Q3KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_lowbits_vnni<unpack_q3_k, 110, NT>(w, a, s, nb, o); } };
-template <int NT> struct IQ4XSK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_lowbits_vnni<unpack_iq4_xs, 136, NT>(w, a, s, nb, o); } };
+template <int NT> struct Q2KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_lowbits_vnni<unpack_q2_k, 84, 0, true, NT>(w, a, s, nb, o); } };
+template <int NT> struct Q3KK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_lowbits_vnni<unpack_q3_k, 110, 4, true, NT>(w, a, s, nb, o); } };
+template <int NT> struct IQ4XSK { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { dot_lowbits_vnni<unpack_iq4_xs, 136, 128, false, NT>(w, a, s, nb, o); } };
 #endif
 
 // ---------------------------------------------------------------- type table
