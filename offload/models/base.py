@@ -69,6 +69,13 @@ class Rope:
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, dim)
         return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
+    def cos_sin_at(self, start: int, t: int, device, dtype: torch.dtype, state: dict):
+        """cos_sin for positions start..start+t, computed once per forward (`state`) for all layers."""
+        key = ("rope", id(self), start, t, dtype)
+        if key not in state:
+            state[key] = self.cos_sin(torch.arange(start, start + t, device=device), dtype)
+        return state[key]
+
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (T, h, d_rot) -> rotated (T, h, d_rot); cos/sin (T, d_rot)."""
         cos, sin = cos[:, None, :], sin[:, None, :]

@@ -76,8 +76,7 @@ class Indexer:
         r = self.rope.inv_freq.shape[0] * 2
         q = linear(q_resid, self.wq_b).view(t, self.n_heads, self.head_dim)  # (T, i, D)
         k = F.layer_norm(linear(x, self.wk), (self.head_dim,), self.k_norm_w, self.k_norm_b, 1e-6)  # (T, D)
-        positions = torch.arange(start, start + t, device=x.device)
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        cos, sin = self.rope.cos_sin_at(start, t, x.device, x.dtype, state)
         q = torch.cat([self.rope.apply(q[..., :r], cos, sin), q[..., r:]], dim=-1)
         k = torch.cat([self.rope.apply(k[:, None, :r], cos, sin)[:, 0], k[:, r:]], dim=-1)
         k_all = cache.update_index(k, start)  # (S, D)

@@ -35,8 +35,7 @@ class GQAAttention:
         v = v.view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
         if self.q_norm is not None:
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        positions = torch.arange(start, start + t, device=x.device)
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        cos, sin = self.rope.cos_sin_at(start, t, x.device, x.dtype, state)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         k_all, v_all = cache.update(k, v, start)  # (kv, S, d)
         out = grouped_attention(q.transpose(0, 1), k_all, v_all, start, self.scale)  # (h, T, d)

@@ -56,8 +56,7 @@ class MLAAttention:
         q_nope, q_rot = q[..., : self.nope], q[..., self.nope:]
         latent = rms_norm(kv[:, : self.c], self.kv_a_norm, self.eps)  # (T, c)
         k_rot = kv[:, self.c:].view(t, 1, self.r)  # (T, 1, r)
-        positions = torch.arange(start, start + t, device=x.device)
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        cos, sin = self.rope.cos_sin_at(start, t, x.device, x.dtype, state)
         q_rot, k_rot = self.rope.apply(q_rot, cos, sin), self.rope.apply(k_rot, cos, sin)
         latent_all, k_rot_all = cache.update(latent, k_rot[:, 0], start)  # (S, c), (S, r)
 

@@ -32,17 +32,23 @@ def route_sigmoid_grouped(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     logits = F.linear(x.float(), weight.float())  # (T, E)
     scores = logits.sigmoid()
     choice = scores + bias.float()
-    t, e = choice.shape
-    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # (T, G)
-    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
-    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    if topk_group < n_group:  # otherwise every group is kept: nothing to mask (GLM-4.5, GLM-5)
+        choice = _keep_best_groups(choice, n_group, topk_group)
     top_ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]  # (T, K)
     top_w = scores.gather(1, top_ids)
     if norm_topk_prob:
         top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
     return top_ids, top_w * scaling
+
+
+def _keep_best_groups(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """choice (T, E) with the experts outside each token's topk_group best groups set to -inf."""
+    t, e = choice.shape
+    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # (T, G)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+    return choice.masked_fill(~score_mask.bool(), float("-inf"))
 
 
 class TorchExperts:
