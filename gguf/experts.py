@@ -127,6 +127,18 @@ def swiglu(x: torch.Tensor, gate, up, down) -> "torch.Tensor | None":
     return torch.from_numpy(y).reshape(x.shape).to(x.dtype)
 
 
+def _shared_blocks(mlp, qtypes) -> "tuple | None":
+    """A shared MLP's (gate, up, down) 2-D blocks when all three are quantised CPU matrices (one-matrix
+    groups, no act_quant) of the experts' ggml types `qtypes`, else None."""
+    mats = (getattr(mlp, "gate", None), getattr(mlp, "up", None), getattr(mlp, "down", None))
+    if mlp is None or not all(isinstance(m, QuantMatrix) and m.device.type == "cpu" and not m.act_quant
+                              and m.blocks.shape[0] == 1 for m in mats):
+        return None
+    if tuple(int(m.qtype) for m in mats) != tuple(qtypes):
+        return None
+    return tuple(m.blocks[0] for m in mats)
+
+
 class QuantExperts:
     """Expert group over quantised GGUF blocks: `group(x (T, H), ids (T, K), weights (T, K)) -> (T, H)`,
     ids of -1 being pairs computed by another group."""
@@ -150,13 +162,22 @@ class QuantExperts:
     def nbytes(self) -> int:
         return sum(int(m.blocks.nbytes) for m in (self.gate, self.up, self.down))
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None:
-            from offload.kernels.cpu.moe import moe_cpu
+    takes_shared = True  # MoE hands it the shared expert: see __call__
 
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared=None) -> torch.Tensor:
+        """The routed pairs this group holds; plus `shared(x)` when a shared MLP is given, computed in the
+        same native call as the routed experts where its blocks match theirs (a decode step)."""
+        if self.fused is not None:
+            from offload.kernels.cpu.moe import moe_cpu, takes_shared
+
+            blocks = _shared_blocks(shared, self.fused.qtypes)
+            fuse = blocks is not None and takes_shared(self.fused, x.shape[0], blocks)
             with warnings.catch_warnings():  # read-only mmap views: the kernels only read them
                 warnings.simplefilter("ignore", UserWarning)
-                return moe_cpu(x.float(), ids, weights.float(), self.fused).to(x.dtype)
+                out = moe_cpu(x.float(), ids, weights.float(), self.fused, blocks if fuse else None).to(x.dtype)
+            return out if shared is None or fuse else out + shared(x)
+        if shared is not None:
+            return self(x, ids, weights) + shared(x)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in torch.unique(ids[ids >= 0]).tolist():
             tok, kpos = torch.where(ids == e)

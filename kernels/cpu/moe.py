@@ -190,24 +190,36 @@ def _round(x: torch.Tensor, qtype: int) -> torch.Tensor:
     return round_activations(x, GGMLType(int(qtype)))
 
 
+def takes_shared(experts: CpuExperts, T: int, shared) -> bool:
+    """True when moe_cpu can run this shared expert (gate, up, down ggml blocks, 2-D) in the same native
+    call as T tokens' routed experts: the decode path, and the same types and shapes."""
+    return (experts.quantised and not experts.packed and native.fast(*experts.qtypes)
+            and T < qm.NATIVE_GEMM_MIN_TOKENS
+            and [tuple(m.shape) for m in shared] == [experts.gate.shape[1:], experts.up.shape[1:],
+                                                     experts.down.shape[1:]])
+
+
 def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
-            experts: CpuExperts) -> torch.Tensor:
+            experts: CpuExperts, shared: tuple | None = None) -> torch.Tensor:
     """x (T, H) float32, expert_ids / expert_weights (T, K) -> (T, H) float32 over the experts held here.
 
     Pairs whose expert id this `experts` does not hold contribute nothing (the GPU handles them).
-    Inputs on another device are copied to the CPU; the result is a CPU tensor.
+    Inputs on another device are copied to the CPU; the result is a CPU tensor. `shared`: a shared
+    expert's (gate, up, down) blocks that `takes_shared` accepts, added to every token in the same call.
     """
     x = x.detach().to("cpu", torch.float32)
     expert_ids, expert_weights = expert_ids.cpu(), expert_weights.cpu()
     T, H = x.shape
     if H != experts.hidden:
         raise WeightsError(f"moe_cpu: hidden states of width {H}, experts expect {experts.hidden}")
+    if shared is not None and not takes_shared(experts, T, shared):
+        raise WeightsError("moe_cpu: this shared expert cannot run in the routed experts' call (takes_shared)")
     if (experts.quantised and not experts.packed and native.fast(*experts.qtypes)
             and T < qm.NATIVE_GEMM_MIN_TOKENS and expert_weights.shape == expert_ids.shape):
         # no expert can reach the batch path: the row kernels only, grouping and sum in one native call
         loc = experts.local_index(expert_ids.long())  # (T, K)
         return torch.from_numpy(native.moe_topk(x.numpy(), loc.numpy(), expert_weights.float().numpy(),
-                                                experts.gate, experts.up, experts.down, experts.qtypes))
+                                                experts.gate, experts.up, experts.down, experts.qtypes, shared))
     out = torch.zeros(T, H, dtype=torch.float32)
     tok, loc, w = _pairs(expert_ids, expert_weights, experts)
     if tok.numel() == 0:

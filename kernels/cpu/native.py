@@ -107,7 +107,8 @@ def lib():
     L.qdot_quantize.argtypes = [i32, _vp, i64, i64, _vp]
     L.qdot_gemv.argtypes = [i32, _vp, i64, i64, _vp, i64, i64, _vp, i32]
     L.qdot_moe.argtypes = [_vp, i64, i64, i64, _vp, _vp, i64, _vp, i32, _vp, i32, _vp, i32, _vp, _vp]
-    L.qdot_moe_topk.argtypes = [_vp, i64, i64, _vp, _vp, i64, i64, i64, _vp, i32, _vp, i32, _vp, i32, _vp]
+    L.qdot_moe_topk.argtypes = [_vp, i64, i64, _vp, _vp, i64, i64, i64, _vp, i32, _vp, i32, _vp, i32,
+                                _vp, _vp, _vp, _vp]
     L.qdot_gemv_multi.argtypes = [i32, _vp, _vp, _vp, _vp, i64, i64, _vp]
     L.qdot_set_threads.argtypes = [i32]
     L.qdot_pool_selftest.restype = i64
@@ -244,17 +245,26 @@ def moe_rows(x: np.ndarray, starts: np.ndarray, eids: np.ndarray, gate: np.ndarr
 
 
 def moe_topk(x: np.ndarray, loc: np.ndarray, weights: np.ndarray, gate: np.ndarray, up: np.ndarray,
-             down: np.ndarray, qtypes: tuple[int, int, int]) -> np.ndarray:
+             down: np.ndarray, qtypes: tuple[int, int, int], shared: tuple | None = None) -> np.ndarray:
     """out (T, H) = sum_k weights[t, k] * FFN_loc[t, k](x_t) for x (T, H), loc (T, K) local expert indices
     (-1: not held here, skipped), weights (T, K); gate / up (E, I, H bytes), down (E, H, I bytes). The
-    grouping by expert and the weighted sum run in C++: one call per MoE layer."""
+    grouping by expert and the weighted sum run in C++: one call per MoE layer. `shared`: a shared
+    expert's (gate, up, down) of the same types and shapes, (I, H bytes) / (H, I bytes), added to every
+    token's output within the same call."""
     x = _f32(x)
     T, H = x.shape
     loc = np.ascontiguousarray(loc, np.int64)
     weights = np.ascontiguousarray(weights, np.float32)
     out = np.empty((T, H), np.float32)
+    sp = [0, 0, 0]
+    if shared is not None:
+        mats = [_u8(m) for m in shared]
+        if [m.shape for m in mats] != [gate.shape[1:], up.shape[1:], down.shape[1:]]:
+            raise WeightsError(f"native moe_topk: shared expert of shapes {[m.shape for m in mats]} does not match "
+                               f"the routed experts' {[gate.shape[1:], up.shape[1:], down.shape[1:]]}")
+        sp = [_ptr(m) for m in mats]
     rc = lib().qdot_moe_topk(_ptr(x), T, loc.shape[1], _ptr(loc), _ptr(weights), gate.shape[0], H, gate.shape[1],
-                             _ptr(gate), qtypes[0], _ptr(up), qtypes[1], _ptr(down), qtypes[2], _ptr(out))
+                             _ptr(gate), qtypes[0], _ptr(up), qtypes[1], _ptr(down), qtypes[2], *sp, _ptr(out))
     if rc == -2:
         raise WeightsError(f"native moe_topk: a local expert index is >= {gate.shape[0]}")
     if rc:

@@ -90,6 +90,8 @@ class MoE:
             self.observer(self.layer_idx, ids.detach().cpu())
         if len(self.groups) == 1:  # one home for every expert (all on the CPU, or all on the GPU)
             group = self.groups[0]
+            if self.shared is not None and getattr(group, "takes_shared", False) and group.device == x.device:
+                return group(x, ids, weights, shared=self.shared)  # may run it in the routed experts' call
             out = group(x.to(group.device), ids.to(group.device), weights.to(group.device)).to(x.device)
             return out + self.shared(x) if self.shared is not None else out
         home = self.home.to(ids.device)[ids]  # (T, K)

@@ -51,3 +51,25 @@ def test_native_path_vs_dequantise_per_call(gguf_models, name, fmt, monkeypatch)
     assert not torch.equal(fast, slow)
     assert m["cos_mean"] >= 0.999 and m["top1"] >= 0.9
     assert np.isfinite(fast.numpy()).all()
+
+
+def test_shared_expert_in_the_routed_call_changes_nothing(gguf_models, monkeypatch):
+    """A shared expert whose blocks match the routed experts' runs inside their native call: the logits are
+    bit-identical to running it as its own MLP after them (same sums, same order)."""
+    from offload.kernels.cpu import moe as moe_mod
+
+    llm = gguf_models.ours("glm_moe_dsa", "Q4_K_M")
+    ids = gguf_models.prompt_ids("glm_moe_dsa", "Q4_K_M")[:12]
+    fused = []
+    topk = moe_mod.native.moe_topk
+
+    def counting(*a, **k):
+        fused.append(len(a) > 7 and a[7] is not None)
+        return topk(*a, **k)
+
+    monkeypatch.setattr(moe_mod.native, "moe_topk", counting)
+    together = llm.logits(ids)
+    assert any(fused), "no layer of this fixture ran its shared expert in the routed call"
+    monkeypatch.setattr(moe_mod, "takes_shared", lambda *a: False)
+    apart = llm.logits(ids)
+    assert torch.equal(together, apart)

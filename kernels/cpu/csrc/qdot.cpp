@@ -1006,8 +1006,14 @@ int qdot_gemv_multi(int n, const int* qtypes, const uint8_t* const* ws, const in
 // Expert FFNs of P (token, expert) rows grouped by expert: rows starts[g]..starts[g+1] of x (P, H) go
 // through local expert eids[g]: y[p] = down(silu(gate x_p) * up x_p). gate / up are (E, I, H-row bytes)
 // and down (E, H, I-row bytes), contiguous. Each expert's rows are read once for all its tokens.
-int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* starts, const int64_t* eids, int64_t G,
-             const uint8_t* gate, int qg, const uint8_t* up, int qu, const uint8_t* down, int qd, float* h, float* y) {
+}  // extern "C"
+
+namespace {
+// qdot_moe over groups given by their matrices' addresses: gate[g], up[g] (I, H-row bytes), down[g]
+// (H, I-row bytes), all of the same types and shapes (the routed experts, and a shared expert with them)
+int moe_groups(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* starts, int64_t G,
+               const uint8_t* const* gate, int qg, const uint8_t* const* up, int qu, const uint8_t* const* down, int qd,
+               float* h, float* y) {
     const Type *tg = find_type(qg), *tu = find_type(qu), *td = find_type(qd);
     if (!tg || !tu || !td || H % tg->block || H % tu->block || I % td->block) return -1;
     const int64_t gb = H / tg->block * tg->bytes, ub = H / tu->block * tu->bytes, db = I / td->block * td->bytes;
@@ -1030,7 +1036,7 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
         const int64_t g = jt / ni, r0 = jt % ni * ROWS_PER_ITEM, r1 = std::min(I, r0 + ROWS_PER_ITEM);
         const Type* t = is_up ? tu : tg;
         const int64_t rb = is_up ? ub : gb, ab = is_up ? aub : agb;
-        const uint8_t* w = (is_up ? up : gate) + eids[g] * I * rb;
+        const uint8_t* w = (is_up ? up : gate)[g];
         const uint8_t* xa = is_up ? xup : xg.data();
         float* o_rows = is_up ? hu.data() : h;
         float o[8];
@@ -1049,7 +1055,7 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
     });
     pool().run(G * nh, [&](int64_t it) {
         const int64_t g = it / nh, r0 = it % nh * ROWS_PER_ITEM, r1 = std::min(H, r0 + ROWS_PER_ITEM);
-        const uint8_t* wd = down + eids[g] * H * db;
+        const uint8_t* wd = down[g];
         float o[8];
         for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8)
             for (int64_t r = r0; r < r1; r++) {
@@ -1060,13 +1066,33 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
     });
     return 0;
 }
+}  // namespace
+
+extern "C" {
+
+int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* starts, const int64_t* eids, int64_t G,
+             const uint8_t* gate, int qg, const uint8_t* up, int qu, const uint8_t* down, int qd, float* h, float* y) {
+    const Type *tg = find_type(qg), *tu = find_type(qu), *td = find_type(qd);
+    if (!tg || !tu || !td || H % tg->block || H % tu->block || I % td->block) return -1;
+    const int64_t gb = H / tg->block * tg->bytes, ub = H / tu->block * tu->bytes, db = I / td->block * td->bytes;
+    std::vector<const uint8_t*> gp(G), upp(G), dp(G);
+    for (int64_t g = 0; g < G; g++)
+        gp[g] = gate + eids[g] * I * gb, upp[g] = up + eids[g] * I * ub, dp[g] = down + eids[g] * H * db;
+    return moe_groups(x, P, H, I, starts, G, gp.data(), qg, upp.data(), qu, dp.data(), qd, h, y);
+}
 
 // out (T, H) = sum over k of w[t, k] * FFN_e(x_t), e = loc[t, k] a local expert index (-1: held elsewhere,
 // skipped). The grouping by expert, the gather of x rows and the weighted sum happen here, so a decode
 // step's MoE layer is one call from Python (each torch op there costs microseconds). Sums run in k order.
+// shared_gate / shared_up / shared_down (I, row bytes) of the experts' types, or null: a shared expert
+// every token goes through with weight 1, run inside the same parallel regions as the routed ones.
 int qdot_moe_topk(const float* x, int64_t T, int64_t K, const int64_t* loc, const float* wts, int64_t E, int64_t H,
                   int64_t I, const uint8_t* gate, int qg, const uint8_t* up, int qu, const uint8_t* down, int qd,
-                  float* out) {
+                  const uint8_t* shared_gate, const uint8_t* shared_up, const uint8_t* shared_down, float* out) {
+    const Type *tg = find_type(qg), *tu = find_type(qu), *td = find_type(qd);
+    if (!tg || !tu || !td || H % tg->block || H % tu->block || I % td->block) return -1;
+    const int64_t gb = H / tg->block * tg->bytes, ub = H / tu->block * tu->bytes, db = I / td->block * td->bytes;
+    const bool shared = shared_gate && shared_up && shared_down;
     std::vector<int64_t> count(E + 1, 0);
     for (int64_t i = 0; i < T * K; i++) {
         if (loc[i] >= E) return -2;
@@ -1077,18 +1103,22 @@ int qdot_moe_topk(const float* x, int64_t T, int64_t K, const int64_t* loc, cons
         first[e + 1] = first[e] + count[e + 1];
         if (count[e + 1]) starts.push_back(first[e]), eids.push_back(e);
     }
-    const int64_t P = first[E];
-    starts.push_back(P);
+    const int64_t P = first[E], Pall = P + (shared ? T : 0);  // the shared expert's rows come last
+    std::vector<const uint8_t*> gp, upp, dp;
+    for (int64_t e : eids) gp.push_back(gate + e * I * gb), upp.push_back(up + e * I * ub), dp.push_back(down + e * H * db);
+    if (shared) starts.push_back(P), gp.push_back(shared_gate), upp.push_back(shared_up), dp.push_back(shared_down);
+    starts.push_back(Pall);
     std::vector<int64_t> slot(T * K, -1), fill(first.begin(), first.end() - 1);
-    std::vector<float> xs(P * H), h(P * I), y(P * H);
+    std::vector<float> xs(Pall * H), h(Pall * I), y(Pall * H);
     for (int64_t i = 0; i < T * K; i++)
         if (loc[i] >= 0) {
             slot[i] = fill[loc[i]]++;
             std::memcpy(xs.data() + slot[i] * H, x + (i / K) * H, H * sizeof(float));
         }
-    if (P) {
-        const int rc = qdot_moe(xs.data(), P, H, I, starts.data(), eids.data(), (int64_t)eids.size(), gate, qg, up,
-                                qu, down, qd, h.data(), y.data());
+    if (shared) std::memcpy(xs.data() + P * H, x, T * H * sizeof(float));
+    if (Pall) {
+        const int rc = moe_groups(xs.data(), Pall, H, I, starts.data(), (int64_t)gp.size(), gp.data(), qg, upp.data(),
+                                  qu, dp.data(), qd, h.data(), y.data());
         if (rc) return rc;
     }
     for (int64_t t = 0; t < T; t++) {
@@ -1100,6 +1130,10 @@ int qdot_moe_topk(const float* x, int64_t T, int64_t K, const int64_t* loc, cons
             const float w = wts[t * K + k];
             const float* yp = y.data() + p * H;
             for (int64_t j = 0; j < H; j++) o[j] += w * yp[j];
+        }
+        if (shared) {  // added last, as routed + shared(x) would be: the same sums in the same order
+            const float* ys = y.data() + (P + t) * H;
+            for (int64_t j = 0; j < H; j++) o[j] += ys[j];
         }
     }
     return 0;

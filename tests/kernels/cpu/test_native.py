@@ -130,6 +130,26 @@ def test_gemv_multi_equals_one_gemv_per_matrix(rng):
         native.gemv_multi(torch.zeros(1, 256), ws[:1], [12])
 
 
+def test_moe_topk_with_shared_expert_equals_separate_calls(rng):
+    """The shared expert run inside the routed experts' call adds what its own fused call gives; pairs held
+    elsewhere (-1) are skipped."""
+    E, H, inter, T, K = 6, 512, 96, 5, 3
+    gate = sane_blocks(12, inter, H, rng, lead=(E + 1,))  # the last one is the shared expert
+    up = sane_blocks(12, inter, H, rng, lead=(E + 1,))
+    down = sane_blocks(8, H, inter, rng, lead=(E + 1,))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    loc = rng.integers(-1, E, (T, K))
+    w = rng.uniform(0.1, 1.0, (T, K)).astype(np.float32)
+    qts = (12, 12, 8)
+    routed = native.moe_topk(x, loc, w, gate[:E], up[:E], down[:E], qts)
+    both = native.moe_topk(x, loc, w, gate[:E], up[:E], down[:E], qts, shared=(gate[E], up[E], down[E]))
+    alone = native.moe_rows(x, np.array([0, T]), np.array([E]), gate, up, down, qts)
+    scale = float(np.abs(alone).max() + np.abs(routed).max())  # random blocks: outputs ~1e5, sums in other orders
+    torch.testing.assert_close(torch.from_numpy(both), torch.from_numpy(routed + alone), rtol=0, atol=2e-6 * scale)
+    with pytest.raises(WeightsError, match="does not match"):
+        native.moe_topk(x, loc, w, gate[:E], up[:E], down[:E], qts, shared=(gate[E], up[E], down[E][:10]))
+
+
 def test_bad_input(rng):
     from offload.errors import WeightsError
 
