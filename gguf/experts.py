@@ -88,13 +88,17 @@ class QuantMatrix:
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
+def _cpu_projection(w) -> bool:
+    """w is a quantised one-matrix group on the CPU without numerics emulation: native kernels may take it."""
+    return isinstance(w, QuantMatrix) and w.device.type == "cpu" and not w.act_quant and w.blocks.shape[0] == 1
+
+
 def _native_rows(mats, m: int) -> bool:
     """True when m-row inputs to every matrix (one-matrix CPU groups) go through the native row kernels."""
     from offload.kernels.cpu import native, quantmm
 
-    return m < quantmm.NATIVE_GEMM_MIN_TOKENS and all(
-        isinstance(w, QuantMatrix) and w.device.type == "cpu" and not w.act_quant and w.blocks.shape[0] == 1
-        for w in mats) and native.fast(*(int(w.qtype) for w in mats))
+    return (m < quantmm.NATIVE_GEMM_MIN_TOKENS and all(_cpu_projection(w) for w in mats)
+            and native.fast(*(int(w.qtype) for w in mats)))
 
 
 def linear_many(x: torch.Tensor, mats: list, biases: list) -> "list[torch.Tensor] | None":
@@ -131,10 +135,7 @@ def _shared_blocks(mlp, qtypes) -> "tuple | None":
     """A shared MLP's (gate, up, down) 2-D blocks when all three are quantised CPU matrices (one-matrix
     groups, no act_quant) of the experts' ggml types `qtypes`, else None."""
     mats = (getattr(mlp, "gate", None), getattr(mlp, "up", None), getattr(mlp, "down", None))
-    if mlp is None or not all(isinstance(m, QuantMatrix) and m.device.type == "cpu" and not m.act_quant
-                              and m.blocks.shape[0] == 1 for m in mats):
-        return None
-    if tuple(int(m.qtype) for m in mats) != tuple(qtypes):
+    if not all(_cpu_projection(m) for m in mats) or tuple(int(m.qtype) for m in mats) != tuple(qtypes):
         return None
     return tuple(m.blocks[0] for m in mats)
 

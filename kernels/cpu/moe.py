@@ -190,13 +190,18 @@ def _round(x: torch.Tensor, qtype: int) -> torch.Tensor:
     return round_activations(x, GGMLType(int(qtype)))
 
 
+def _one_native_call(experts: CpuExperts, T: int) -> bool:
+    """T tokens can reach no expert's batch path: the whole layer is one native call (`native.moe_topk`)."""
+    return (experts.quantised and not experts.packed and native.fast(*experts.qtypes)
+            and T < qm.NATIVE_GEMM_MIN_TOKENS)
+
+
 def takes_shared(experts: CpuExperts, T: int, shared) -> bool:
     """True when moe_cpu can run this shared expert (gate, up, down ggml blocks, 2-D) in the same native
-    call as T tokens' routed experts: the decode path, and the same types and shapes."""
-    return (experts.quantised and not experts.packed and native.fast(*experts.qtypes)
-            and T < qm.NATIVE_GEMM_MIN_TOKENS
-            and [tuple(m.shape) for m in shared] == [experts.gate.shape[1:], experts.up.shape[1:],
-                                                     experts.down.shape[1:]])
+    call as T tokens' routed experts: that call's path, and the routed experts' shapes (the caller checks
+    the types)."""
+    return _one_native_call(experts, T) and [tuple(m.shape) for m in shared] == [
+        experts.gate.shape[1:], experts.up.shape[1:], experts.down.shape[1:]]
 
 
 def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
@@ -214,8 +219,7 @@ def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
         raise WeightsError(f"moe_cpu: hidden states of width {H}, experts expect {experts.hidden}")
     if shared is not None and not takes_shared(experts, T, shared):
         raise WeightsError("moe_cpu: this shared expert cannot run in the routed experts' call (takes_shared)")
-    if (experts.quantised and not experts.packed and native.fast(*experts.qtypes)
-            and T < qm.NATIVE_GEMM_MIN_TOKENS and expert_weights.shape == expert_ids.shape):
+    if _one_native_call(experts, T) and expert_weights.shape == expert_ids.shape:
         # no expert can reach the batch path: the row kernels only, grouping and sum in one native call
         loc = experts.local_index(expert_ids.long())  # (T, K)
         return torch.from_numpy(native.moe_topk(x.numpy(), loc.numpy(), expert_weights.float().numpy(),

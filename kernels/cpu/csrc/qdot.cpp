@@ -940,34 +940,13 @@ int64_t qdot_pool_selftest(int64_t jobs, int64_t max_items) {
     return bad;
 }
 
-// out (M, N) = x (M, K) . W (N, row_bytes)^T; plain = 1 uses the plain C++ dots (for tests)
-int qdot_gemv(int qtype, const uint8_t* w, int64_t N, int64_t row_bytes, const float* x, int64_t M, int64_t K,
-              float* out, int plain) {
-    const Type* t = find_type(qtype);
-    if (!t || K % t->block || row_bytes != K / t->block * t->bytes) return -1;
-    const MultiFn dot = plain ? t->plain : t->fast;
-    const int64_t ab = act_row_bytes(t, K), nb = K / t->block;
-    std::vector<uint8_t> xq(ab * M);
-    Call call;
-    pool().run(M, [&](int64_t m) { quantize_row(t, x + m * K, K, xq.data() + m * ab); });
-    pool().run((N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, [&](int64_t it) {
-        const int64_t r1 = std::min(N, (it + 1) * ROWS_PER_ITEM);
-        float o[8];
-        for (int64_t m0 = 0; m0 < M; m0 += 8)  // token tiles outside: a tile's activations stay in L1
-            for (int64_t r = it * ROWS_PER_ITEM; r < r1; r++) {
-                const int nt = (int)std::min<int64_t>(8, M - m0);
-                dot(w + r * row_bytes, xq.data() + m0 * ab, ab, nt, nb, o);
-                for (int m = 0; m < nt; m++) out[(m0 + m) * N + r] = o[m];
-            }
-    });
-    return 0;
-}
+}  // extern "C"
 
-// out_j (M, N_j) = x (M, K) . W_j^T for n matrices that share one input (q / k / v, q_a / kv_a): one call,
-// the activations quantised once per activation kind, one parallel region over every matrix's row blocks
-// (per-call costs matter: a decode step calls dozens of 1-10 MB GEMVs).
-int qdot_gemv_multi(int n, const int* qtypes, const uint8_t* const* ws, const int64_t* Ns, const float* x, int64_t M,
-                    int64_t K, float* const* outs) {
+namespace {
+// out_j (M, N_j) = x (M, K) . W_j^T for n matrices that share one input: the activations quantised once
+// per activation kind, one parallel region over every matrix's row blocks; plain: the plain C++ dots
+int gemv_many(int n, const int* qtypes, const uint8_t* const* ws, const int64_t* Ns, const float* x, int64_t M,
+              int64_t K, float* const* outs, bool plain) {
     if (n < 1 || n > 16) return -1;
     const Type* t[16];
     int64_t first_item[17] = {0};
@@ -990,17 +969,36 @@ int qdot_gemv_multi(int n, const int* qtypes, const uint8_t* const* ws, const in
         int j = 0;
         while (it >= first_item[j + 1]) j++;
         const Type* tj = t[j];
+        const MultiFn dot = plain ? tj->plain : tj->fast;
         const int64_t N = Ns[j], rb = K / tj->block * tj->bytes, kind = tj->k_act, nb = K / tj->block;
         const int64_t r0 = (it - first_item[j]) * ROWS_PER_ITEM, r1 = std::min(N, r0 + ROWS_PER_ITEM);
         float o[8];
-        for (int64_t m0 = 0; m0 < M; m0 += 8)
+        for (int64_t m0 = 0; m0 < M; m0 += 8)  // token tiles outside: a tile's activations stay in L1
             for (int64_t r = r0; r < r1; r++) {
                 const int nt = (int)std::min<int64_t>(8, M - m0);
-                tj->fast(ws[j] + r * rb, xq[kind] + m0 * ab[kind], ab[kind], nt, nb, o);
+                dot(ws[j] + r * rb, xq[kind] + m0 * ab[kind], ab[kind], nt, nb, o);
                 for (int m = 0; m < nt; m++) outs[j][(m0 + m) * N + r] = o[m];
             }
     });
     return 0;
+}
+}  // namespace
+
+extern "C" {
+
+// out (M, N) = x (M, K) . W (N, row_bytes)^T; plain = 1 uses the plain C++ dots (for tests)
+int qdot_gemv(int qtype, const uint8_t* w, int64_t N, int64_t row_bytes, const float* x, int64_t M, int64_t K,
+              float* out, int plain) {
+    const Type* t = find_type(qtype);
+    if (!t || K % t->block || row_bytes != K / t->block * t->bytes) return -1;
+    return gemv_many(1, &qtype, &w, &N, x, M, K, &out, plain != 0);
+}
+
+// gemv over n matrices that share one input (q / k / v, q_a / kv_a) in one call: per-call costs matter,
+// a decode step calls dozens of 1-10 MB GEMVs
+int qdot_gemv_multi(int n, const int* qtypes, const uint8_t* const* ws, const int64_t* Ns, const float* x, int64_t M,
+                    int64_t K, float* const* outs) {
+    return gemv_many(n, qtypes, ws, Ns, x, M, K, outs, false);
 }
 
 // Expert FFNs of P (token, expert) rows grouped by expert: rows starts[g]..starts[g+1] of x (P, H) go
@@ -1009,14 +1007,24 @@ int qdot_gemv_multi(int n, const int* qtypes, const uint8_t* const* ws, const in
 }  // extern "C"
 
 namespace {
+// An expert FFN's types and row bytes: gate / up rows of H values, down rows of I; false when a type has
+// no kernel here or a row is not a whole number of its blocks.
+bool ffn_types(int qg, int qu, int qd, int64_t H, int64_t I, const Type*& tg, const Type*& tu, const Type*& td,
+               int64_t& gb, int64_t& ub, int64_t& db) {
+    tg = find_type(qg), tu = find_type(qu), td = find_type(qd);
+    if (!tg || !tu || !td || H % tg->block || H % tu->block || I % td->block) return false;
+    gb = H / tg->block * tg->bytes, ub = H / tu->block * tu->bytes, db = I / td->block * td->bytes;
+    return true;
+}
+
 // qdot_moe over groups given by their matrices' addresses: gate[g], up[g] (I, H-row bytes), down[g]
 // (H, I-row bytes), all of the same types and shapes (the routed experts, and a shared expert with them)
 int moe_groups(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* starts, int64_t G,
                const uint8_t* const* gate, int qg, const uint8_t* const* up, int qu, const uint8_t* const* down, int qd,
                float* h, float* y) {
-    const Type *tg = find_type(qg), *tu = find_type(qu), *td = find_type(qd);
-    if (!tg || !tu || !td || H % tg->block || H % tu->block || I % td->block) return -1;
-    const int64_t gb = H / tg->block * tg->bytes, ub = H / tu->block * tu->bytes, db = I / td->block * td->bytes;
+    const Type *tg, *tu, *td;
+    int64_t gb, ub, db;
+    if (!ffn_types(qg, qu, qd, H, I, tg, tu, td, gb, ub, db)) return -1;
     const int64_t agb = act_row_bytes(tg, H), aub = act_row_bytes(tu, H), adb = act_row_bytes(td, I);
     const bool same = tg->k_act == tu->k_act;
     std::vector<uint8_t> xg(agb * P), xu(same ? 0 : aub * P), hq(adb * P);
@@ -1072,9 +1080,9 @@ extern "C" {
 
 int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* starts, const int64_t* eids, int64_t G,
              const uint8_t* gate, int qg, const uint8_t* up, int qu, const uint8_t* down, int qd, float* h, float* y) {
-    const Type *tg = find_type(qg), *tu = find_type(qu), *td = find_type(qd);
-    if (!tg || !tu || !td || H % tg->block || H % tu->block || I % td->block) return -1;
-    const int64_t gb = H / tg->block * tg->bytes, ub = H / tu->block * tu->bytes, db = I / td->block * td->bytes;
+    const Type *tg, *tu, *td;
+    int64_t gb, ub, db;
+    if (!ffn_types(qg, qu, qd, H, I, tg, tu, td, gb, ub, db)) return -1;
     std::vector<const uint8_t*> gp(G), upp(G), dp(G);
     for (int64_t g = 0; g < G; g++)
         gp[g] = gate + eids[g] * I * gb, upp[g] = up + eids[g] * I * ub, dp[g] = down + eids[g] * H * db;
@@ -1089,9 +1097,9 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
 int qdot_moe_topk(const float* x, int64_t T, int64_t K, const int64_t* loc, const float* wts, int64_t E, int64_t H,
                   int64_t I, const uint8_t* gate, int qg, const uint8_t* up, int qu, const uint8_t* down, int qd,
                   const uint8_t* shared_gate, const uint8_t* shared_up, const uint8_t* shared_down, float* out) {
-    const Type *tg = find_type(qg), *tu = find_type(qu), *td = find_type(qd);
-    if (!tg || !tu || !td || H % tg->block || H % tu->block || I % td->block) return -1;
-    const int64_t gb = H / tg->block * tg->bytes, ub = H / tu->block * tu->bytes, db = I / td->block * td->bytes;
+    const Type *tg, *tu, *td;
+    int64_t gb, ub, db;
+    if (!ffn_types(qg, qu, qd, H, I, tg, tu, td, gb, ub, db)) return -1;
     const bool shared = shared_gate && shared_up && shared_down;
     std::vector<int64_t> count(E + 1, 0);
     for (int64_t i = 0; i < T * K; i++) {
