@@ -28,7 +28,7 @@ import torch
 
 from offload.errors import WeightsError
 
-SOURCE = Path(__file__).parent / "csrc" / "qdot.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "qdot.cpp"  # includes the csrc/*.h parts: one translation unit
 TYPES = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: "q3_k", 12: "q4_k",
          13: "q5_k", 14: "q6_k", 23: "iq4_xs"}
 _BLOCK = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (256, 84), 11: (256, 110),
@@ -62,13 +62,14 @@ def _compiler() -> "str | None":
 
 
 def build(force: bool = False) -> Path:
-    """Compile qdot.cpp for this machine (cached); returns the shared library's path."""
+    """Compile qdot.cpp (and the headers it includes) for this machine (cached); returns the shared library's path."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *flags, version, _cpu_flags()]).encode())
+    sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.[ch]*")))
+    key = hashlib.sha256(sources + " ".join([cxx, *flags, version, _cpu_flags()]).encode())
     out_dir = _cache_dir() / key.hexdigest()[:16]
     lib_path = out_dir / "libqdot.so"
     if lib_path.exists() and not force:
