@@ -28,8 +28,8 @@ _FLOAT = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF1
 class QuantMatrix:
     """One weight kind (gate, up or down) of a group's experts: (E_group, N, row bytes) ggml blocks."""
 
-    blocks: object  # numpy uint8 (CPU, may be the mmap view) or torch uint8 (GPU)
-    qtype: GGMLType
+    blocks: object  # numpy uint8 (CPU: the mmap view, or its interleaved copy) or torch uint8 (GPU)
+    qtype: "GGMLType | int"  # the file's type, or the native kernels' interleaved type (qtype | native.R16)
     cols: int  # K, elements per row
     device: torch.device
     name: str
@@ -44,16 +44,35 @@ class QuantMatrix:
         if device.type != "cpu":
             blocks = torch.from_numpy(np.ascontiguousarray(raw)).to(device)
             return cls(blocks, qtype, cols, device, name, act_quant)
+        from offload.kernels.cpu import native
+
+        if not act_quant and native.repacks(int(qtype), raw.shape[1]):
+            # interleaved once at load for the native kernels (lossless, same size); the copy replaces the
+            # file's blocks here, which stay only as evictable page cache
+            raw, qtype = native.repack(raw, int(qtype))
         return cls(raw, qtype, cols, device, name, act_quant)
+
+    @property
+    def ggml_type(self) -> GGMLType:
+        """The file's block type (the same for an interleaved matrix)."""
+        from offload.kernels.cpu.native import base_type
+
+        return GGMLType(base_type(int(self.qtype)))
+
+    def _plain(self, b: np.ndarray) -> np.ndarray:
+        """Rows b (..., N, row bytes) of this matrix in ggml's layout (unpacked when interleaved)."""
+        from offload.kernels.cpu.quantmm import plain_blocks
+
+        return plain_blocks(b, int(self.qtype))[0] if isinstance(b, np.ndarray) else b
 
     def weight(self, i: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert i's matrix (N, K) as `dtype` (float types are a view, block types are dequantised)."""
-        b = self.blocks[i]
+        b = self._plain(self.blocks[i])
         if isinstance(b, np.ndarray):
             b = torch.from_numpy(b)
         if self.qtype in _FLOAT:
             return b.view(_FLOAT[self.qtype]).view(b.shape[0], self.cols).to(dtype)
-        return dequantize_torch(b, self.qtype, (b.shape[0], self.cols), dtype=torch.float32).to(dtype)
+        return dequantize_torch(b, self.ggml_type, (b.shape[0], self.cols), dtype=torch.float32).to(dtype)
 
     def matmul(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """x (n, K) @ W_i.T -> (n, N) float32."""
@@ -75,10 +94,22 @@ class QuantMatrix:
         ids = ids.cpu()
         if bool(((ids < 0) | (ids >= self.blocks.shape[1])).any()):
             raise IndexError(f"{self.name}: token id out of range [0, {self.blocks.shape[1]})")
-        b = np.ascontiguousarray(self.blocks[0][ids.numpy()])  # (T, row bytes)
+        b = self._rows_plain(ids.numpy())  # (T, row bytes)
         if self.qtype in _FLOAT:
             return torch.from_numpy(b).view(_FLOAT[self.qtype]).float()
-        return dequantize(b, int(self.qtype))
+        return dequantize(b, int(self.ggml_type))
+
+    def _rows_plain(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of a one-matrix group's blocks, in ggml's layout: an interleaved matrix unpacks only
+        the 16-row groups holding them."""
+        from offload.kernels.cpu import native
+
+        w = self.blocks[0]
+        if not int(self.qtype) & native.R16:
+            return np.ascontiguousarray(w[ids])
+        full = w.shape[0] // 16 * 16  # rows from here on are plain (the tail)
+        groups = {int(g): native.unpack(w[16 * g:16 * g + 16], int(self.qtype)) for g in np.unique(ids[ids < full] // 16)}
+        return np.stack([groups[r // 16][r % 16] if r < full else w[r] for r in ids.tolist()])
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """As F.linear(x (..., K), W_0, bias) for a one-matrix group (a projection kept quantised)."""

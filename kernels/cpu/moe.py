@@ -187,7 +187,7 @@ def _round(x: torch.Tensor, qtype: int) -> torch.Tensor:
     from offload.gguf.numerics import round_activations
     from offload.gguf.types import GGMLType
 
-    return round_activations(x, GGMLType(int(qtype)))
+    return round_activations(x, GGMLType(native.base_type(qtype)))
 
 
 def _one_native_call(experts: CpuExperts, T: int) -> bool:
@@ -266,8 +266,9 @@ def moe_cpu_ref(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch
             t = getattr(experts, which)[e]
             if experts.quantised:
                 g = gguf_py()
-                qt = g.GGMLQuantizationType(experts.qtypes[("gate", "up", "down").index(which)])
-                cache[which, e] = torch.from_numpy(np.asarray(g.quants.dequantize(t, qt), np.float32))
+                t, qt = qm.plain_blocks(t, experts.qtypes[("gate", "up", "down").index(which)])
+                cache[which, e] = torch.from_numpy(np.asarray(g.quants.dequantize(t, g.GGMLQuantizationType(qt)),
+                                                              np.float32))
             else:
                 cache[which, e] = t.float()
         return cache[which, e]

@@ -34,6 +34,11 @@ TYPES = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: 
 _BLOCK = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (256, 84), 11: (256, 110),
           12: (256, 144), 13: (256, 176), 14: (256, 210), 23: (256, 136)}
 
+R16 = 0x100  # type id flag: the matrix's full 16-row groups are interleaved (csrc/repack.h)
+REPACKABLE = (8, 2, 3, 6, 7)  # the 32-value types, which gain most (their row-by-row dots are slowest)
+TYPES.update({R16 | q: TYPES[q] + "_r16" for q in REPACKABLE})
+_BLOCK.update({R16 | q: _BLOCK[q] for q in REPACKABLE})
+
 _lib = None
 _tried = False
 _vp = ctypes.c_void_p  # arrays go over as raw addresses: ndarray.ctypes.data_as costs microseconds
@@ -111,6 +116,7 @@ def lib():
     L.qdot_moe_topk.argtypes = [_vp, i64, i64, _vp, _vp, i64, i64, i64, _vp, i32, _vp, i32, _vp, i32,
                                 _vp, _vp, _vp, _vp]
     L.qdot_gemv_multi.argtypes = [i32, _vp, _vp, _vp, _vp, i64, i64, _vp]
+    L.qdot_repack.argtypes = [i32, _vp, i64, i64, _vp, i32]
     L.qdot_set_threads.argtypes = [i32]
     L.qdot_pool_selftest.restype = i64
     L.qdot_pool_selftest.argtypes = [i64, i64]
@@ -164,6 +170,45 @@ def _u8(w) -> np.ndarray:
     if w.dtype != np.uint8:
         raise WeightsError(f"quantised weight must be uint8 ggml blocks, got {w.dtype}")
     return w if w.flags.c_contiguous else np.ascontiguousarray(w)
+
+
+def base_type(qtype: int) -> int:
+    """The ggml type of a kernel type id (an interleaved type's plain one)."""
+    return int(qtype) & ~R16
+
+
+def repacks(qtype: int, rows: int) -> bool:
+    """True when matrices of this type with `rows` rows are worth interleaving here (the SIMD kernels run
+    and at least one full 16-row group exists). OFFLOAD_REPACK=0 keeps the file's layout."""
+    return (int(qtype) in REPACKABLE and rows >= 16 and os.environ.get("OFFLOAD_REPACK", "1") != "0"
+            and has_vnni())
+
+
+def _repack(blocks, qtype: int, unpack: bool) -> np.ndarray:
+    w = _u8(blocks)
+    if w.ndim < 2:
+        raise WeightsError(f"repack: blocks must be (..., N, row bytes), got shape {w.shape}")
+    out = np.empty_like(w)
+    N, rb = w.shape[-2:]
+    src, dst = w.reshape(-1, N, rb), out.reshape(-1, N, rb)
+    for e in range(src.shape[0]):  # one matrix at a time: the 16-row groups never span two experts
+        if lib().qdot_repack(base_type(qtype), _ptr(src[e]), N, rb, _ptr(dst[e]), int(unpack)) < 0:
+            raise WeightsError(f"repack: no interleaved form of {TYPES.get(int(qtype), qtype)} rows of {rb} bytes")
+    return out
+
+
+def repack(blocks, qtype: int) -> tuple[np.ndarray, int]:
+    """Plain ggml rows (..., N, row bytes) of a REPACKABLE type -> (interleaved copy, its type id qtype | R16).
+    Lossless and the same size; the N % 16 tail rows stay plain. The copy is new (anonymous) memory: a
+    memory-mapped original stays evictable page cache."""
+    return _repack(blocks, qtype, False), R16 | int(qtype)
+
+
+def unpack(blocks, qtype: int) -> np.ndarray:
+    """The plain ggml rows of an interleaved matrix (`repack`'s inverse, bit-exact)."""
+    if not int(qtype) & R16:
+        raise WeightsError(f"unpack: type {TYPES.get(int(qtype), qtype)} is not an interleaved type")
+    return _repack(blocks, qtype, True)
 
 
 def _row_elems(row_bytes: int, qtype: int) -> int:
@@ -281,6 +326,7 @@ def gemv_ref(x, qweight, qtype: int) -> torch.Tensor:
     from offload.gguf.types import GGMLType
 
     g = gguf_py()
-    W = np.asarray(g.quants.dequantize(_u8(qweight), g.GGMLQuantizationType(int(qtype))), np.float64)
-    xr = round_activations(torch.from_numpy(_f32(x)), GGMLType(int(qtype))).double()
+    w = unpack(qweight, qtype) if int(qtype) & R16 else _u8(qweight)
+    W = np.asarray(g.quants.dequantize(w, g.GGMLQuantizationType(base_type(qtype))), np.float64)
+    xr = round_activations(torch.from_numpy(_f32(x)), GGMLType(base_type(qtype))).double()
     return (xr @ torch.from_numpy(W).T).float()

@@ -44,8 +44,8 @@ def qtype_id(qtype) -> int:
 
 
 def block_info(qtype) -> tuple[int, int]:
-    """(block_size, bytes_per_block) of a ggml type."""
-    qt = qtype_id(qtype)
+    """(block_size, bytes_per_block) of a ggml type (or of an interleaved one: the same blocks)."""
+    qt = _plain_type(qtype_id(qtype))
     if qt in dq.FAST_TYPES:
         return dq.FAST_TYPES[qt]
     from offload.gguf.types import block_format
@@ -55,6 +55,19 @@ def block_info(qtype) -> tuple[int, int]:
     except (KeyError, ValueError):
         raise WeightsError(f"unknown ggml quantisation type id {qt}") from None
     return fmt.block_size, fmt.type_size
+
+
+def _plain_type(qt: int) -> int:
+    from offload.kernels.cpu import native
+
+    return native.base_type(qt)
+
+
+def plain_blocks(w: np.ndarray, qt: int) -> tuple[np.ndarray, int]:
+    """(blocks, type) in ggml's own layout: an interleaved matrix (native.R16) unpacked, else as given."""
+    from offload.kernels.cpu import native
+
+    return (native.unpack(w, qt), native.base_type(qt)) if qt & native.R16 else (w, qt)
 
 
 def row_elems(qweight_bytes: int, qtype) -> int:
@@ -180,8 +193,7 @@ def _check(x: np.ndarray, w: np.ndarray, qt: int) -> int:
 
 def dequantize(qweight, qtype) -> torch.Tensor:
     """(..., N, K_bytes) uint8 -> (..., N, K) float32; numba for FAST_TYPES, offload.gguf otherwise."""
-    w = _np(qweight)
-    qt = qtype_id(qtype)
+    w, qt = plain_blocks(_np(qweight), qtype_id(qtype))
     K = row_elems(w.shape[-1], qt)
     lead = w.shape[:-1]
     if qt in dq.FAST_TYPES:
@@ -249,8 +261,8 @@ def qmatmul_ref(x, qweight, qtype) -> torch.Tensor:
     from offload.gguf._ggufpy import gguf_py
 
     g = gguf_py()
-    w = _np(qweight)
-    W = torch.from_numpy(np.asarray(g.quants.dequantize(w, g.GGMLQuantizationType(qtype_id(qtype))),
+    w, qt = plain_blocks(_np(qweight), qtype_id(qtype))
+    W = torch.from_numpy(np.asarray(g.quants.dequantize(w, g.GGMLQuantizationType(qt)),
                                     dtype=np.float32))
     return torch.as_tensor(x, dtype=torch.float32) @ W.T
 

@@ -19,6 +19,7 @@
 #include "dots_plain.h"
 #include "dots_vnni.h"
 #include "pool.h"
+#include "repack.h"
 
 namespace {
 
@@ -37,11 +38,19 @@ void one_by_one(const uint8_t* w, const uint8_t* act, int64_t astride, int nt, i
     for (int m = 0; m < nt; m++) out[m] = F(w, act + m * astride, nb);
 }
 
+// a full 16-row group of an interleaved (R16) matrix against nt token rows -> out[16 m + j]
+typedef MultiFn GroupFn;
+typedef void (*RepackFn)(const uint8_t*, uint8_t*, int64_t, int64_t, int64_t, bool);  // nb, groups g0..g1
+
+constexpr int R16 = 0x100;  // type id flag: the matrix's full 16-row groups are interleaved (repack.h)
+
 struct Type {
     int id, block, bytes;
     bool k_act;     // activations as A8K (else A80)
     MultiFn fast;   // SIMD where this CPU has it, else the plain one
     MultiFn plain;
+    GroupFn group = nullptr, group_plain = nullptr;  // R16 types: a full group; fast / plain: the tail rows
+    RepackFn repack = nullptr;                       // R16 types: plain <-> interleaved
 };
 
 const Type TYPES[] = {
@@ -57,6 +66,11 @@ const Type TYPES[] = {
     {Q2_K, QK, 84, true, multi<Q2KK>, one_by_one<dot_q2_k_plain>},
     {Q3_K, QK, 110, true, multi<Q3KK>, one_by_one<dot_q3_k_plain>},
     {IQ4_XS, QK, 136, true, multi<IQ4XSK>, one_by_one<dot_iq4_xs_plain>},
+    {R16 | Q8_0, 32, 34, false, multi<Q80K>, one_by_one<dot_q8_0_plain>, r16_fast<Q32_8_0>, r16_plain<Q32_8_0>, r16_repack<Q32_8_0>},
+    {R16 | Q4_0, 32, 18, false, multi<Q40K>, one_by_one<dot_q32_plain<Q32_4_0>>, r16_fast<Q32_4_0>, r16_plain<Q32_4_0>, r16_repack<Q32_4_0>},
+    {R16 | Q4_1, 32, 20, false, multi<Q41K>, one_by_one<dot_q32_plain<Q32_4_1>>, r16_fast<Q32_4_1>, r16_plain<Q32_4_1>, r16_repack<Q32_4_1>},
+    {R16 | Q5_0, 32, 22, false, multi<Q50K>, one_by_one<dot_q32_plain<Q32_5_0>>, r16_fast<Q32_5_0>, r16_plain<Q32_5_0>, r16_repack<Q32_5_0>},
+    {R16 | Q5_1, 32, 24, false, multi<Q51K>, one_by_one<dot_q32_plain<Q32_5_1>>, r16_fast<Q32_5_1>, r16_plain<Q32_5_1>, r16_repack<Q32_5_1>},
 #else
     {Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>},
     {Q4_0, 32, 18, false, one_by_one<dot_q32_plain<Q32_4_0>>, one_by_one<dot_q32_plain<Q32_4_0>>},
@@ -69,6 +83,11 @@ const Type TYPES[] = {
     {Q2_K, QK, 84, true, one_by_one<dot_q2_k_plain>, one_by_one<dot_q2_k_plain>},
     {Q3_K, QK, 110, true, one_by_one<dot_q3_k_plain>, one_by_one<dot_q3_k_plain>},
     {IQ4_XS, QK, 136, true, one_by_one<dot_iq4_xs_plain>, one_by_one<dot_iq4_xs_plain>},
+    {R16 | Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>, r16_fast<Q32_8_0>, r16_plain<Q32_8_0>, r16_repack<Q32_8_0>},
+    {R16 | Q4_0, 32, 18, false, one_by_one<dot_q32_plain<Q32_4_0>>, one_by_one<dot_q32_plain<Q32_4_0>>, r16_fast<Q32_4_0>, r16_plain<Q32_4_0>, r16_repack<Q32_4_0>},
+    {R16 | Q4_1, 32, 20, false, one_by_one<dot_q32_plain<Q32_4_1>>, one_by_one<dot_q32_plain<Q32_4_1>>, r16_fast<Q32_4_1>, r16_plain<Q32_4_1>, r16_repack<Q32_4_1>},
+    {R16 | Q5_0, 32, 22, false, one_by_one<dot_q32_plain<Q32_5_0>>, one_by_one<dot_q32_plain<Q32_5_0>>, r16_fast<Q32_5_0>, r16_plain<Q32_5_0>, r16_repack<Q32_5_0>},
+    {R16 | Q5_1, 32, 24, false, one_by_one<dot_q32_plain<Q32_5_1>>, one_by_one<dot_q32_plain<Q32_5_1>>, r16_fast<Q32_5_1>, r16_plain<Q32_5_1>, r16_repack<Q32_5_1>},
 #endif
 };
 
@@ -146,6 +165,27 @@ int64_t qdot_pool_selftest(int64_t jobs, int64_t max_items) {
 }  // extern "C"
 
 namespace {
+// Rows r0..r1 of w (row bytes rb, nb blocks) against token rows p0..p1 of xa (stride ab): out[p * ostride + r].
+// Token tiles of 8 outside (a tile's activations stay in L1); an interleaved type takes a full 16-row
+// group (r0 a multiple of 16) in one group call, the plain tail rows one by one.
+void rows_times_tokens(const Type* t, bool plain, const uint8_t* w, int64_t rb, int64_t nb, int64_t r0, int64_t r1,
+                       const uint8_t* xa, int64_t ab, int64_t p0, int64_t p1, float* out, int64_t ostride) {
+    float o[16 * 8];
+    const bool group = t->group && r1 - r0 == 16 && r0 % 16 == 0;
+    for (int64_t p = p0; p < p1; p += 8) {
+        const int nt = (int)std::min<int64_t>(8, p1 - p);
+        if (group) {
+            (plain ? t->group_plain : t->group)(w + r0 * rb, xa + p * ab, ab, nt, nb, o);
+            for (int m = 0; m < nt; m++) std::memcpy(out + (p + m) * ostride + r0, o + 16 * m, 16 * sizeof(float));
+            continue;
+        }
+        for (int64_t r = r0; r < r1; r++) {
+            (plain ? t->plain : t->fast)(w + r * rb, xa + p * ab, ab, nt, nb, o);
+            for (int m = 0; m < nt; m++) out[(p + m) * ostride + r] = o[m];
+        }
+    }
+}
+
 // out_j (M, N_j) = x (M, K) . W_j^T for n matrices that share one input: the activations quantised once
 // per activation kind, one parallel region over every matrix's row blocks; plain: the plain C++ dots
 int gemv_many(int n, const int* qtypes, const uint8_t* const* ws, const int64_t* Ns, const float* x, int64_t M,
@@ -172,16 +212,9 @@ int gemv_many(int n, const int* qtypes, const uint8_t* const* ws, const int64_t*
         int j = 0;
         while (it >= first_item[j + 1]) j++;
         const Type* tj = t[j];
-        const MultiFn dot = plain ? tj->plain : tj->fast;
         const int64_t N = Ns[j], rb = K / tj->block * tj->bytes, kind = tj->k_act, nb = K / tj->block;
         const int64_t r0 = (it - first_item[j]) * ROWS_PER_ITEM, r1 = std::min(N, r0 + ROWS_PER_ITEM);
-        float o[8];
-        for (int64_t m0 = 0; m0 < M; m0 += 8)  // token tiles outside: a tile's activations stay in L1
-            for (int64_t r = r0; r < r1; r++) {
-                const int nt = (int)std::min<int64_t>(8, M - m0);
-                dot(ws[j] + r * rb, xq[kind] + m0 * ab[kind], ab[kind], nt, nb, o);
-                for (int m = 0; m < nt; m++) outs[j][(m0 + m) * N + r] = o[m];
-            }
+        rows_times_tokens(tj, plain, ws[j], rb, nb, r0, r1, xq[kind], ab[kind], 0, M, outs[j], N);
     });
     return 0;
 }
@@ -195,6 +228,21 @@ int qdot_gemv(int qtype, const uint8_t* w, int64_t N, int64_t row_bytes, const f
     const Type* t = find_type(qtype);
     if (!t || K % t->block || row_bytes != K / t->block * t->bytes) return -1;
     return gemv_many(1, &qtype, &w, &N, x, M, K, &out, plain != 0);
+}
+
+// The interleaved (R16) form of a plain matrix (N, row bytes) of a 32-value type, or back (unpack = 1): dst
+// has src's size and must not overlap it. Returns the interleaved type id (qtype | 0x100), -1 when the type
+// has no interleaved form or row_bytes is not whole blocks.
+int qdot_repack(int qtype, const uint8_t* src, int64_t N, int64_t row_bytes, uint8_t* dst, int unpack) {
+    const Type* t = find_type(qtype | R16);
+    if (!t || (qtype & R16) || row_bytes % t->bytes) return -1;
+    const int64_t nb = row_bytes / t->bytes, full = N / 16 * 16, per_item = 64;  // groups a thread takes
+    std::memcpy(dst + full * row_bytes, src + full * row_bytes, (N - full) * row_bytes);  // plain tail
+    Call call;
+    pool().run((N / 16 + per_item - 1) / per_item, [&](int64_t it) {
+        t->repack(src, dst, nb, it * per_item, std::min(N / 16, (it + 1) * per_item), unpack != 0);
+    });
+    return t->id;
 }
 
 // gemv over n matrices that share one input (q / k / v, q_a / kv_a) in one call: per-call costs matter,
@@ -249,14 +297,7 @@ int moe_groups(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* s
         const int64_t rb = is_up ? ub : gb, ab = is_up ? aub : agb;
         const uint8_t* w = (is_up ? up : gate)[g];
         const uint8_t* xa = is_up ? xup : xg.data();
-        float* o_rows = is_up ? hu.data() : h;
-        float o[8];
-        for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8)
-            for (int64_t r = r0; r < r1; r++) {
-                const int nt = (int)std::min<int64_t>(8, starts[g + 1] - p0);
-                t->fast(w + r * rb, xa + p0 * ab, ab, nt, H / t->block, o);
-                for (int m = 0; m < nt; m++) o_rows[(p0 + m) * I + r] = o[m];
-            }
+        rows_times_tokens(t, false, w, rb, H / t->block, r0, r1, xa, ab, starts[g], starts[g + 1], is_up ? hu.data() : h, I);
     });
     pool().run(P, [&](int64_t p) {
         float* hp = h + p * I;
@@ -266,14 +307,7 @@ int moe_groups(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* s
     });
     pool().run(G * nh, [&](int64_t it) {
         const int64_t g = it / nh, r0 = it % nh * ROWS_PER_ITEM, r1 = std::min(H, r0 + ROWS_PER_ITEM);
-        const uint8_t* wd = down[g];
-        float o[8];
-        for (int64_t p0 = starts[g]; p0 < starts[g + 1]; p0 += 8)
-            for (int64_t r = r0; r < r1; r++) {
-                const int nt = (int)std::min<int64_t>(8, starts[g + 1] - p0);
-                td->fast(wd + r * db, hq.data() + p0 * adb, adb, nt, I / td->block, o);
-                for (int m = 0; m < nt; m++) y[(p0 + m) * H + r] = o[m];
-            }
+        rows_times_tokens(td, false, down[g], db, I / td->block, r0, r1, hq.data(), adb, starts[g], starts[g + 1], y, H);
     });
     return 0;
 }

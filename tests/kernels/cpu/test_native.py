@@ -21,7 +21,7 @@ def test_library_builds():
     native.build()  # raises with the compiler's message
     assert native.lib() is not None
 
-TYPES = sorted(native.TYPES)
+TYPES = sorted(t for t in native.TYPES if not t & native.R16)  # the file's types (interleaved ones below)
 ROWS = [1, 7, 255, 371]
 
 
@@ -48,6 +48,49 @@ def test_gemv_matches_reference(qt, rows, rng):
         got = native.gemv(x, w, qt, plain=plain)
         assert got.shape == (m, rows)
         close_but_for_rounding_ties(got, ref, tol, x, w, qt, f"plain={plain}")
+
+
+@pytest.mark.parametrize("qt", native.REPACKABLE, ids=[native.TYPES[t] for t in native.REPACKABLE])
+@pytest.mark.parametrize("rows", [1, 16, 48, 255, 371])
+def test_interleaved_rows_are_lossless_and_multiply_the_same(qt, rows, rng):
+    """repack -> unpack gives the file's bytes back; the interleaved kernels (SIMD and plain) match the
+    reference of the plain blocks, full 16-row groups and plain tail rows alike."""
+    k = 32 * int(rng.integers(1, 20))  # any multiple of 32
+    m = int(rng.choice([1, 2, 5, 8, 19]))
+    w = sane_blocks(qt, rows, k, rng)
+    packed, pqt = native.repack(w, qt)
+    assert pqt == qt | native.R16 and packed.shape == w.shape
+    assert np.array_equal(native.unpack(packed, pqt), w)
+    full = rows // 16 * 16
+    assert np.array_equal(packed[full:], w[full:])  # the tail stays plain
+    if full:
+        assert not np.array_equal(packed[:full], w[:full])
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    ref = native.gemv_ref(x, w, qt)
+    tol = 2e-6 * _scale(x, qt, w) + 1e-6
+    for plain in (False, True):
+        got = native.gemv(x, packed, pqt, plain=plain)
+        close_but_for_rounding_ties(got, ref, tol, x, w, qt, f"interleaved, plain={plain}")
+    torch.testing.assert_close(native.gemv_ref(x, packed, pqt), ref, rtol=0, atol=0)
+
+
+def test_interleaved_experts_in_the_fused_moe_call(rng):
+    """moe_topk over interleaved experts (Q8_0 down, Q4_0 gate / up, with a shared expert) equals it over
+    the file's blocks, and the batch path's dequantisation unpacks them."""
+    from offload.kernels.cpu import quantmm
+
+    E, H, I, T = 4, 256, 96, 5
+    gate, up, down = sane_blocks(2, I, H, rng, (E,)), sane_blocks(2, I, H, rng, (E,)), sane_blocks(8, H, I, rng, (E,))
+    shared = (sane_blocks(2, I, H, rng), sane_blocks(2, I, H, rng), sane_blocks(8, H, I, rng))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    loc = rng.integers(-1, E, (T, 2))
+    wts = rng.random((T, 2)).astype(np.float32)
+    plain = native.moe_topk(x, loc, wts, gate, up, down, (2, 2, 8), shared)
+    (pg, qg), (pu, qu), (pd, qd) = native.repack(gate, 2), native.repack(up, 2), native.repack(down, 8)
+    ps = tuple(native.repack(m, q)[0] for m, q in zip(shared, (2, 2, 8)))
+    got = native.moe_topk(x, loc, wts, pg, pu, pd, (qg, qu, qd), ps)
+    np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))
+    torch.testing.assert_close(quantmm.dequantize(pd, qd), quantmm.dequantize(down, 8), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("qt", [8, 2], ids=["q8_0", "q4_0"])
