@@ -35,7 +35,7 @@ _BLOCK = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (
           12: (256, 144), 13: (256, 176), 14: (256, 210), 23: (256, 136)}
 
 R16 = 0x100  # type id flag: the matrix's full 16-row groups are interleaved (csrc/repack.h)
-REPACKABLE = (8, 2, 3, 6, 7)  # the 32-value types, which gain most (their row-by-row dots are slowest)
+REPACKABLE = (8, 2, 3, 6, 7, 12)  # the 32-value types and Q4_K (csrc/repack.h)
 TYPES.update({R16 | q: TYPES[q] + "_r16" for q in REPACKABLE})
 _BLOCK.update({R16 | q: _BLOCK[q] for q in REPACKABLE})
 
@@ -188,10 +188,12 @@ def _repack(blocks, qtype: int, unpack: bool) -> np.ndarray:
     w = _u8(blocks)
     if w.ndim < 2:
         raise WeightsError(f"repack: blocks must be (..., N, row bytes), got shape {w.shape}")
-    out = np.empty_like(w)
+    out = np.empty_like(w)  # fresh memory: on a VM its first touch costs more than the repacking itself
     N, rb = w.shape[-2:]
     src, dst = w.reshape(-1, N, rb), out.reshape(-1, N, rb)
-    for e in range(src.shape[0]):  # one matrix at a time: the 16-row groups never span two experts
+    if N % 16 == 0:  # no tail rows: the experts' rows form one matrix of whole groups, one call
+        src, dst, N = src.reshape(1, -1, rb), dst.reshape(1, -1, rb), src.shape[0] * N
+    for e in range(src.shape[0]):  # else one matrix at a time: a 16-row group never spans two experts
         if lib().qdot_repack(base_type(qtype), _ptr(src[e]), N, rb, _ptr(dst[e]), int(unpack)) < 0:
             raise WeightsError(f"repack: no interleaved form of {TYPES.get(int(qtype), qtype)} rows of {rb} bytes")
     return out

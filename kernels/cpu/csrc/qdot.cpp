@@ -40,7 +40,6 @@ void one_by_one(const uint8_t* w, const uint8_t* act, int64_t astride, int nt, i
 
 // a full 16-row group of an interleaved (R16) matrix against nt token rows -> out[16 m + j]
 typedef MultiFn GroupFn;
-typedef void (*RepackFn)(const uint8_t*, uint8_t*, int64_t, int64_t, int64_t, bool);  // nb, groups g0..g1
 
 constexpr int R16 = 0x100;  // type id flag: the matrix's full 16-row groups are interleaved (repack.h)
 
@@ -49,8 +48,8 @@ struct Type {
     bool k_act;     // activations as A8K (else A80)
     MultiFn fast;   // SIMD where this CPU has it, else the plain one
     MultiFn plain;
-    GroupFn group = nullptr, group_plain = nullptr;  // R16 types: a full group; fast / plain: the tail rows
-    RepackFn repack = nullptr;                       // R16 types: plain <-> interleaved
+    GroupFn group = nullptr;  // R16 types: a full group (SIMD); null: unpacked, then the plain row dots
+    bool r16 = false;         // R16 types: fast / plain are the plain type's, for the tail rows
 };
 
 const Type TYPES[] = {
@@ -66,11 +65,12 @@ const Type TYPES[] = {
     {Q2_K, QK, 84, true, multi<Q2KK>, one_by_one<dot_q2_k_plain>},
     {Q3_K, QK, 110, true, multi<Q3KK>, one_by_one<dot_q3_k_plain>},
     {IQ4_XS, QK, 136, true, multi<IQ4XSK>, one_by_one<dot_iq4_xs_plain>},
-    {R16 | Q8_0, 32, 34, false, multi<Q80K>, one_by_one<dot_q8_0_plain>, r16_fast<Q32_8_0>, r16_plain<Q32_8_0>, r16_repack<Q32_8_0>},
-    {R16 | Q4_0, 32, 18, false, multi<Q40K>, one_by_one<dot_q32_plain<Q32_4_0>>, r16_fast<Q32_4_0>, r16_plain<Q32_4_0>, r16_repack<Q32_4_0>},
-    {R16 | Q4_1, 32, 20, false, multi<Q41K>, one_by_one<dot_q32_plain<Q32_4_1>>, r16_fast<Q32_4_1>, r16_plain<Q32_4_1>, r16_repack<Q32_4_1>},
-    {R16 | Q5_0, 32, 22, false, multi<Q50K>, one_by_one<dot_q32_plain<Q32_5_0>>, r16_fast<Q32_5_0>, r16_plain<Q32_5_0>, r16_repack<Q32_5_0>},
-    {R16 | Q5_1, 32, 24, false, multi<Q51K>, one_by_one<dot_q32_plain<Q32_5_1>>, r16_fast<Q32_5_1>, r16_plain<Q32_5_1>, r16_repack<Q32_5_1>},
+    {R16 | Q8_0, 32, 34, false, multi<Q80K>, one_by_one<dot_q8_0_plain>, r16_multi<R80>, true},
+    {R16 | Q4_0, 32, 18, false, multi<Q40K>, one_by_one<dot_q32_plain<Q32_4_0>>, r16_multi<R40>, true},
+    {R16 | Q4_1, 32, 20, false, multi<Q41K>, one_by_one<dot_q32_plain<Q32_4_1>>, r16_multi<R41>, true},
+    {R16 | Q5_0, 32, 22, false, multi<Q50K>, one_by_one<dot_q32_plain<Q32_5_0>>, r16_multi<R50>, true},
+    {R16 | Q5_1, 32, 24, false, multi<Q51K>, one_by_one<dot_q32_plain<Q32_5_1>>, r16_multi<R51>, true},
+    {R16 | Q4_K, QK, 144, true, multi<Q4KK>, one_by_one<dot_k4_plain<false>>, r16_multi<R4K>, true},
 #else
     {Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>},
     {Q4_0, 32, 18, false, one_by_one<dot_q32_plain<Q32_4_0>>, one_by_one<dot_q32_plain<Q32_4_0>>},
@@ -83,11 +83,12 @@ const Type TYPES[] = {
     {Q2_K, QK, 84, true, one_by_one<dot_q2_k_plain>, one_by_one<dot_q2_k_plain>},
     {Q3_K, QK, 110, true, one_by_one<dot_q3_k_plain>, one_by_one<dot_q3_k_plain>},
     {IQ4_XS, QK, 136, true, one_by_one<dot_iq4_xs_plain>, one_by_one<dot_iq4_xs_plain>},
-    {R16 | Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>, r16_fast<Q32_8_0>, r16_plain<Q32_8_0>, r16_repack<Q32_8_0>},
-    {R16 | Q4_0, 32, 18, false, one_by_one<dot_q32_plain<Q32_4_0>>, one_by_one<dot_q32_plain<Q32_4_0>>, r16_fast<Q32_4_0>, r16_plain<Q32_4_0>, r16_repack<Q32_4_0>},
-    {R16 | Q4_1, 32, 20, false, one_by_one<dot_q32_plain<Q32_4_1>>, one_by_one<dot_q32_plain<Q32_4_1>>, r16_fast<Q32_4_1>, r16_plain<Q32_4_1>, r16_repack<Q32_4_1>},
-    {R16 | Q5_0, 32, 22, false, one_by_one<dot_q32_plain<Q32_5_0>>, one_by_one<dot_q32_plain<Q32_5_0>>, r16_fast<Q32_5_0>, r16_plain<Q32_5_0>, r16_repack<Q32_5_0>},
-    {R16 | Q5_1, 32, 24, false, one_by_one<dot_q32_plain<Q32_5_1>>, one_by_one<dot_q32_plain<Q32_5_1>>, r16_fast<Q32_5_1>, r16_plain<Q32_5_1>, r16_repack<Q32_5_1>},
+    {R16 | Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>, nullptr, true},
+    {R16 | Q4_0, 32, 18, false, one_by_one<dot_q32_plain<Q32_4_0>>, one_by_one<dot_q32_plain<Q32_4_0>>, nullptr, true},
+    {R16 | Q4_1, 32, 20, false, one_by_one<dot_q32_plain<Q32_4_1>>, one_by_one<dot_q32_plain<Q32_4_1>>, nullptr, true},
+    {R16 | Q5_0, 32, 22, false, one_by_one<dot_q32_plain<Q32_5_0>>, one_by_one<dot_q32_plain<Q32_5_0>>, nullptr, true},
+    {R16 | Q5_1, 32, 24, false, one_by_one<dot_q32_plain<Q32_5_1>>, one_by_one<dot_q32_plain<Q32_5_1>>, nullptr, true},
+    {R16 | Q4_K, QK, 144, true, one_by_one<dot_k4_plain<false>>, one_by_one<dot_k4_plain<false>>, nullptr, true},
 #endif
 };
 
@@ -171,16 +172,22 @@ namespace {
 void rows_times_tokens(const Type* t, bool plain, const uint8_t* w, int64_t rb, int64_t nb, int64_t r0, int64_t r1,
                        const uint8_t* xa, int64_t ab, int64_t p0, int64_t p1, float* out, int64_t ostride) {
     float o[16 * 8];
-    const bool group = t->group && r1 - r0 == 16 && r0 % 16 == 0;
+    const bool group = t->r16 && r1 - r0 == 16 && r0 % 16 == 0;
+    std::vector<uint8_t> rows;
+    if (group && (plain || !t->group)) {  // the reference way: the 16 plain rows back, then row by row
+        rows.resize(16 * rb);
+        r16_groups(*r16_layout(t->id & ~R16), w + r0 * rb, rows.data(), nb, 0, 1, true);
+    }
     for (int64_t p = p0; p < p1; p += 8) {
         const int nt = (int)std::min<int64_t>(8, p1 - p);
-        if (group) {
-            (plain ? t->group_plain : t->group)(w + r0 * rb, xa + p * ab, ab, nt, nb, o);
+        if (group && rows.empty()) {
+            t->group(w + r0 * rb, xa + p * ab, ab, nt, nb, o);
             for (int m = 0; m < nt; m++) std::memcpy(out + (p + m) * ostride + r0, o + 16 * m, 16 * sizeof(float));
             continue;
         }
         for (int64_t r = r0; r < r1; r++) {
-            (plain ? t->plain : t->fast)(w + r * rb, xa + p * ab, ab, nt, nb, o);
+            const uint8_t* wr = rows.empty() ? w + r * rb : rows.data() + (r - r0) * rb;
+            (plain ? t->plain : t->fast)(wr, xa + p * ab, ab, nt, nb, o);
             for (int m = 0; m < nt; m++) out[(p + m) * ostride + r] = o[m];
         }
     }
@@ -230,19 +237,19 @@ int qdot_gemv(int qtype, const uint8_t* w, int64_t N, int64_t row_bytes, const f
     return gemv_many(1, &qtype, &w, &N, x, M, K, &out, plain != 0);
 }
 
-// The interleaved (R16) form of a plain matrix (N, row bytes) of a 32-value type, or back (unpack = 1): dst
+// The interleaved (R16) form of a plain matrix (N, row bytes), or back (unpack = 1): dst
 // has src's size and must not overlap it. Returns the interleaved type id (qtype | 0x100), -1 when the type
 // has no interleaved form or row_bytes is not whole blocks.
 int qdot_repack(int qtype, const uint8_t* src, int64_t N, int64_t row_bytes, uint8_t* dst, int unpack) {
-    const Type* t = find_type(qtype | R16);
-    if (!t || (qtype & R16) || row_bytes % t->bytes) return -1;
-    const int64_t nb = row_bytes / t->bytes, full = N / 16 * 16, per_item = 64;  // groups a thread takes
+    const R16Layout* L = (qtype & R16) ? nullptr : r16_layout(qtype);
+    if (!L || row_bytes % L->bytes) return -1;
+    const int64_t nb = row_bytes / L->bytes, full = N / 16 * 16, per_item = 64;  // groups a thread takes
     std::memcpy(dst + full * row_bytes, src + full * row_bytes, (N - full) * row_bytes);  // plain tail
     Call call;
     pool().run((N / 16 + per_item - 1) / per_item, [&](int64_t it) {
-        t->repack(src, dst, nb, it * per_item, std::min(N / 16, (it + 1) * per_item), unpack != 0);
+        r16_groups(*L, src, dst, nb, it * per_item, std::min(N / 16, (it + 1) * per_item), unpack != 0);
     });
-    return t->id;
+    return qtype | R16;
 }
 
 // gemv over n matrices that share one input (q / k / v, q_a / kv_a) in one call: per-call costs matter,

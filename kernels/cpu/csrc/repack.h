@@ -1,20 +1,24 @@
-// Interleaved ("R16") layouts of the 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and their kernels.
+// Interleaved ("R16") layouts of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K, and their kernels.
 // Part of qdot.cpp (one translation unit): included there, in this order.
 //
-// A row-by-row dot product spends ~10 instructions on every 32 weights (a 256-bit dot, a scalar scale,
-// a broadcast, a horizontal sum at the end): on a 2-core Zen 4 the 32-value types ran at 14-24 GB/s
-// where the same cores read 40+ GB/s. Here 16 rows are interleaved block by block, so that one
-// vpdpbusd takes 4 weights of each of the 16 rows (int32 lane j = row j) against 4 broadcast
-// activations, the 16 rows' scales are one fp16 vector, and no horizontal sum is left.
+// A row-by-row dot product spends ~10 instructions on every 32 weights of the 32-value types (a 256-bit
+// dot, a scalar scale, a broadcast, a horizontal sum at the end) and ~45 on Q4_K's 256 (the 6-bit scales
+// unpacked per row): on a 2-core Zen 4 they ran at 14-28 GB/s where the same cores read 40+ GB/s. Here
+// 16 rows are interleaved block by block, so that one vpdpbusd takes 4 weights of each of the 16 rows
+// (int32 lane j = row j) against 4 broadcast activations, the 16 rows' scales are unpacked as vectors,
+// and no horizontal sum is left.
 //
 // Layout of a matrix (N, row bytes): every full group of 16 rows (rows 16g..16g+15, the same bytes the
-// plain rows took) holds, per block b of 32 values, 16 * block-bytes bytes:
-//   d    16 fp16 scales (row j at 2j)
-//   m    16 fp16 mins (Q4_1, Q5_1)
-//   qh   eight 64-bit masks (Q5_0, Q5_1): bit 4j + v of mask k is the fifth bit of row j's value 4k + v
-//   qs   Q8_0: 8 chunks of 64 bytes, chunk k lane j = row j's values 4k..4k+3, each XOR 0x80 (value + 128)
-//        4-bit: 4 chunks of 64 bytes, chunk c lane j = row j's plain bytes 4c..4c+3 (low nibbles are values
-//        4c.., high nibbles values 16 + 4c..)
+// plain rows took) holds, per block b, 16 * block-bytes bytes made of "fields": a field of w bytes (2 or
+// 4) at offset p of a plain block sits at offset q + w * j of the group block for row j. The fields:
+//   32-value types  d (16 fp16) at 0; Q4_1 / Q5_1 m at 32; then the quants, 4 bytes a row per 64-byte
+//                   vector (Q8_0: 8 vectors, values 4k..4k+3, each XOR 0x80 = value + 128; 4-bit: 4
+//                   vectors, plain bytes 4c..4c+3: low nibbles values 4c.., high nibbles 16 + 4c..);
+//                   Q5_0 / Q5_1 qh: eight 64-bit masks, bit 4j + v of mask k the fifth bit of row j's
+//                   value 4k + v (the one field moved bit by bit)
+//   Q4_K            d at 0, dmin at 32, scale bytes 0-3 / 4-7 / 8-11 at 64 / 128 / 192, then 32 vectors
+//                   of quants: vector 8c + t holds plain qs bytes 32c + 4t..+3 (low nibbles: values
+//                   4t.. of sub-block 2c, high: of sub-block 2c + 1)
 // The N % 16 tail rows stay plain. Repacking is lossless (unpack gives the file's bytes back, tested) and
 // keeps the size: 16 * block bytes per group block in every type.
 
@@ -28,93 +32,126 @@ namespace {
 constexpr Q32 Q32_8_0{34, -1, -1, 2, 128};  // Q8_0 in the Q32 terms: 8-bit values, stored + 128 here
 
 constexpr bool eight_bit(const Q32& F) { return F.bytes == 34; }
-constexpr int r16_m(const Q32&) { return 32; }
 constexpr int r16_qh(const Q32& F) { return F.m >= 0 ? 64 : 32; }
 constexpr int r16_qs(const Q32& F) { return r16_qh(F) + (F.qh >= 0 ? 64 : 0); }
 
-// One block of 16 rows between the plain layout (rows[j] = row j's block) and a group block g.
-template <const Q32& F, bool UNPACK>
-void r16_block(uint8_t* const rows[16], uint8_t* g) {
-    // 2- and 4-byte fields move whole; Q8_0's values flip their sign bit (value + 128 as a byte)
-    auto move = [](uint8_t* plain, uint8_t* packed, int n, uint32_t flip) {
-        uint32_t v = 0;
-        std::memcpy(&v, UNPACK ? packed : plain, n);
-        v ^= flip;
-        std::memcpy(UNPACK ? plain : packed, &v, n);
-    };
-    constexpr int chunks = eight_bit(F) ? 8 : 4;
-    constexpr uint32_t flip = eight_bit(F) ? 0x80808080u : 0;
-    for (int j = 0; j < 16; j++) {
-        move(rows[j], g + 2 * j, 2, 0);
-        if (F.m >= 0) move(rows[j] + F.m, g + r16_m(F) + 2 * j, 2, 0);
-        for (int c = 0; c < chunks; c++) move(rows[j] + F.qs + 4 * c, g + r16_qs(F) + 64 * c + 4 * j, 4, flip);
-    }
-    if (F.qh >= 0) {  // mask k holds, at bits 4j..4j+3, bits 4k..4k+3 of row j's qh
-        uint64_t mask[8] = {0};
-        uint32_t qh[16] = {0};
-        if (UNPACK) std::memcpy(mask, g + r16_qh(F), sizeof mask);
-        for (int j = 0; j < 16; j++) {
-            if (!UNPACK) std::memcpy(&qh[j], rows[j] + F.qh, 4);
-            for (int k = 0; k < 8; k++) {
-                if (UNPACK)
-                    qh[j] |= (uint32_t)((mask[k] >> (4 * j)) & 0xF) << (4 * k);
-                else
-                    mask[k] |= (uint64_t)((qh[j] >> (4 * k)) & 0xF) << (4 * j);
-            }
-            if (UNPACK) std::memcpy(rows[j] + F.qh, &qh[j], 4);
-        }
-        if (!UNPACK) std::memcpy(g + r16_qh(F), mask, sizeof mask);
+struct Field {
+    int plain, packed, width;
+    uint32_t flip;
+};
+
+struct R16Layout {
+    int bytes = 0;  // of a plain block
+    Field fields[40];
+    int n = 0;
+    int qh_plain = -1, qh_packed = -1;  // Q5_0 / Q5_1: the bit-moved field
+    void add(int p, int q, int w, uint32_t flip = 0) { fields[n++] = {p, q, w, flip}; }
+};
+
+R16Layout q32_layout(const Q32& F) {
+    R16Layout L;
+    L.bytes = F.bytes;
+    L.add(0, 0, 2);
+    if (F.m >= 0) L.add(F.m, 32, 2);
+    for (int v = 0; v < (eight_bit(F) ? 8 : 4); v++) L.add(F.qs + 4 * v, r16_qs(F) + 64 * v, 4, eight_bit(F) ? 0x80808080u : 0);
+    if (F.qh >= 0) L.qh_plain = F.qh, L.qh_packed = r16_qh(F);
+    return L;
+}
+
+R16Layout q4_k_layout() {
+    R16Layout L;
+    L.bytes = 144;
+    L.add(0, 0, 2), L.add(2, 32, 2), L.add(4, 64, 4), L.add(8, 128, 4), L.add(12, 192, 4);
+    for (int v = 0; v < 32; v++) L.add(16 + 4 * v, 256 + 64 * v, 4);
+    return L;
+}
+
+// the layout of a plain type that has an interleaved form, else null
+const R16Layout* r16_layout(int type) {
+    static const R16Layout q80 = q32_layout(Q32_8_0), q40 = q32_layout(Q32_4_0), q41 = q32_layout(Q32_4_1),
+                           q50 = q32_layout(Q32_5_0), q51 = q32_layout(Q32_5_1), q4k = q4_k_layout();
+    switch (type) {
+        case Q8_0: return &q80;
+        case Q4_0: return &q40;
+        case Q4_1: return &q41;
+        case Q5_0: return &q50;
+        case Q5_1: return &q51;
+        case Q4_K: return &q4k;
+        default: return nullptr;
     }
 }
 
-// Groups g0..g1 of a matrix: src (N, nb blocks) -> dst, same size; UNPACK goes back. The tail rows
-// (N % 16) are copied as they are by the caller.
-template <const Q32& F, bool UNPACK>
-void r16_groups(const uint8_t* src, uint8_t* dst, int64_t nb, int64_t g0, int64_t g1) {
-    const int64_t rb = nb * F.bytes;
+// One block of 16 rows between the plain layout (rows[j] = row j's block) and a group block g.
+void r16_block(const R16Layout& L, uint8_t* const rows[16], uint8_t* g, bool unpack) {
+    // fixed-size moves (a variable-size memcpy per field and row made a Q4_K load take 15 s for 1.7 GB)
+    auto move = [&](const Field& F, auto word) {
+        for (int j = 0; j < 16; j++) {
+            uint8_t* plain = rows[j] + F.plain;
+            uint8_t* packed = g + F.packed + (int)sizeof(word) * j;
+            std::memcpy(&word, unpack ? packed : plain, sizeof(word));
+            word ^= (decltype(word))F.flip;
+            std::memcpy(unpack ? plain : packed, &word, sizeof(word));
+        }
+    };
+    for (int f = 0; f < L.n; f++) {
+        if (L.fields[f].width == 2)
+            move(L.fields[f], (uint16_t)0);
+        else
+            move(L.fields[f], (uint32_t)0);
+    }
+    if (L.qh_plain >= 0) {  // mask k holds, at bits 4j..4j+3, bits 4k..4k+3 of row j's qh
+        uint64_t mask[8] = {0};
+        if (unpack) std::memcpy(mask, g + L.qh_packed, sizeof mask);
+        for (int j = 0; j < 16; j++) {
+            uint32_t qh = 0;
+            if (!unpack) std::memcpy(&qh, rows[j] + L.qh_plain, 4);
+            for (int k = 0; k < 8; k++) {
+                if (unpack)
+                    qh |= (uint32_t)((mask[k] >> (4 * j)) & 0xF) << (4 * k);
+                else
+                    mask[k] |= (uint64_t)((qh >> (4 * k)) & 0xF) << (4 * j);
+            }
+            if (unpack) std::memcpy(rows[j] + L.qh_plain, &qh, 4);
+        }
+        if (!unpack) std::memcpy(g + L.qh_packed, mask, sizeof mask);
+    }
+}
+
+// Groups g0..g1 of a matrix of nb blocks a row: plain src -> interleaved dst, or back (unpack). The tail
+// rows (N % 16) are the caller's.
+void r16_groups(const R16Layout& L, const uint8_t* src, uint8_t* dst, int64_t nb, int64_t g0, int64_t g1, bool unpack) {
+    const int64_t rb = nb * L.bytes;
     for (int64_t r0 = 16 * g0; r0 < 16 * g1; r0 += 16) {
-        uint8_t* plain = UNPACK ? dst + r0 * rb : const_cast<uint8_t*>(src + r0 * rb);
-        uint8_t* packed = UNPACK ? const_cast<uint8_t*>(src + r0 * rb) : dst + r0 * rb;
+        uint8_t* plain = unpack ? dst + r0 * rb : const_cast<uint8_t*>(src + r0 * rb);
+        uint8_t* packed = unpack ? const_cast<uint8_t*>(src + r0 * rb) : dst + r0 * rb;
         for (int64_t b = 0; b < nb; b++) {
             uint8_t* rows[16];
-            for (int j = 0; j < 16; j++) rows[j] = plain + j * rb + b * F.bytes;
-            r16_block<F, UNPACK>(rows, packed + b * 16 * F.bytes);
+            for (int j = 0; j < 16; j++) rows[j] = plain + j * rb + b * L.bytes;
+            r16_block(L, rows, packed + b * 16 * L.bytes, unpack);
         }
     }
-}
-
-template <const Q32& F, bool UNPACK>
-void r16_matrix(const uint8_t* src, uint8_t* dst, int64_t N, int64_t nb) {
-    const int64_t full = N / 16 * 16, rb = nb * F.bytes;
-    std::memcpy(dst + full * rb, src + full * rb, (N - full) * rb);
-    r16_groups<F, UNPACK>(src, dst, nb, 0, N / 16);
-}
-
-// A group's 16 rows against nt token rows -> out[16 m + j], through the plain dot of each row (any CPU;
-// the tests' reference for the SIMD kernel below)
-template <const Q32& F>
-void r16_plain(const uint8_t* g, const uint8_t* act, int64_t astride, int nt, int64_t nb, float* out) {
-    std::vector<uint8_t> rows(16 * nb * F.bytes);
-    r16_matrix<F, true>(g, rows.data(), 16, nb);
-    for (int j = 0; j < 16; j++)
-        for (int m = 0; m < nt; m++) {
-            const uint8_t* w = rows.data() + j * nb * F.bytes;
-            if constexpr (eight_bit(F))
-                out[16 * m + j] = dot_q8_0_plain(w, act + m * astride, nb);
-            else
-                out[16 * m + j] = dot_q32_plain<F>(w, act + m * astride, nb);
-        }
 }
 
 #if QDOT_VNNI
+// 4 activation bytes broadcast to every int32 lane, straight from memory (through a general register, as
+// the compiler did for a copied int32 array, the broadcasts took more uops than the dot products)
+inline __m512i bcast4(const int8_t* p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
+
+// Each group block's bytes are prefetched this far ahead (9 KB: 4 Q4_K group blocks). A group block is
+// a burst of loads then hundreds of cycles of dot products; without the prefetch the hardware prefetchers
+// fell behind: Q4_K at M=1 from DRAM 23 -> 46 GB/s on 2 Zen 4 cores (2304 B ahead: 31, 18 KB: 34, 36 KB: 32)
+constexpr int PREFETCH_AHEAD = 9216;
+
+// 32-value types: a group of 16 rows against NT token rows -> out[16 m + j]
 template <const Q32& F, int NT>
-void r16_vnni(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+void r16_q32(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16), zero = _mm512_setzero_si512();
     __m512 acc[NT];
     for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++, g += 16 * F.bytes) {
+        for (int l = 0; l < 16 * F.bytes; l += 64) _mm_prefetch((const char*)(g + PREFETCH_AHEAD + l), _MM_HINT_T0);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
-        const __m512 mn = F.m >= 0 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + r16_m(F)))) : d;
+        const __m512 mn = F.m >= 0 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 32))) : d;
         __m512i q[8];  // q[k]: values 4k..4k+3 of the 16 rows, unsigned
         if (eight_bit(F)) {
             for (int k = 0; k < 8; k++) q[k] = _mm512_loadu_si512(g + r16_qs(F) + 64 * k);
@@ -133,13 +170,11 @@ void r16_vnni(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb,
         }
         for (int m = 0; m < NT; m++) {
             const A80& a = ((const A80*)(act + m * astride))[b];
-            int32_t av[8];
-            std::memcpy(av, a.qs, 32);
             // the value offset (Q8_0's +128, Q4_0's 8, Q5_0's 16) comes off through the activation sum
             __m512i s0 = _mm512_set1_epi32(-F.offset * a.sum), s1 = zero;
             for (int k = 0; k < 8; k += 2) {  // two chains: a vpdpbusd's latency is 4-5 cycles
-                s0 = _mm512_dpbusd_epi32(s0, q[k], _mm512_set1_epi32(av[k]));
-                s1 = _mm512_dpbusd_epi32(s1, q[k + 1], _mm512_set1_epi32(av[k + 1]));
+                s0 = _mm512_dpbusd_epi32(s0, q[k], bcast4(a.qs + 4 * k));
+                s1 = _mm512_dpbusd_epi32(s1, q[k + 1], bcast4(a.qs + 4 * k + 4));
             }
             const __m512i sumi = _mm512_add_epi32(s0, s1);
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_mul_ps(d, _mm512_set1_ps(a.d)), acc[m]);
@@ -149,32 +184,95 @@ void r16_vnni(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb,
     for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
 }
 
-// nt tokens in groups of up to 8
-template <const Q32& F>
-void r16_fast(const uint8_t* g, const uint8_t* act, int64_t astride, int nt, int64_t nb, float* out) {
-    for (; nt >= 8; nt -= 8, act += 8 * astride, out += 16 * 8) r16_vnni<F, 8>(g, act, astride, nb, out);
+// Q4_K: per chunk c (sub-blocks 2c, 2c + 1) eight vectors give 16 operands; four vpdpbusd (16 values,
+// |lane| <= 16 * 15 * 127 < 2^15) then one vpdpwssd by the rows' int16 scales, exact. Mins: the rows'
+// mins times the activation's 32-value sums, through vpdpwssd as well.
+#ifndef PF
+#define PF 36864
+#endif
+template <int NT>
+void r16_q4_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m6 = _mm512_set1_epi32(63), lo4 = _mm512_set1_epi32(0xF);
+    const __m512i three = _mm512_set1_epi32(3), zero = _mm512_setzero_si512();
+    __m512 acc[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, g += 16 * 144) {
+        for (int l = 0; l < 16 * 144; l += 64) _mm_prefetch((const char*)(g + PREFETCH_AHEAD + l), _MM_HINT_T0);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 32)));
+        const __m512i u0 = _mm512_loadu_si512(g + 64), u1 = _mm512_loadu_si512(g + 128), u2 = _mm512_loadu_si512(g + 192);
+        __m512i sc[8], mn[8];  // per sub-block, the 16 rows' 6-bit scale and min (int32 lanes, high half 0)
+        for (int s = 0; s < 4; s++) {
+            sc[s] = _mm512_and_si512(_mm512_srli_epi32(u0, 8 * s), m6);
+            mn[s] = _mm512_and_si512(_mm512_srli_epi32(u1, 8 * s), m6);
+            sc[s + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 8 * s), lo4),
+                                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 8 * s + 6), three), 4));
+            mn[s + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 8 * s + 4), lo4),
+                                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 8 * s + 6), three), 4));
+        }
+        // few tokens: two accumulator chains (16 dependent vpdpwssd a block were the critical path)
+        constexpr int CH = NT <= 4 ? 2 : 1;
+        __m512i sumi[NT][CH], summ[NT];
+        for (int m = 0; m < NT; m++) {
+            const A8K& a = ((const A8K*)(act + m * astride))[b];
+            summ[m] = zero;
+            for (int s = 0; s < 8; s++)  // the 32-value sum in an int16 (|.| <= 4064) against int16 mins
+                summ[m] = _mm512_dpwssd_epi32(summ[m], mn[s], _mm512_set1_epi32(a.bsums[2 * s] + a.bsums[2 * s + 1]));
+            for (int h = 0; h < CH; h++) sumi[m][h] = zero;
+        }
+        const uint8_t* qs = g + 256;
+        for (int c = 0; c < 4; c++) {
+            __m512i lo[8], hi[8];
+            for (int t = 0; t < 8; t++) {
+                const __m512i raw = _mm512_loadu_si512(qs + 64 * (8 * c + t));
+                lo[t] = _mm512_and_si512(raw, m4);
+                hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            }
+            for (int m = 0; m < NT; m++) {
+                const A8K& a = ((const A8K*)(act + m * astride))[b];
+                const int8_t* av = a.qs + 64 * c;  // sub-block 2c's activations, then 2c + 1's
+                __m512i s[4] = {zero, zero, zero, zero};  // lo first half, lo second, hi first, hi second
+                for (int t = 0; t < 8; t++) {
+                    s[t / 4] = _mm512_dpbusd_epi32(s[t / 4], lo[t], bcast4(av + 4 * t));
+                    s[2 + t / 4] = _mm512_dpbusd_epi32(s[2 + t / 4], hi[t], bcast4(av + 32 + 4 * t));
+                }
+                sumi[m][0] = _mm512_dpwssd_epi32(sumi[m][0], s[0], sc[2 * c]);
+                sumi[m][CH - 1] = _mm512_dpwssd_epi32(sumi[m][CH - 1], s[1], sc[2 * c]);
+                sumi[m][0] = _mm512_dpwssd_epi32(sumi[m][0], s[2], sc[2 * c + 1]);
+                sumi[m][CH - 1] = _mm512_dpwssd_epi32(sumi[m][CH - 1], s[3], sc[2 * c + 1]);
+            }
+        }
+        for (int m = 0; m < NT; m++) {
+            const float ad = ((const A8K*)(act + m * astride))[b].d;
+            const __m512i si = CH == 2 ? _mm512_add_epi32(sumi[m][0], sumi[m][CH - 1]) : sumi[m][0];
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(d, _mm512_set1_ps(ad)), acc[m]);
+            acc[m] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ[m]), _mm512_mul_ps(dmin, _mm512_set1_ps(ad)), acc[m]);
+        }
+    }
+    for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
+}
+
+// nt tokens in groups of up to 8 through the NT-templated group kernel K<NT>::run
+template <template <int> class K>
+void r16_multi(const uint8_t* g, const uint8_t* act, int64_t astride, int nt, int64_t nb, float* out) {
+    for (; nt >= 8; nt -= 8, act += 8 * astride, out += 16 * 8) K<8>::run(g, act, astride, nb, out);
     switch (nt) {
-        case 7: r16_vnni<F, 7>(g, act, astride, nb, out); break;
-        case 6: r16_vnni<F, 6>(g, act, astride, nb, out); break;
-        case 5: r16_vnni<F, 5>(g, act, astride, nb, out); break;
-        case 4: r16_vnni<F, 4>(g, act, astride, nb, out); break;
-        case 3: r16_vnni<F, 3>(g, act, astride, nb, out); break;
-        case 2: r16_vnni<F, 2>(g, act, astride, nb, out); break;
-        case 1: r16_vnni<F, 1>(g, act, astride, nb, out); break;
+        case 7: K<7>::run(g, act, astride, nb, out); break;
+        case 6: K<6>::run(g, act, astride, nb, out); break;
+        case 5: K<5>::run(g, act, astride, nb, out); break;
+        case 4: K<4>::run(g, act, astride, nb, out); break;
+        case 3: K<3>::run(g, act, astride, nb, out); break;
+        case 2: K<2>::run(g, act, astride, nb, out); break;
+        case 1: K<1>::run(g, act, astride, nb, out); break;
         default: break;
     }
 }
-#else
-template <const Q32& F>
-void r16_fast(const uint8_t* g, const uint8_t* act, int64_t astride, int nt, int64_t nb, float* out) {
-    r16_plain<F>(g, act, astride, nt, nb, out);
-}
+template <int NT> struct R80 { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q32<Q32_8_0, NT>(w, a, s, nb, o); } };
+template <int NT> struct R40 { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q32<Q32_4_0, NT>(w, a, s, nb, o); } };
+template <int NT> struct R41 { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q32<Q32_4_1, NT>(w, a, s, nb, o); } };
+template <int NT> struct R50 { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q32<Q32_5_0, NT>(w, a, s, nb, o); } };
+template <int NT> struct R51 { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q32<Q32_5_1, NT>(w, a, s, nb, o); } };
+template <int NT> struct R4K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q4_k<NT>(w, a, s, nb, o); } };
 #endif
-
-// groups g0..g1 of a matrix of nb blocks a row, either way
-template <const Q32& F>
-void r16_repack(const uint8_t* src, uint8_t* dst, int64_t nb, int64_t g0, int64_t g1, bool unpack) {
-    unpack ? r16_groups<F, true>(src, dst, nb, g0, g1) : r16_groups<F, false>(src, dst, nb, g0, g1);
-}
 
 }  // namespace
