@@ -79,6 +79,18 @@ def bench_kernels(mb: int, k: int, dram: float, quick: bool) -> list[tuple]:
                 cross = m
         r["cross"] = cross
         rows.append(r)
+        if native.repacks(qt, n):  # the layout the engine loads these types into (csrc/repack.h)
+            r["engine"] = "native, file layout"
+            wr, qr = native.repack(w, qt)
+            wsr = native.repack(ws, qt)[0]
+            rr = {"name": f"{name} interleaved", "engine": "native (the engine's)",
+                  "native": wr.nbytes / _best(lambda: native.gemv(x1, wr, qr)) / 1e9}
+            rr["gbs"] = rr["native"]
+            for m in (16, 128):
+                xm = torch.randn(m, k)
+                rr[m] = (m * scale / _best(lambda: native.gemv(xm, wsr, qr), reps=2), None, None)
+            rows.append(rr)
+            del wr, wsr
         del w, ws
     # Q4_K repacked into torch's int4 layout with bf16 scale + zero (kernels/cpu/int4pack.py)
     from offload.kernels.cpu import int4pack as i4
@@ -143,10 +155,16 @@ def bench_moe(n_experts: int, dram: float, quick: bool) -> list[tuple]:
     from offload.kernels.cpu import native
 
     rows = []
-    paths = (["native rows"] if native.fast(dq.Q4_K, dq.Q8_0) else []) + ["numba rows", "int4pack gate/up"]
+    paths = (["native rows, interleaved (the engine's)", "native rows, file layout"]
+             if native.fast(dq.Q4_K, dq.Q8_0) else []) + ["numba rows", "int4pack gate/up"]
     simd = native.SIMD_TYPES
+    plain_ex = ex
     for path in paths:
-        native.SIMD_TYPES = simd if path == "native rows" else set()  # which row kernel moe_cpu takes
+        native.SIMD_TYPES = simd if path.startswith("native") else set()  # which row kernel moe_cpu takes
+        ex = plain_ex
+        if "interleaved" in path:
+            (rg, qg), (ru, qu), (rd, qd) = (native.repack(m, q) for m, q in ((g, dq.Q4_K), (u, dq.Q4_K), (d, dq.Q8_0)))
+            ex = CpuExperts(rg, ru, rd, (qg, qu, qd))
         if path == "int4pack gate/up":
             ex.repack_int4pack()
         for T in (1, 16, 128):
