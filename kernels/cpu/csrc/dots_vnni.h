@@ -316,10 +316,10 @@ void dot_lowbits_vnni(const uint8_t* w, const uint8_t* act, int64_t astride, int
     for (int m = 0; m < NT; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
-// nt tokens in groups of up to 8 through the NT-templated kernel
-template <template <int> class K>
+// nt tokens in groups of up to 8 through the NT-templated kernel; OUT outputs a token (16: a row group)
+template <template <int> class K, int OUT = 1>
 void multi(const uint8_t* w, const uint8_t* act, int64_t astride, int nt, int64_t nb, float* out) {
-    for (; nt >= 8; nt -= 8, act += 8 * astride, out += 8) K<8>::run(w, act, astride, nb, out);
+    for (; nt >= 8; nt -= 8, act += 8 * astride, out += 8 * OUT) K<8>::run(w, act, astride, nb, out);
     switch (nt) {
         case 7: K<7>::run(w, act, astride, nb, out); break;
         case 6: K<6>::run(w, act, astride, nb, out); break;

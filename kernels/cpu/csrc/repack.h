@@ -252,21 +252,6 @@ void r16_q4_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb,
     for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
 }
 
-// nt tokens in groups of up to 8 through the NT-templated group kernel K<NT>::run
-template <template <int> class K>
-void r16_multi(const uint8_t* g, const uint8_t* act, int64_t astride, int nt, int64_t nb, float* out) {
-    for (; nt >= 8; nt -= 8, act += 8 * astride, out += 16 * 8) K<8>::run(g, act, astride, nb, out);
-    switch (nt) {
-        case 7: K<7>::run(g, act, astride, nb, out); break;
-        case 6: K<6>::run(g, act, astride, nb, out); break;
-        case 5: K<5>::run(g, act, astride, nb, out); break;
-        case 4: K<4>::run(g, act, astride, nb, out); break;
-        case 3: K<3>::run(g, act, astride, nb, out); break;
-        case 2: K<2>::run(g, act, astride, nb, out); break;
-        case 1: K<1>::run(g, act, astride, nb, out); break;
-        default: break;
-    }
-}
 template <int NT> struct R80 { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q32<Q32_8_0, NT>(w, a, s, nb, o); } };
 template <int NT> struct R40 { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q32<Q32_4_0, NT>(w, a, s, nb, o); } };
 template <int NT> struct R41 { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q32<Q32_4_1, NT>(w, a, s, nb, o); } };
