@@ -45,7 +45,9 @@ def qtype_id(qtype) -> int:
 
 def block_info(qtype) -> tuple[int, int]:
     """(block_size, bytes_per_block) of a ggml type (or of an interleaved one: the same blocks)."""
-    qt = _plain_type(qtype_id(qtype))
+    from offload.kernels.cpu.native import base_type
+
+    qt = base_type(qtype_id(qtype))
     if qt in dq.FAST_TYPES:
         return dq.FAST_TYPES[qt]
     from offload.gguf.types import block_format
@@ -55,12 +57,6 @@ def block_info(qtype) -> tuple[int, int]:
     except (KeyError, ValueError):
         raise WeightsError(f"unknown ggml quantisation type id {qt}") from None
     return fmt.block_size, fmt.type_size
-
-
-def _plain_type(qt: int) -> int:
-    from offload.kernels.cpu import native
-
-    return native.base_type(qt)
 
 
 def plain_blocks(w: np.ndarray, qt: int) -> tuple[np.ndarray, int]:
