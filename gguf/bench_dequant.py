@@ -1,6 +1,6 @@
 """Dequant throughput, torch vs the numpy reference, in MB/s of quantised input bytes.
 
-    python -m offload.gguf.bench_dequant [--mb 16] [--types Q4_K,Q6_K] [--device cpu|cuda]
+    offload bench dequant [--mb 16] [--types Q4_K,Q6_K] [--device cpu|cuda]
 """
 
 import argparse
@@ -24,15 +24,15 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="offload bench dequant", description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=16, help="quantised bytes per tensor, MB")
     ap.add_argument("--types", default=",".join(GGMLType(t).name for t in DEQUANTIZERS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--np-mb", type=float, default=16, help="smaller input for the (slow) numpy path")
     ap.add_argument("--chunks", default="", help="comma-separated chunk sizes (blocks) to compare")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(f"torch threads {torch.get_num_threads()}, device {args.device}, {args.mb} MB per type")

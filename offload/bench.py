@@ -1,6 +1,6 @@
 """Benchmarks that print ratios against a baseline measured in the same run.
 
-    python -m offload.bench cpu-moe [--threads N] [--mb 512] [--experts 32] [--quick]
+    offload bench cpu-moe [--threads N] [--mb 512] [--experts 32] [--quick]
 
 cpu-moe: DRAM read bandwidth (torch.sum over a big buffer); each CPU kernel's GB/s at M=1 and
 tokens/s at M=16 / 128 on a weight set larger than the caches; torch's int4pack kernel as a
@@ -180,7 +180,7 @@ def bench_moe(n_experts: int, dram: float, quick: bool) -> list[tuple]:
 
 
 def cpu_moe(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m offload.bench cpu-moe")
+    p = argparse.ArgumentParser(prog="offload bench cpu-moe")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--mb", type=int, default=512, help="MB of weights per kernel (well above L3)")
     p.add_argument("--k", type=int, default=4096, help="row length K")
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "cpu-moe":
-        raise SystemExit("usage: python -m offload.bench cpu-moe [--threads N] [--mb MB] [--quick]")
+        raise SystemExit("usage: offload bench cpu-moe [--threads N] [--mb MB] [--quick]")
     cpu_moe(argv[1:])
 
 

@@ -1,6 +1,6 @@
 """Whole-model CPU decode and prefill: offload against llama.cpp on the same GGUF, in one run.
 
-    python -m offload.bench_decode FILE.gguf [--threads N] [--prompt 512] [--tokens 64] [--repeat 3]
+    offload bench decode FILE.gguf [--threads N] [--prompt 512] [--tokens 64] [--repeat 3]
 
 Both engines are fed the same token ids (teacher-forced), so the work is identical: a `--prompt`-token
 prefill, then `--tokens` single-token decode steps. Both are loaded once and warmed on the prompt, then
@@ -54,14 +54,14 @@ class Offload:
         return n_prompt / (t1 - t0), (len(ids) - n_prompt) / (t2 - t1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="offload bench decode", description=__doc__.splitlines()[0])
     ap.add_argument("gguf")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per engine, taking turns (median)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     import llama_cpp
     import psutil
 

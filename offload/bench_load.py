@@ -1,6 +1,6 @@
 """Start-to-first-token on a GGUF: offload vs llama-cpp-python on the same file, in the same run.
 
-    python -m offload.bench_load FILE.gguf [--device cpu] [--repeat 2] [--threads N]
+    offload bench load FILE.gguf [--device cpu] [--repeat 2] [--threads N]
 
 Each measurement is a fresh Python process (imports included), timed from its launch until the first
 generated token of a short greedy prompt is out. The file is read once first so both engines start from a
@@ -53,7 +53,8 @@ def _run(code: str, path: str, device: str, threads: int) -> dict:
     if offload._OMP_WAIT_POLICY_SET_HERE:  # offload's own default, not the user's: llama.cpp runs with its own
         env.pop("OMP_WAIT_POLICY", None)
     t0 = time.time()
-    cmd = [sys.executable, "-c", code, repr(t0), path, device, str(threads)]
+    cmd = [sys.executable, "-P", "-c", code,  # -P: never the working directory on sys.path
+           repr(t0), path, device, str(threads)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.expanduser("~"))
     if r.returncode != 0:
         raise SystemExit(f"benchmark child failed:\n{r.stderr[-2000:]}")
@@ -61,7 +62,7 @@ def _run(code: str, path: str, device: str, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="offload bench load", description=__doc__.splitlines()[0])
     p.add_argument("path")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=2)

@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 from safetensors import safe_open
@@ -11,6 +10,8 @@ from safetensors.torch import save_file
 
 import offload
 from offload.errors import ConfigError, OffloadError, RequestError, WeightsError
+
+from tests.commands import offload_command
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def test_cli_prints_one_line_and_exits_2(make_bad, broken, tmp_path):
     path = tmp_path / "nope" if make_bad == "missing" else broken
     if make_bad == "unknown_type":
         edit_config(broken, model_type="bogus")
-    proc = subprocess.run([sys.executable, "-m", "offload", "generate", str(path), "--prompt", "hi",
+    proc = subprocess.run([*offload_command(), "generate", str(path), "--prompt", "hi",
                            "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

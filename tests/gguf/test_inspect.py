@@ -3,14 +3,15 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType as V
-from gguf_forge import write_model
+from tests.gguf.gguf_forge import write_model
 
 from offload.gguf.summary import classify
+
+from tests.commands import offload_command
 
 # a tiny GLM-4.5-style model: dense layer 0, MoE layer 1, MTP layer 2 (block_count 3, 1 nextn layer)
 EXPECTED = {
@@ -48,7 +49,7 @@ def model(tmp_path_factory):
 
 def _offload(*args, cwd):
     env = {**os.environ, "COLUMNS": "200"}  # keep rich's table on one line per row
-    return subprocess.run([sys.executable, "-m", "offload", *args], capture_output=True, text=True,
+    return subprocess.run([*offload_command(), *args], capture_output=True, text=True,
                           cwd=cwd, timeout=120, env=env)
 
 

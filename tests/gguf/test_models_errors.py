@@ -1,16 +1,15 @@
 """Bad GGUF models give one-line offload errors naming the file and what was expected (no llama.cpp needed)."""
 
+import gguf
 import numpy as np
 import pytest
 
 import offload
 from offload.errors import GGUFError, OffloadError
-from offload.gguf._ggufpy import gguf_py
 
 
 def _write(path, arch: str, kv: dict, tensors: dict) -> str:
-    g = gguf_py()
-    w = g.GGUFWriter(str(path), arch=arch)
+    w = gguf.GGUFWriter(str(path), arch=arch)
     for key, value in kv.items():
         if isinstance(value, bool):
             w.add_bool(f"{arch}.{key}", value)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType as V
 from gguf import quants as gq
-from gguf_forge import gguf_bytes, kv_str, kv_u32, s, tensor_info, write_model
+from tests.gguf.gguf_forge import gguf_bytes, kv_str, kv_u32, s, tensor_info, write_model
 
 from offload.errors import GGUFError
 from offload.gguf.reader import GGUFFile, shard_paths

@@ -3,12 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from offload.cli import app
+
+from tests.commands import offload_command
 
 runner = CliRunner()
 RIG = ["--gpu", "24GiB", "--ram", "512GiB", "--dram-bw", "300GB/s", "--cpu-cores", "32"]
@@ -21,7 +22,7 @@ def _no_saved_probe(tmp_path, monkeypatch):
 
 def _offload(*args, env_cache):
     env = {**os.environ, "XDG_CACHE_HOME": env_cache}
-    return subprocess.run([sys.executable, "-m", "offload", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([*offload_command(), *args], capture_output=True, text=True, env=env,
                           timeout=120)
 
 

@@ -1,5 +1,6 @@
 """GGUF metadata: our header reader against gguf-py's GGUFReader on a file gguf-py's writer made."""
 
+import gguf
 import numpy as np
 import pytest
 
@@ -8,13 +9,11 @@ from offload.placement import model as M
 from offload.placement.gguf_meta import read_header, spec_from_gguf
 from offload.placement.quant import QUANT_BLOCKS
 
-from helpers import real_gguf
 
 H, V, E, FF, L = 256, 64, 4, 256, 2
 
 
 def _write(path):
-    gguf = real_gguf()
     T = gguf.GGMLQuantizationType
     w = gguf.GGUFWriter(str(path), "qwen3moe")
     w.add_block_count(L)
@@ -67,7 +66,7 @@ def test_header_matches_gguf_py(tmp_path):
     path = tmp_path / "tiny.gguf"
     _write(path)
     meta, tensors = read_header(path)
-    ref = real_gguf().GGUFReader(str(path))
+    ref = gguf.GGUFReader(str(path))
     assert meta["qwen3moe.expert_count"] == E
     assert meta["general.architecture"] == "qwen3moe"
     assert len(meta["tokenizer.ggml.tokens"]) == V
@@ -112,7 +111,6 @@ def test_glm_dsa_metadata_equals_hf_config(tmp_path):
     from offload.testing import TINY_CONFIGS
 
     hf = transformers.GlmMoeDsaConfig(**TINY_CONFIGS["glm_moe_dsa"], vocab_size=100, num_nextn_predict_layers=1)
-    gguf = real_gguf()
     path = tmp_path / "dsa.gguf"
     w = gguf.GGUFWriter(str(path), "glm-dsa")
     w.add_block_count(hf.num_hidden_layers + 1)  # llama.cpp counts the MTP layer as a block

@@ -1,7 +1,8 @@
 """placement/ is pure Python + numpy: importing and planning must not pull in torch."""
 
 import subprocess
-import sys
+
+from tests.commands import python_command
 
 
 def test_placement_does_not_import_torch():
@@ -14,5 +15,5 @@ def test_placement_does_not_import_torch():
             "html.to_html(report.to_json(p))\n"
             "import offload.commands.plan\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([*python_command(), "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

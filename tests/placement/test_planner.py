@@ -15,7 +15,7 @@ from offload.placement.planner import PlanOptions, plan
 from offload.placement.profile import RoutingProfile
 from offload.placement.quant import QuantScheme
 
-from helpers import rig
+from tests.placement.helpers import rig
 
 ALWAYS_GPU = ("attn", "norms", "router", "shared_experts", "ffn", "kv_cache")
 

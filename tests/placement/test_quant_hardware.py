@@ -2,17 +2,17 @@
 
 import json
 
+import gguf
 import pytest
 
 from offload.errors import ConfigError, PlacementError
 from offload.placement import hardware as H
 from offload.placement import quant as Q
 
-from helpers import real_gguf, rig
+from tests.placement.helpers import rig
 
 
 def test_block_sizes_match_gguf_py():
-    gguf = real_gguf()
     for name, (block, size) in Q.QUANT_BLOCKS.items():
         if name == "FP8":
             continue

@@ -2,12 +2,13 @@
 
 import socket
 import subprocess
-import sys
 import time
 
 import anthropic
 import httpx
 import openai
+
+from tests.commands import offload_command
 
 
 def free_port() -> int:
@@ -19,7 +20,7 @@ def free_port() -> int:
 def test_serve_subprocess(tiny_checkpoint, tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "offload", "serve", str(tiny_checkpoint), "--port", str(port),
+    proc = subprocess.Popen([*offload_command(), "serve", str(tiny_checkpoint), "--port", str(port),
                              "--ctx", "256", "--api-key", "k3y", "--model-name", "tiny"], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -50,6 +51,6 @@ def test_serve_subprocess(tiny_checkpoint, tmp_path):
 
 
 def test_serve_bad_model_path(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "offload", "serve", str(tmp_path / "nope")], capture_output=True,
+    r = subprocess.run([*offload_command(), "serve", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "nope" in r.stderr

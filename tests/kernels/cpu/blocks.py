@@ -1,5 +1,6 @@
 """Random ggml blocks with sane fp16 scales, so products stay far from fp32 overflow."""
 
+import gguf
 import numpy as np
 import torch
 
@@ -26,10 +27,7 @@ def close_but_for_rounding_ties(got, ref, tol, x, w, qt, what):
     activations sat on a rounding tie that the C++ quantiser and the torch reference broke apart
     (measured: ~1 run of this test in 4 had one such token): the flipped activation moves every output
     of that token, by at most one activation quantum times the row's largest weight."""
-    from offload.gguf._ggufpy import gguf_py
-
-    g = gguf_py()
-    W = np.abs(np.asarray(g.quants.dequantize(w, g.GGMLQuantizationType(qt)), np.float64))
+    W = np.abs(np.asarray(gguf.quants.dequantize(w, gguf.GGMLQuantizationType(qt)), np.float64))
     quantum = torch.from_numpy(np.abs(x.numpy()).max(1, keepdims=True).astype(np.float64) / 127)  # (M, 1)
     flip = (quantum * torch.from_numpy(W.max(1))[None, :]).float()  # (M, N)
     err = (got - ref).abs()

@@ -15,7 +15,7 @@ from offload.kernels.cpu import native
 from offload.kernels.cpu import quantmm as qm
 from offload.kernels.cpu.moe import CpuExperts, moe_cpu, moe_cpu_ref
 
-from .blocks import sane_blocks
+from tests.kernels.cpu.blocks import sane_blocks
 
 E, H, I = 6, 512, 256
 IDS = [3, 5, 7, 8, 10, 11]  # global ids held here; 0..13 are routed, the rest live elsewhere

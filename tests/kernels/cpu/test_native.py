@@ -4,6 +4,7 @@ times activations rounded as ggml rounds them (offload.gguf.numerics), in float6
 Integer sums per block are exact, so the only difference is float summation order: the tolerance is
 relative to the size of the terms (sum of |x_i w_i|), not to the result."""
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -27,10 +28,7 @@ ROWS = [1, 7, 255, 371]
 
 def _scale(x, qt, w):
     """sum_i |x_i w_i| per output: the size of the terms a float summation-order error scales with."""
-    from offload.gguf._ggufpy import gguf_py
-
-    g = gguf_py()
-    W = np.abs(np.asarray(g.quants.dequantize(w, g.GGMLQuantizationType(qt)), np.float64))
+    W = np.abs(np.asarray(gguf.quants.dequantize(w, gguf.GGMLQuantizationType(qt)), np.float64))
     return torch.from_numpy(np.abs(x.numpy().astype(np.float64)) @ W.T).float()
 
 

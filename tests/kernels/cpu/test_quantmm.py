@@ -15,7 +15,7 @@ from offload.kernels.cpu import dequant as dq
 from offload.kernels.cpu import native
 from offload.kernels.cpu import quantmm as qm
 
-from .blocks import close_but_for_rounding_ties, sane_blocks
+from tests.kernels.cpu.blocks import close_but_for_rounding_ties, sane_blocks
 
 
 def _close(y, yr, x, w, qt):

@@ -1,0 +1,35 @@
+"""`offload bench NAME [ARGS]`: the benchmarks, each against its baseline measured in the same run.
+
+They run through the installed `offload` command (not `python -m` from a checkout, which puts the repository
+root on sys.path, where our kernels/ and gguf/ folders shadow the installed packages of the same names)."""
+
+import importlib
+
+import typer
+
+BENCHES = {  # name -> (module with main(argv), what it measures)
+    "cpu-moe": ("offload.bench", "CPU expert kernels in GB/s against DRAM read bandwidth (torch.sum)"),
+    "decode": ("offload.bench_decode", "decode and prefill tok/s of a GGUF against llama.cpp, in turns"),
+    "load": ("offload.bench_load", "start to first token of a GGUF against llama.cpp"),
+    "dequant": ("offload.gguf.bench_dequant", "torch dequantisation against the numpy reference"),
+}
+
+
+def register(app: typer.Typer) -> None:
+    names = ", ".join(f"{name}: {what}" for name, (_, what) in BENCHES.items())
+
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                   "help_option_names": []},
+                 help=f"Run a benchmark: {names}. `offload bench NAME --help` for its options.")
+    def bench(ctx: typer.Context,
+              name: str = typer.Argument(..., help=" | ".join(BENCHES))) -> None:
+        if name in ("-h", "--help"):
+            typer.echo(ctx.get_help())
+            return
+        if name not in BENCHES:
+            raise typer.BadParameter(f"'{name}' is not one of {', '.join(BENCHES)}", param_hint="NAME")
+        module = importlib.import_module(BENCHES[name][0])
+        argv = list(ctx.args)
+        if name == "cpu-moe":  # offload.bench dispatches on its first argument
+            argv = ["cpu-moe", *argv]
+        module.main(argv)
