@@ -238,7 +238,7 @@ def _parse(path: Path, file_index: int) -> _Shard:
     # smallest possible records: a tensor info is 24 bytes, a key/value 13 bytes
     if n_tensors * 24 + n_kv * 13 > size - c.pos:
         raise c.fail(f"header claims {n_tensors} tensors and {n_kv} metadata keys, "
-                     f"more than {size} bytes can hold")
+                     f"more than {size} bytes can hold (truncated or corrupt)")
 
     metadata: dict[str, Any] = {}
     value_types: dict[str, int] = {}
@@ -293,7 +293,7 @@ def _parse(path: Path, file_index: int) -> _Shard:
         start = data_offset + rel_offset
         if start + nbytes > size:
             raise c.fail(f"tensor {name!r} ({fmt.name} {list(shape)}, {nbytes} bytes at offset {start}) "
-                         f"runs past the end of the file ({size} bytes)")
+                         f"runs past the end of the file ({size} bytes; truncated or corrupt)")
         tensors.append(TensorInfo(name, shape, fmt.type, file_index, start, nbytes))
     # tensors must not overlap (llama.cpp even requires them packed in order)
     prev = None

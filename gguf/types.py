@@ -1,5 +1,12 @@
-"""GGML tensor types and GGUF metadata value types: ids, names and block sizes (facts from ggml.h)."""
+"""GGML tensor types and GGUF metadata value types: ids, names and block sizes (facts from ggml.h).
 
+The one table of ggml types: the GGUF reader, the numpy reference quants, the CPU kernels
+(offload.kernels.cpu.dequant / .native) and the planner (offload.placement.quant) all read their block
+sizes and type ids from here; tests/gguf/test_types.py checks it against gguf-py's GGML_QUANT_SIZES.
+Standard library only (never torch): offload.placement imports it.
+"""
+
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -47,11 +54,19 @@ class BlockFormat:
 
     type: GGMLType
     block_size: int
-    type_size: int
+    type_size: int  # bytes per block
+
+    @property
+    def id(self) -> int:
+        return int(self.type)
 
     @property
     def name(self) -> str:
         return self.type.name
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return self.type_size / self.block_size
 
     @property
     def bits_per_weight(self) -> float:
@@ -101,6 +116,12 @@ def block_format(qtype: "int | str | GGMLType") -> BlockFormat:
     if isinstance(qtype, str):
         qtype = GGMLType[qtype.upper()]
     return BLOCK_FORMATS[int(qtype)]
+
+
+def block_sizes(qtypes: "Iterable[int | str | GGMLType]") -> dict[int, tuple[int, int]]:
+    """{type id: (block_size, type_size)} of the given types: how a kernel keys its own list of the types it
+    handles without restating their sizes."""
+    return {f.id: (f.block_size, f.type_size) for f in map(block_format, qtypes)}
 
 
 class ValueType(IntEnum):

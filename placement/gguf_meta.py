@@ -1,94 +1,50 @@
 """Model description from a GGUF file's header: metadata and tensor table, never the tensor data.
 
-A small reader of its own (the GGUF header layout is fixed by ggml's spec) so placement/ depends on
-neither gguf-py nor offload.gguf; tests check it against gguf-py's GGUFReader.
+The header is parsed and validated by offload.gguf.reader (the engine's one GGUF reader, pure Python +
+numpy); block sizes come from its type table (via placement.quant). tests check the result against
+gguf-py's GGUFReader.
 """
 
 from __future__ import annotations
 
 import re
-import struct
 from pathlib import Path
 
+import numpy as np
+
 from offload.errors import GGUFError
+from offload.gguf.reader import GGUFFile
 
 from .model import ModelSpec, from_hf_config
 from .quant import QUANT_BLOCKS, QuantScheme, default_scheme
 
-GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
-              11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
-              18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8",
-              25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 39: "MXFP4"}
-_EXTRA_BLOCKS = {"Q8_1": (32, 40), "Q8_K": (256, 292), "I8": (1, 1), "I16": (1, 2), "I32": (1, 4), "I64": (1, 8),
-                 "F64": (1, 8)}
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 ARCHS = {"deepseek2": "deepseek_v3", "glm4moe": "glm4_moe", "glm-dsa": "glm_moe_dsa", "qwen3moe": "qwen3_moe"}
 
 
-class _Reader:
-    def __init__(self, f, path: Path):
-        self.f, self.path = f, path
-
-    def take(self, fmt: str):
-        size = struct.calcsize(fmt)
-        raw = self.f.read(size)
-        if len(raw) != size:
-            raise GGUFError(f"{self.path}: truncated GGUF header")
-        return struct.unpack(fmt, raw)[0]
-
-    def string(self) -> str:
-        n = self.take("<Q")
-        if n > 1 << 24:
-            raise GGUFError(f"{self.path}: string of {n} bytes in the header: not a valid GGUF file")
-        return self.f.read(n).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self.take(_SCALARS[vtype])
-        if vtype == 8:
-            return self.string()
-        if vtype == 9:
-            itype, n = self.take("<I"), self.take("<Q")
-            if itype in _SCALARS and itype != 7:  # read numeric arrays in one go
-                fmt = _SCALARS[itype]
-                size = struct.calcsize(fmt)
-                raw = self.f.read(size * n)
-                if len(raw) != size * n:
-                    raise GGUFError(f"{self.path}: truncated GGUF header")
-                return list(struct.unpack(f"<{n}{fmt[1]}", raw))
-            return [self.value(itype) for _ in range(n)]
-        raise GGUFError(f"{self.path}: unknown metadata value type {vtype}")
+def _plain(v):
+    """A metadata value as plain Python: the reader keeps numeric arrays as numpy arrays, the planner
+    (and read_header's callers) take lists of ints / floats / bools."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, list) and v and not isinstance(v[0], str):  # nested arrays
+        return [_plain(x) for x in v]
+    return v
 
 
-def read_header(path: str | Path) -> tuple[dict, list[tuple[str, list[int], str]]]:
-    """(metadata dict, [(tensor name, dims in ggml order, type name)]) of a GGUF file."""
-    path = Path(path)
-    try:
-        f = path.open("rb")
-    except OSError as exc:
-        raise GGUFError(f"{path}: cannot open ({exc.strerror})") from None
-    with f:
-        r = _Reader(f, path)
-        if f.read(4) != b"GGUF":
-            raise GGUFError(f"{path}: bad magic, not a GGUF file")
-        version = r.take("<I")
-        if version not in (2, 3):
-            raise GGUFError(f"{path}: GGUF version {version}, expected 2 or 3")
-        n_tensors, n_kv = r.take("<Q"), r.take("<Q")
-        meta = {}
-        for _ in range(n_kv):
-            key = r.string()
-            meta[key] = r.value(r.take("<I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = r.string()
-            dims = [r.take("<Q") for _ in range(r.take("<I"))]
-            t = r.take("<I")
-            r.take("<Q")  # data offset
-            if t not in GGML_TYPES:
-                raise GGUFError(f"{path}: tensor {name} has unknown ggml type {t}")
-            tensors.append((name, dims, GGML_TYPES[t]))
+def header_of(gguf: GGUFFile) -> tuple[dict, list[tuple[str, list[int], str]]]:
+    """read_header's result for a GGUF file that is already open."""
+    meta = {key: _plain(v) for key, v in gguf.metadata.items()}
+    tensors = [(t.name, list(t.shape), t.type_name) for t in gguf.tensors.values()]
     return meta, tensors
+
+
+def read_header(path: str | Path | GGUFFile) -> tuple[dict, list[tuple[str, list[int], str]]]:
+    """(metadata dict, [(tensor name, dims in ggml order, type name)]) of a GGUF file (every shard of a
+    split file); numeric arrays in the metadata are lists. GGUFError for anything malformed."""
+    if isinstance(path, GGUFFile):
+        return header_of(path)
+    with GGUFFile(path) as gguf:
+        return header_of(gguf)
 
 
 def _class_of(name: str, n_layers: int) -> str:
@@ -115,14 +71,15 @@ def _bytes(dims: list[int], qtype: str) -> tuple[int, int]:
     n = 1
     for d in dims:
         n *= d
-    block, size = QUANT_BLOCKS.get(qtype) or _EXTRA_BLOCKS[qtype]
+    block, size = QUANT_BLOCKS[qtype]
     return n, (n // block) * size
 
 
-def spec_from_gguf(path: str | Path) -> ModelSpec:
-    """ModelSpec from GGUF metadata; spec.extra["quant"] holds the file's bytes per weight per class."""
-    path = Path(path)
+def spec_from_gguf(path: str | Path | GGUFFile) -> ModelSpec:
+    """ModelSpec from GGUF metadata; spec.extra["quant"] holds the file's bytes per weight per class.
+    `path` may be a GGUFFile already open (the loader's): its header is not parsed again."""
     meta, tensors = read_header(path)
+    path = path.path if isinstance(path, GGUFFile) else Path(path)
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
         raise GGUFError(f"{path}: architecture {arch!r} is not one the planner knows ({', '.join(ARCHS)})")

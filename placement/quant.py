@@ -1,7 +1,7 @@
 """Bytes per weight for every storage type the planner knows, and the per-class quant scheme.
 
-Block sizes and bytes per block are ggml's (the same numbers as gguf-py's GGML_QUANT_SIZES);
-tests/placement checks them against gguf-py.
+Every ggml type's block size and bytes per block come from the one type table (offload.gguf.types, pure
+Python); this module adds only the storage types ggml does not have (FP8 checkpoints).
 """
 
 from __future__ import annotations
@@ -10,35 +10,13 @@ import re
 from dataclasses import dataclass, field
 
 from offload.errors import ConfigError
+from offload.gguf.types import BLOCK_FORMATS
 
-# name -> (weights per block, bytes per block)
+# name -> (weights per block, bytes per block): every ggml type of the table, then the non-ggml ones
 QUANT_BLOCKS: dict[str, tuple[int, int]] = {
-    "F32": (1, 4),
-    "F16": (1, 2),
-    "BF16": (1, 2),
-    "Q8_0": (32, 34),
-    "Q6_K": (256, 210),
-    "Q5_K": (256, 176),
-    "Q4_K": (256, 144),
-    "Q3_K": (256, 110),
-    "Q2_K": (256, 84),
-    "IQ4_XS": (256, 136),
-    "IQ4_NL": (32, 18),
-    "IQ3_XXS": (256, 98),
-    "IQ3_S": (256, 110),
-    "IQ2_XXS": (256, 66),
-    "IQ2_XS": (256, 74),
-    "IQ2_S": (256, 82),
-    "IQ1_S": (256, 50),
-    "IQ1_M": (256, 56),
-    "Q4_0": (32, 18),
-    "Q4_1": (32, 20),
-    "Q5_0": (32, 22),
-    "Q5_1": (32, 24),
-    "MXFP4": (32, 17),
-    # FP8 checkpoints (DeepSeek-V3 style): 1 byte per weight + one fp32 scale per 128x128 block.
-    "FP8": (128 * 128, 128 * 128 + 4),
-}
+    f.name: (f.block_size, f.type_size) for f in BLOCK_FORMATS.values()}
+# FP8 checkpoints (DeepSeek-V3 style): 1 byte per weight + one fp32 scale per 128x128 block.
+QUANT_BLOCKS["FP8"] = (128 * 128, 128 * 128 + 4)
 
 # The types the CLI offers for a tensor class (the issue's list); others are accepted too.
 CHOICES = ("BF16", "FP8", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ2_XXS", "IQ1_S")

@@ -9,13 +9,14 @@ which makes LLVM vectorise 8 lanes at a time; narrow casts let it use 16 x 32-bi
 import numpy as np
 from numba import njit, prange
 
-# ggml type ids (ggml.h / gguf-py GGMLQuantizationType)
-F32, F16, Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, BF16 = 0, 1, 2, 8, 10, 11, 12, 13, 14, 23, 30
-# (block_size, bytes_per_block) of the types with a numba kernel
-FAST_TYPES = {
-    Q4_0: (32, 18), Q8_0: (32, 34), Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144),
-    Q5_K: (256, 176), Q6_K: (256, 210), IQ4_XS: (256, 136),
-}
+from offload.gguf.types import GGMLType, block_sizes
+
+# ggml type ids from the type table (offload.gguf.types), as plain ints: numba folds module-level ints
+# into the kernels as constants
+F32, F16, Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, BF16 = (int(GGMLType[n]) for n in (
+    "F32", "F16", "Q4_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "BF16"))
+# the types with a numba kernel (deq_row), and their (block_size, bytes_per_block) from the table
+FAST_TYPES = block_sizes((Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS))
 
 _P2 = np.array([2.0**-24] + [2.0 ** (e - 25) for e in range(1, 32)], np.float32)  # fp16 exponent scale
 _KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],

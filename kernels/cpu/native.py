@@ -27,15 +27,19 @@ import numpy as np
 import torch
 
 from offload.errors import WeightsError
+from offload.gguf.types import GGMLType, block_sizes
 
 SOURCE = Path(__file__).parent / "csrc" / "qdot.cpp"  # includes the csrc/*.h parts: one translation unit
-TYPES = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: "q3_k", 12: "q4_k",
-         13: "q5_k", 14: "q6_k", 23: "iq4_xs"}
-_BLOCK = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (256, 84), 11: (256, 110),
-          12: (256, 144), 13: (256, 176), 14: (256, 210), 23: (256, 136)}
+# the ggml types with a kernel in csrc (its enum in csrc/common.h holds the same ids), by id -> lower-case
+# name; ids and block sizes come from the type table (offload.gguf.types)
+TYPES = {int(t): t.name.lower() for t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
+                                          GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K,
+                                          GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_XS)}
+_BLOCK = block_sizes(TYPES)  # id -> (block_size, bytes_per_block)
 
 R16 = 0x100  # type id flag: the matrix's full 16-row groups are interleaved (csrc/repack.h)
-REPACKABLE = (8, 2, 3, 6, 7, 12)  # the 32-value types and Q4_K (csrc/repack.h)
+REPACKABLE = tuple(int(t) for t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
+                                    GGMLType.Q4_K))  # the 32-value types and Q4_K (csrc/repack.h)
 TYPES.update({R16 | q: TYPES[q] + "_r16" for q in REPACKABLE})
 _BLOCK.update({R16 | q: _BLOCK[q] for q in REPACKABLE})
 

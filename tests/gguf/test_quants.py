@@ -9,7 +9,7 @@ from offload.errors import GGUFError, OffloadError
 from offload.gguf import quants_iq
 from offload.gguf.quants import DEQUANTIZERS, dequantize
 from offload.gguf.testing import random_blocks
-from offload.gguf.types import BLOCK_FORMATS, GGMLType, block_format
+from offload.gguf.types import GGMLType, block_format
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
          "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"]
@@ -17,12 +17,6 @@ TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "
 
 def test_every_issue_type_has_a_dequantiser():
     assert {GGMLType[t] for t in TYPES} <= set(DEQUANTIZERS)
-
-
-def test_block_sizes_match_gguf_py():
-    for tid, fmt in BLOCK_FORMATS.items():
-        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tid)] == (fmt.block_size, fmt.type_size)
-        assert gguf.GGMLQuantizationType(tid).name == fmt.name
 
 
 @pytest.mark.parametrize("rows", [1, 7, 255, 371])

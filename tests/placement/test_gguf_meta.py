@@ -1,4 +1,5 @@
-"""GGUF metadata: our header reader against gguf-py's GGUFReader on a file gguf-py's writer made."""
+"""GGUF metadata: the planner's header (offload.gguf.reader underneath) against gguf-py's GGUFReader on a
+file gguf-py's writer made."""
 
 import gguf
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 from offload.errors import GGUFError
 from offload.placement import model as M
+from offload.gguf.reader import GGUFFile
 from offload.placement.gguf_meta import read_header, spec_from_gguf
 from offload.placement.quant import QUANT_BLOCKS
 
@@ -13,7 +15,7 @@ from offload.placement.quant import QUANT_BLOCKS
 H, V, E, FF, L = 256, 64, 4, 256, 2
 
 
-def _write(path):
+def _write(path, kv_heads=2):
     T = gguf.GGMLQuantizationType
     w = gguf.GGUFWriter(str(path), "qwen3moe")
     w.add_block_count(L)
@@ -24,7 +26,7 @@ def _write(path):
     w.add_expert_count(E)
     w.add_expert_used_count(2)
     w.add_head_count(4)
-    w.add_head_count_kv(2)
+    w.add_head_count_kv(kv_heads)
     w.add_key_length(64)
     w.add_value_length(64)
     w.add_token_list([f"t{i}" for i in range(V)])
@@ -103,6 +105,32 @@ def test_bad_gguf(tmp_path):
     cut.write_bytes(path.read_bytes()[:200])
     with pytest.raises(GGUFError, match="truncated"):
         read_header(cut)
+
+
+def test_header_values_are_plain_python(tmp_path):
+    """Numeric arrays come back as lists (per-layer values: the planner takes their max), the same
+    whether the file is named or already open (the loader's GGUFFile)."""
+    path = tmp_path / "tiny.gguf"
+    _write(path, kv_heads=[2, 1])
+    meta, tensors = read_header(path)
+    assert meta["qwen3moe.attention.head_count_kv"] == [2, 1]
+    assert type(meta["qwen3moe.attention.head_count_kv"][0]) is int
+    assert type(meta["qwen3moe.expert_count"]) is int and type(meta["tokenizer.ggml.tokens"]) is list
+    assert M.load_model(path).n_kv_heads == 2
+    with GGUFFile(path) as g:
+        assert read_header(g) == (meta, tensors)
+        spec = spec_from_gguf(g)
+    assert spec == spec_from_gguf(path) and spec.name == "tiny"
+
+
+def test_header_rejects_data_past_the_end(tmp_path):
+    """The tensor table is validated against the file: a file cut inside its data is not a model."""
+    path = tmp_path / "tiny.gguf"
+    _write(path)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(GGUFError, match="cut.gguf: tensor 'blk.1.ffn_down_exps.weight' .* truncated"):
+        spec_from_gguf(cut)
 
 
 def test_glm_dsa_metadata_equals_hf_config(tmp_path):

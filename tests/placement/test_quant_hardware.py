@@ -1,4 +1,4 @@
-"""Quant sizes against gguf-py; hardware parsing, profiles and their errors."""
+"""Quant sizes (the type table's); hardware parsing, profiles and their errors."""
 
 import json
 
@@ -6,17 +6,24 @@ import gguf
 import pytest
 
 from offload.errors import ConfigError, PlacementError
+from offload.gguf.types import BLOCK_FORMATS
 from offload.placement import hardware as H
 from offload.placement import quant as Q
 
 from tests.placement.helpers import rig
 
 
-def test_block_sizes_match_gguf_py():
-    for name, (block, size) in Q.QUANT_BLOCKS.items():
-        if name == "FP8":
-            continue
-        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (block, size), name
+def test_block_sizes_are_the_type_table():
+    """Every ggml type's bytes per weight is offload.gguf.types' (checked against gguf-py in tests/gguf);
+    the planner adds only non-ggml storage (FP8)."""
+    ggml = {f.name: f for f in BLOCK_FORMATS.values()}
+    assert set(Q.QUANT_BLOCKS) - set(ggml) == {"FP8"}
+    for name, f in ggml.items():
+        assert Q.QUANT_BLOCKS[name] == (f.block_size, f.type_size), name
+        assert Q.bytes_per_weight(name) == f.bytes_per_weight, name
+        assert Q.tensor_bytes(3 * f.block_size, name.lower()) == 3 * f.type_size, name
+    for name in ("Q4_K", "Q8_0", "Q6_K", "IQ4_XS"):  # and so gguf-py's
+        assert Q.QUANT_BLOCKS[name] == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
 
 
 def test_named_sizes():

@@ -4,11 +4,11 @@ import gguf
 import numpy as np
 import torch
 
-from offload.gguf.testing import random_blocks
+from offload.gguf.testing import F16_SCALE_OFFSETS, random_blocks
 from offload.kernels.cpu.quantmm import block_info
 
-# byte offsets of each type's fp16 scale fields inside a block (ggml block structs)
-_F16_FIELDS = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2], 14: [208], 23: [0]}
+# byte offsets of each type's fp16 scale fields inside a block (ggml block structs), by type id
+_F16_FIELDS = {int(t): offsets for t, offsets in F16_SCALE_OFFSETS.items()}
 
 
 def sane_blocks(qt: int, rows: int, k: int, rng: np.random.Generator, lead: tuple = ()) -> np.ndarray:
