@@ -10,13 +10,14 @@ from pathlib import Path
 from offload.errors import ConfigError, GGUFError
 
 
-def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, placement=None,
-              progress: bool = True, act_quant: bool = False):
+def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, placement="auto",
+              progress: bool = True, act_quant: bool = False, plan_options: dict | None = None):
     """Load a GGUF (any shard name of a split file opens every shard) as an offload.api.LLM.
 
     act_quant=True rounds every matmul input the way llama.cpp's CPU backend does for the weight's type
     (offload.gguf.numerics), to compare with llama.cpp like for like; the default keeps float activations."""
-    from offload.api import LLM, _build_with_progress, placement_fn, resolve_device, resolve_dtype
+    from offload.api import LLM, _build_with_progress, _check_gpu_mem, report_plan, resolve_device, resolve_dtype
+    from offload.api import resolve_homes
     from offload.gguf.names import hf_config
     from offload.gguf.reader import GGUFFile
     from offload.gguf.source import GGUFSource
@@ -31,6 +32,8 @@ def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=Non
     if ctx < 1:
         raise ConfigError(f"ctx must be >= 1, got {ctx}")
     dev = resolve_device(device)
+    plan_options = plan_options or {}
+    _check_gpu_mem(plan_options.get("gpu_mem"), dev)
     gguf = GGUFFile(path)
     config = hf_config(gguf.metadata, gguf.tensors, str(path))
     arch = architecture(config["model_type"])
@@ -39,7 +42,11 @@ def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=Non
     dt = resolve_dtype(dtype or ("float32" if dev.type == "cpu" else "bfloat16"), config)
     tokenizer = tokenizer_from_gguf_metadata(gguf.metadata)
     source = GGUFSource(gguf, act_quant)
-    lctx = LoadContext(source, dev, dt, placement_fn(placement))
+    # the plan, after the header and tokenizer are checked and before a byte of weights is read
+    homes, plan = resolve_homes(path, placement, dev, ctx, None, None, **plan_options)
+    report_plan(plan, progress)
+    lctx = LoadContext(source, dev, dt)
+    homes.apply(lctx)
     model = _build_with_progress(arch, lctx, args, len(gguf.tensors), progress, path.name)
     model.gguf = gguf  # quantised expert groups read the mmap: keep the file open with the model
-    return LLM(model, tokenizer, ctx, path.name, time.perf_counter() - start)
+    return LLM(model, tokenizer, ctx, path.name, time.perf_counter() - start, plan)

@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from offload.checkpoint import Checkpoint
-from offload.errors import ConfigError, RequestError
+from offload.errors import ConfigError, PlacementError, RequestError
 from offload.generation import Chunk, GenerationResult, stream_chunks
 from offload.models import architecture
 from offload.models.loading import LoadContext
+from offload.planning import Homes, check_fits, homes_from_plan, make_plan, summary
 from offload.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -45,38 +46,66 @@ def placement_fn(placement) -> Callable[[int, int], list[str]] | None:
     or a dict {layer: [home per expert]} (layers not listed stay on "gpu")."""
     if placement is None:
         return None
-    if isinstance(placement, (str, Path)) and str(placement).endswith(".json"):
-        return plan_placement(Path(placement))
     if isinstance(placement, str):
         if placement not in ("gpu", "cpu"):
-            raise ConfigError(f"placement '{placement}' is not 'gpu', 'cpu', a dict or a callable")
+            raise ConfigError(f"placement '{placement}' is not auto, cpu, gpu, a plan .json, a dict or a callable")
         return lambda layer, n: [placement] * n
     if isinstance(placement, dict):
         return lambda layer, n: list(placement.get(layer, ["gpu"] * n))
     return placement
 
 
-def plan_placement(path: Path) -> Callable[[int, int], list[str]]:
-    """Routed-expert homes from a plan written by `offload plan --format json` (docs/placement.md)."""
+def _read_plan(path: Path) -> dict:
+    """A plan written by `offload plan --format json` (docs/placement.md); only `placement` is required."""
     import json
 
     try:
         plan = json.loads(path.read_text())
-        entries = [p for p in plan["placement"] if p.get("expert") is not None]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not a placement plan ({exc})") from None
-    homes: dict[int, dict[int, str]] = {}
-    for p in entries:
-        home = "cpu" if str(p["device"]).startswith("cpu") else "gpu"  # one GPU for now: gpu:N -> the main device
-        homes.setdefault(int(p["layer"]), {})[int(p["expert"])] = home
-    return lambda layer, n: [homes.get(layer, {}).get(e, "cpu") for e in range(n)]
+    if not isinstance(plan, dict) or not isinstance(plan.get("placement"), list):
+        raise ConfigError(f"{path}: not a placement plan (no \"placement\" list)")
+    if plan.get("status") == "does_not_fit_ram":
+        raise PlacementError(f"{path}: this plan does not fit: {plan.get('error')}")
+    return plan
+
+
+def _on_main_device(homes: Homes) -> Homes:
+    """A plan's gpu:N homes on a machine that computes on the CPU: every home is the main device, but the
+    expert split stays (two groups), so the plan still decides which experts share a call."""
+    experts = homes.experts
+    return Homes(experts=lambda layer, n: ["cpu" if h == "cpu" else "gpu" for h in experts(layer, n)])
+
+
+def resolve_homes(path: Path, placement, dev: torch.device, ctx: int, dtype: str | None, expert_quant: str | None,
+                  gpu_mem=None, ram=None, profile=None, hardware=None, page_from_disk: bool = False
+                  ) -> tuple[Homes, dict | None]:
+    """Where everything goes, and the plan it came from (None for an explicit placement). Called after the
+    file's header is checked and before a byte of weights is read: a model that does not fit stops here."""
+    from offload.placement import report
+
+    if isinstance(placement, (str, Path)) and str(placement).endswith(".json"):
+        plan = _read_plan(Path(placement))
+        homes = homes_from_plan(plan, str(placement))
+        return (homes if dev.type == "cuda" else _on_main_device(homes)), plan
+    if not (isinstance(placement, str) and placement == "auto"):
+        return Homes(experts=placement_fn(placement)), None
+    p = make_plan(path, context=ctx, profile=profile, dtype=dtype, page_from_disk=page_from_disk,
+                  quant_overrides={"routed_experts": expert_quant}, gpu_mem=gpu_mem, ram=ram,
+                  hardware=hardware, use_gpus=dev.type == "cuda")
+    check_fits(p)
+    plan = report.to_json(p)
+    if dev.type != "cuda":  # all-CPU: every weight on the main device, as before plans existed
+        return Homes(experts=placement_fn("cpu") if expert_quant else None), plan
+    return homes_from_plan(plan, "plan"), plan
 
 
 class LLM:
     """A loaded model with its tokenizer. Single sequence at a time, not thread-safe."""
 
-    def __init__(self, model, tokenizer, ctx: int, name: str, load_seconds: float = 0.0):
+    def __init__(self, model, tokenizer, ctx: int, name: str, load_seconds: float = 0.0, plan: dict | None = None):
         self.model = model
+        self.plan = plan  # the placement plan it was loaded with (`offload plan --format json`), or None
         self.tokenizer = tokenizer
         self.context_length = ctx
         self.model_name = name
@@ -148,11 +177,21 @@ class LLM:
             moe.observer = None
 
 
-def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, placement=None,
-         expert_quant: str | None = None, progress: bool = True, act_quant: bool = False) -> LLM:
-    """act_quant (GGUF only): round matmul inputs as llama.cpp's CPU backend does, to compare like for like."""
+def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, placement="auto",
+         gpu_mem: str | list[str] | None = None, ram: str | None = None, profile: str | Path | None = None,
+         hardware: str | Path | None = None, page_from_disk: bool = False, expert_quant: str | None = None,
+         progress: bool = True, act_quant: bool = False) -> LLM:
+    """Load a checkpoint directory or GGUF file, placed by `placement`:
+    "auto" (the plan `offload plan` prints for the same options: hardware found, `gpu_mem` budget per GPU,
+    `ram`, routing `profile`, `ctx`); "cpu" / "gpu" (every routed expert there); a plan .json; a dict
+    {layer: [home per expert]} or a callable(layer, n_experts) -> homes. A model that does not fit stops before
+    its weights are read (PlacementError) unless page_from_disk. act_quant (GGUF only): round matmul inputs as
+    llama.cpp's CPU backend does, to compare like for like."""
     path = Path(path)
     start = time.perf_counter()
+    if isinstance(gpu_mem, str):
+        gpu_mem = [gpu_mem]
+    plan_options = dict(gpu_mem=gpu_mem, ram=ram, profile=profile, hardware=hardware, page_from_disk=page_from_disk)
     if path.suffix == ".gguf":
         from offload.gguf.load import load_gguf  # the GGUF path has its own name maps
 
@@ -160,8 +199,9 @@ def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, pl
             raise ConfigError("expert_quant applies to Hugging Face checkpoints; a GGUF file's experts are "
                               "already quantised")
         return load_gguf(path, device=device, ctx=ctx, dtype=dtype, placement=placement, progress=progress,
-                         act_quant=act_quant)
+                         act_quant=act_quant, plan_options=plan_options)
     dev = resolve_device(device)
+    _check_gpu_mem(gpu_mem, dev)
     ckpt = Checkpoint(path)
     config = ckpt.config
     arch = architecture(config.get("model_type"))
@@ -171,17 +211,42 @@ def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, pl
     from offload.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(path)
-    ctx_obj = LoadContext(ckpt, dev, resolve_dtype(dtype, config), placement_fn(placement))
+    torch_dtype = resolve_dtype(dtype, config)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    factory = None
     if expert_quant is not None:
         from offload.kernels.cpu.experts import cpu_experts_factory
 
+        from offload.kernels.cpu.moe import QUANTIZERS
+
+        if expert_quant not in QUANTIZERS:  # before the plan reads the name
+            raise ConfigError(f"expert_quant must be one of {sorted(QUANTIZERS)} or None, got {expert_quant!r}")
+        factory = cpu_experts_factory(expert_quant)
+    homes, plan = resolve_homes(path, placement, dev, ctx, dtype_name, expert_quant, **plan_options)
+    report_plan(plan, progress)
+    ctx_obj = LoadContext(ckpt, dev, torch_dtype)
+    homes.apply(ctx_obj)
+    if factory is not None:
         # quantised experts are CPU experts: with no placement given, every routed expert goes there
-        ctx_obj.cpu_experts_factory = cpu_experts_factory(expert_quant)
-        if placement is None:
+        ctx_obj.cpu_experts_factory = factory
+        if ctx_obj.placement is None:
             ctx_obj.placement = placement_fn("cpu")
     model = _build_with_progress(arch, ctx_obj, args, len(ckpt.names()), progress, path.name)
     ckpt.close()
-    return LLM(model, tokenizer, ctx, path.name, time.perf_counter() - start)
+    return LLM(model, tokenizer, ctx, path.name, time.perf_counter() - start, plan)
+
+
+def _check_gpu_mem(gpu_mem, dev: torch.device) -> None:
+    if gpu_mem and dev.type != "cuda":
+        raise ConfigError("--gpu-mem / gpu_mem: a GPU budget needs a CUDA GPU, and this load runs on the CPU")
+
+
+def report_plan(plan: dict | None, progress: bool) -> None:
+    """The plan's summary on stderr (what went where, the speed to expect) when loading shows progress."""
+    if plan is not None and progress:
+        import sys
+
+        print(summary(plan), file=sys.stderr)
 
 
 def _build_with_progress(arch, ctx: LoadContext, args, n_tensors: int, progress: bool, name: str):

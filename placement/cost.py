@@ -1,7 +1,9 @@
 """The cost model: decode and prefill speed, load time, from a layer-by-layer layout.
 
-Every constant is listed in `assumptions()` and in docs/placement.md. Decode is memory-bound: each
-layer's time is max(GPU part, CPU part) when the two overlap, their sum when they do not. Prefill
+Every constant is listed in `assumptions()` and in docs/placement.md. Decode is memory-bound and runs as the
+runtime runs it: per layer attention + router first (the next layer needs this layer's output), then the shared
+expert and the GPU experts while the CPU computes its experts, then a sync: attention + max(shared + GPU experts,
+CPU experts) + sync. max(whole GPU part, CPU part) is only what pipelining two sequences could reach. Prefill
 compares computing a CPU expert on the CPU with streaming its weights over PCIe to the GPU.
 """
 
@@ -29,8 +31,9 @@ class LayerLayout:
     index: int
     device: str  # home of attention / norms / router / shared / dense ("gpu:0", "gpu:1", "cpu")
     fixed_bytes: float  # weights read by every token (attention, norms, router, shared or dense FFN)
-    fixed_params: float  # parameters of those weights (prefill FLOPs)
-    kv_read: float  # KV bytes one decode step reads per sequence at the decode position
+    overlap_bytes: float = 0.0  # the part of fixed_bytes that runs beside the CPU experts (shared experts)
+    fixed_params: float = 0.0  # parameters of those weights (prefill FLOPs)
+    kv_read: float = 0.0  # KV bytes one decode step reads per sequence at the decode position
     attn_flops_per_key: float = 0.0  # score + value FLOPs of one query against one key
     attn_key_limit: int = 0  # DSA: a query attends to at most this many keys (0: all)
     index_flops_per_key: float = 0.0  # DSA indexer: scores every key
@@ -52,43 +55,43 @@ def step_reads(freq: np.ndarray, batch: int) -> np.ndarray:
 
 
 def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: float, gpu_eff: float):
-    """(gpu seconds, cpu seconds, sync seconds) of one decode step in one layer."""
+    """(first, beside, cpu, sync) seconds of one decode step in one layer: `first` runs before the experts
+    (attention, norms, router: on the GPU, or the whole layer when it lives on the CPU), `beside` on the GPU
+    while the CPU computes its experts (shared expert + GPU-resident experts), `cpu` the CPU experts."""
     gpu_bw = hw.gpus[int(lay.device[4:])].mem_bw * gpu_eff if lay.device.startswith("gpu") else 0.0
     cpu_bw = hw.dram_bw * cpu_eff
     fixed = lay.fixed_bytes + lay.kv_read * batch
-    gpu_t = cpu_t = sync = 0.0
     if lay.moe:
         reads = step_reads(lay.freq, batch) * lay.expert_bytes
         gpu_e, cpu_e = float(reads[lay.on_gpu].sum()), float(reads[~lay.on_gpu].sum())
     else:
         gpu_e = cpu_e = 0.0
-    if gpu_bw:
-        gpu_t = (fixed + gpu_e) / gpu_bw
-        cpu_t = cpu_e / cpu_bw
-        sync = SYNC_S if cpu_e > 0 else 0.0
-    else:
-        cpu_t = (fixed + gpu_e + cpu_e) / cpu_bw
-    return gpu_t, cpu_t, sync
+    if not gpu_bw:  # a layer on the CPU: every part one after the other
+        return (fixed + gpu_e + cpu_e) / cpu_bw, 0.0, 0.0, 0.0
+    overlap = lay.overlap_bytes if cpu_e > 0 else 0.0  # with no CPU experts nothing runs beside
+    sync = SYNC_S if cpu_e > 0 else 0.0
+    return (fixed - overlap) / gpu_bw, (overlap + gpu_e) / gpu_bw, cpu_e / cpu_bw, sync
 
 
 def decode(layers: list[LayerLayout], hw: Hardware, head_bytes: float, head_device: str, batch: int = 1,
            cpu_eff: float = CPU_EFFICIENCY, gpu_eff: float = GPU_EFFICIENCY) -> dict:
-    """Decode tokens/s (all sequences together), overlapped and serial, and the per-layer parts."""
-    overlapped = serial = 0.0
+    """Decode tokens/s (all sequences together): as the runtime runs a step (exact overlap), with two
+    sequences pipelined (max of the GPU and CPU totals per layer), and serial; plus the per-layer parts."""
+    exact = pipelined = serial = 0.0
     gpu_total = cpu_total = 0.0
     for lay in layers:
-        g, c, s = layer_decode_parts(lay, hw, batch, cpu_eff, gpu_eff)
-        overlapped += max(g, c) + s
-        serial += g + c + s
-        gpu_total, cpu_total = gpu_total + g, cpu_total + c
+        first, beside, c, s = layer_decode_parts(lay, hw, batch, cpu_eff, gpu_eff)
+        exact += first + max(beside, c) + s
+        pipelined += max(first + beside, c) + s
+        serial += first + beside + c + s
+        gpu_total, cpu_total = gpu_total + first + beside, cpu_total + c
     if head_device.startswith("gpu"):
         head = head_bytes / (hw.gpus[int(head_device[4:])].mem_bw * gpu_eff)
     else:
         head = head_bytes / (hw.dram_bw * cpu_eff)
-    overlapped += head
-    serial += head
-    return {"tok_s": batch / overlapped, "tok_s_serial": batch / serial, "step_s": overlapped,
-            "gpu_s": gpu_total, "cpu_s": cpu_total}
+    exact, pipelined, serial = exact + head, pipelined + head, serial + head
+    return {"tok_s": batch / exact, "tok_s_pipelined": batch / pipelined, "tok_s_serial": batch / serial,
+            "step_s": exact, "gpu_s": gpu_total, "cpu_s": cpu_total}
 
 
 def cpu_bytes_per_token(layers: list[LayerLayout]) -> float:
@@ -177,8 +180,10 @@ def load_time(total_bytes: float, gpu_bytes: float, hw: Hardware) -> float:
 
 def assumptions(hw: Hardware, batch: int, position: int) -> list[str]:
     out = [
-        f"decode: each layer's time = max(GPU part, CPU part) + {SYNC_S * 1e6:.0f} us sync when the layer has "
-        "CPU experts (overlapped); the serial figure adds the two parts",
+        "decode: each layer's time = attention + router, then max(shared expert + GPU experts, CPU experts), "
+        f"+ {SYNC_S * 1e6:.0f} us sync when the layer has CPU experts (the runtime's exact overlap: the next "
+        "layer needs this one's output); the pipelined figure (max of the whole GPU and CPU parts, two sequences "
+        "alternating) is an upper bound, the serial figure adds every part",
         f"CPU expert kernels reach {CPU_EFFICIENCY:.0%} of DRAM bandwidth (offload's target; torch int4 GEMV "
         f"measured 86 % at M=1; llama.cpp reaches {LLAMA_CPP_EFFICIENCY:.0%}, KTransformers "
         f"{KTRANSFORMERS_EFFICIENCY:.0%})",

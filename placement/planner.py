@@ -113,7 +113,7 @@ class Plan:
                         "used_bytes": int(sum(cls.values())), "by_class": cls})
         cls = by["cpu"]
         margin = os_margin(self.hw, self.options)
-        out.append({"name": "cpu", "model": self.hw.cpu_model, "budget_bytes": int(self.hw.ram_bytes - margin),
+        out.append({"name": "cpu", "model": self.hw.cpu_model, "budget_bytes": int(max(self.hw.ram_bytes - margin, 0)),
                     "used_bytes": int(sum(cls.values())), "os_margin_bytes": int(margin), "by_class": cls})
         return out
 
@@ -183,7 +183,7 @@ def _fit(items: list[LayerItems], head: float, usable: list[float]) -> tuple[int
 def _place_hot(plan: Plan, usable_left: list[float]) -> None:
     """Greedy: the next expert to the GPU is the one that saves the most decode time per byte. Within a
     layer experts share a size, so each layer offers its most frequent CPU expert; a layer stops
-    offering once its GPU part is the longer one (its time is max(GPU, CPU))."""
+    offering once the GPU work beside the CPU experts is the longer (its time is attention + max(beside, CPU))."""
     hw, batch = plan.hw, plan.options.concurrency
     layouts = {lay.index: lay for lay in _layouts(plan)}
     for g in range(len(hw.gpus)):
@@ -194,7 +194,7 @@ def _place_hot(plan: Plan, usable_left: list[float]) -> None:
             if it.mtp or not len(it.freq) or plan.homes[it.index] != f"gpu:{g}":
                 continue
             lay = layouts[it.index]
-            gt, ct, _ = cost.layer_decode_parts(lay, hw, batch, cost.CPU_EFFICIENCY, cost.GPU_EFFICIENCY)
+            _, gt, ct, _ = cost.layer_decode_parts(lay, hw, batch, cost.CPU_EFFICIENCY, cost.GPU_EFFICIENCY)
             reads = cost.step_reads(it.freq, batch) * it.expert_bytes
             state[it.index] = [gt, ct, reads, 0]
             order[it.index] = np.argsort(-it.freq, kind="stable")
@@ -250,6 +250,7 @@ def _layouts(plan: Plan) -> list[cost.LayerLayout]:
             continue
         out.append(cost.LayerLayout(
             index=it.index, device=plan.homes[it.index], fixed_bytes=it.weight_bytes, fixed_params=it.weight_params,
+            overlap_bytes=sum(g.bytes for g in it.fixed if g.cls == "shared_experts"),
             kv_read=kv_read_bytes(spec, it.index, pos, opts.kv_dtype_bytes),
             **_attn_costs(spec, it.index),
             expert_bytes=it.expert_bytes, expert_params=it.expert_params, freq=it.freq,
@@ -357,7 +358,8 @@ def _check_ram(p: Plan) -> None:
         if delta < 0 and need + delta + margin <= p.hw.ram_bytes:
             fits.append(f"routed experts at {q} ({fmt_bytes(need + delta)} in RAM)")
             break
-    ram_needed = int(np.ceil((need + margin) / (64 * GiB)) * 64 * GiB)
+    step = 64 * GiB if need + margin > 64 * GiB else GiB  # a size people buy or can free
+    ram_needed = int(np.ceil((need + margin) / step) * step)
     msg = (f"RAM too small: {fmt_bytes(need)} of CPU-resident weights + {fmt_bytes(margin)} OS margin > "
            f"{fmt_bytes(p.hw.ram_bytes)} RAM ({fmt_bytes(gpu_part)} already on GPU); would fit with "
            + " or ".join(fits + [f"{fmt_bytes(ram_needed)} RAM"]))
@@ -419,6 +421,7 @@ def _predict(p: Plan) -> None:
     p.prediction = {
         "decode_tok_s": round(d["tok_s"], 3),
         "decode_tok_s_serial": round(d["tok_s_serial"], 3),
+        "decode_tok_s_pipelined": round(d["tok_s_pipelined"], 3),
         "decode_tok_s_at_llama_cpp_efficiency": round(llama["tok_s"], 3),
         "roofline_decode_tok_s": round(roof_tok_s, 3),
         "roofline_fraction": round(d["tok_s"] / roof_tok_s, 3),

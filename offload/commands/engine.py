@@ -6,11 +6,13 @@ from pathlib import Path
 
 import typer
 
+from offload.commands.options import GpuMem, PageFromDisk, Placement, Profile, Ram, load_options
 
-def _load(path: Path, device: str, ctx: int, expert_quant: str | None):
+
+def _load(path: Path, device: str, ctx: int, expert_quant: str | None, **placement):
     import offload
 
-    return offload.load(path, device=device, ctx=ctx, expert_quant=expert_quant)
+    return offload.load(path, device=device, ctx=ctx, expert_quant=expert_quant, **load_options(**placement))
 
 
 def register(app: typer.Typer) -> None:
@@ -26,9 +28,15 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         ctx: int = typer.Option(4096, "--ctx", help="context length (prompt + generated tokens)"),
         expert_quant: str | None = typer.Option(None, "--expert-quant", help="quantise CPU experts at load, e.g. q4_k"),
+        placement: Placement = "auto",
+        gpu_mem: GpuMem = None,
+        ram: Ram = None,
+        profile: Profile = None,
+        page_from_disk: PageFromDisk = False,
     ):
         """Generate a continuation of PROMPT, streamed to stdout."""
-        llm = _load(path, device, ctx, expert_quant)
+        llm = _load(path, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram, profile=profile,
+                    page_from_disk=page_from_disk)
         start, first, n = time.perf_counter(), None, 0
         for chunk in llm.stream_chunks(prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                        top_k=top_k, seed=seed):
@@ -50,9 +58,15 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device"),
         ctx: int = typer.Option(8192, "--ctx"),
         expert_quant: str | None = typer.Option(None, "--expert-quant"),
+        placement: Placement = "auto",
+        gpu_mem: GpuMem = None,
+        ram: Ram = None,
+        profile: Profile = None,
+        page_from_disk: PageFromDisk = False,
     ):
         """Interactive multi-turn chat (/reset, /system, /save, /load, /exit; Ctrl-C stops a reply)."""
         from offload.chat_ui import run_chat
 
-        llm = _load(path, device, ctx, expert_quant)
+        llm = _load(path, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram, profile=profile,
+                    page_from_disk=page_from_disk)
         run_chat(llm, system=system, max_new_tokens=max_tokens, temperature=temperature)

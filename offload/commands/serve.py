@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from offload.commands.options import GpuMem, PageFromDisk, Placement, Profile, Ram, load_options
 from offload.errors import ConfigError
 
 
@@ -54,6 +55,11 @@ def register(app: typer.Typer) -> None:
         max_queue: int = typer.Option(256, "--max-queue", help="requests waiting beyond this get a 503"),
         timeout: float | None = typer.Option(None, "--timeout", help="seconds per request, queue wait included"),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level"),
+        placement: Placement = "auto",
+        gpu_mem: GpuMem = None,
+        ram: Ram = None,
+        profile: Profile = None,
+        page_from_disk: PageFromDisk = False,
     ):
         """Serve MODEL over the OpenAI and Anthropic APIs (loads in the background; /health is 503 until ready)."""
         if not model.exists():
@@ -66,12 +72,13 @@ def register(app: typer.Typer) -> None:
         from offload.server.app import create_app
 
         name = model_name or default_model_name(model)
+        options = load_options(placement, gpu_mem, ram, profile, page_from_disk)
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         server: uvicorn.Server | None = None
 
         def loader():
             try:
-                return offload.load(model, device=device, ctx=ctx)
+                return offload.load(model, device=device, ctx=ctx, **options)
             except Exception as e:
                 typer.secho(f"error: {e}", fg="red", err=True)
                 if server is not None:

@@ -128,10 +128,29 @@ def test_decode_overlap_and_serial_by_hand():
                            expert_bytes=1e5, expert_params=5e4, freq=np.array([1.0, 1.0, 0, 0]),
                            on_gpu=np.array([True, False, False, False]))
     d = cost.decode([lay], hw, head_bytes=0.0, head_device="gpu:0", cpu_eff=0.5, gpu_eff=0.5)
-    gpu_s = (1e6 + 1e5) / 0.5e12  # 2.2 us
+    attn_s = 1e6 / 0.5e12  # 2.0 us: before the experts (the next layer needs this layer's output)
+    gpu_e_s = 1e5 / 0.5e12  # 0.2 us: the GPU expert, beside the CPU expert
     cpu_s = 1e5 / 0.5e11  # 2.0 us
-    assert d["tok_s"] == pytest.approx(1 / (max(gpu_s, cpu_s) + cost.SYNC_S))
-    assert d["tok_s_serial"] == pytest.approx(1 / (gpu_s + cpu_s + cost.SYNC_S))
+    assert d["tok_s"] == pytest.approx(1 / (attn_s + max(gpu_e_s, cpu_s) + cost.SYNC_S))
+    assert d["tok_s_pipelined"] == pytest.approx(1 / (max(attn_s + gpu_e_s, cpu_s) + cost.SYNC_S))
+    assert d["tok_s_serial"] == pytest.approx(1 / (attn_s + gpu_e_s + cpu_s + cost.SYNC_S))
+
+
+def test_decode_shared_expert_runs_beside_the_cpu_experts():
+    """attention + max(shared + GPU experts, CPU experts) + sync: a shared expert shorter than the CPU experts
+    costs nothing, a longer one shows."""
+    hw = Hardware(gpus=[GPU("g", 8 * GiB, 1e12, 100)], ram_bytes=64 * GiB, dram_bw=1e11, pcie_bw=25e9, cpu_cores=8)
+    for shared in (5e5, 5e6):
+        lay = cost.LayerLayout(index=0, device="gpu:0", fixed_bytes=1e6 + shared, overlap_bytes=shared,
+                               expert_bytes=1e5, freq=np.array([1.0, 1.0, 0, 0]),
+                               on_gpu=np.array([False, False, False, False]))
+        d = cost.decode([lay], hw, head_bytes=0.0, head_device="gpu:0", cpu_eff=1.0, gpu_eff=1.0)
+        attn, beside, cpu = 1e6 / 1e12, shared / 1e12, 2e5 / 1e11
+        assert d["tok_s"] == pytest.approx(1 / (attn + max(beside, cpu) + cost.SYNC_S))
+    # with no CPU experts there is nothing to run beside: the layer is all GPU, no sync
+    lay.on_gpu[:] = True
+    d = cost.decode([lay], hw, head_bytes=0.0, head_device="gpu:0", cpu_eff=1.0, gpu_eff=1.0)
+    assert d["tok_s"] == pytest.approx(1 / ((1e6 + 5e6 + 2e5) / 1e12))
 
 
 def test_crossover_formula():
