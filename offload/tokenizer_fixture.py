@@ -192,7 +192,9 @@ def llama_cpp_sdist(cache: str | Path | None = None) -> Path:
     found = sorted(cache.glob(pattern))
     if not found:
         spec = f"llama-cpp-python=={ver}" if ver else "llama-cpp-python"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+        # --no-binary for this package only: with :all: pip also builds every build dependency of the sdist
+        # from source to read its metadata (minutes on a fresh machine; seconds with their wheels)
+        cmd = [sys.executable, "-P", "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps",
                spec, "-d", str(cache), "--quiet"]
         r = subprocess.run(cmd, check=False, capture_output=True, text=True)
         found = sorted(cache.glob(pattern))
@@ -203,7 +205,7 @@ def llama_cpp_sdist(cache: str | Path | None = None) -> Path:
 
 def llama_cpp_models_dir(cache: str | Path | None = None) -> Path:
     """llama.cpp's `models/` folder (ggml-vocab-*.gguf with .inp/.out cases, templates/*.jinja), taken from
-    the llama-cpp-python sdist on PyPI (`pip download --no-binary :all:`) and cached under
+    the llama-cpp-python sdist on PyPI (`pip download --no-binary llama-cpp-python`) and cached under
     ~/.cache/offload-tests/. Raises RuntimeError when PyPI cannot be reached and nothing is cached."""
     import shutil
     import tarfile
