@@ -21,6 +21,7 @@ GPU_PREFILL_EFFICIENCY = 0.50  # fraction of dense bf16 TFLOP/s big-batch GEMM r
 LLAMA_CPP_EFFICIENCY = 0.63  # llama.cpp on the lent rig (DESIGN.md)
 KTRANSFORMERS_EFFICIENCY = 0.33  # KTransformers' published DeepSeek-V3 number
 SYNC_S = 30e-6
+PREFILL_TOKENS_MEASURED = 512  # the chunk offload/calibrate.py times the CPU kernels at
 PREFILL_CHUNK = 2048  # tokens per prefill chunk (the GPU activation reserve is sized for it)  # per MoE layer with CPU experts: one fused CPU call + event sync + activation copies
 
 
@@ -41,6 +42,8 @@ class LayerLayout:
     expert_params: float = 0.0
     freq: np.ndarray = field(default_factory=lambda: np.zeros(0))  # expected reads per token (sums to top_k)
     on_gpu: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    expert_quant: str = ""  # storage types, for the calibrated CPU kernel rates
+    fixed_quant: str = ""
 
     @property
     def moe(self) -> bool:
@@ -54,27 +57,48 @@ def step_reads(freq: np.ndarray, batch: int) -> np.ndarray:
     return 1.0 - (1.0 - p) ** batch
 
 
-def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: float, gpu_eff: float):
+def cpu_read_bw(hw: Hardware, qtype: str, cpu_eff: float | None) -> float:
+    """bytes/s the CPU reads weights of `qtype` at in decode: with cpu_eff None, what the engine's own kernels
+    measured here (`offload probe`), else CPU_EFFICIENCY of DRAM; a given cpu_eff scales DRAM (roofline,
+    llama.cpp's efficiency)."""
+    if cpu_eff is None:
+        measured = hw.calibration.get("kernels", {}).get(qtype)
+        return measured["gemv_gbs"] * GB if measured else hw.dram_bw * CPU_EFFICIENCY
+    return hw.dram_bw * cpu_eff
+
+
+def cpu_flops(hw: Hardware, qtype: str) -> float:
+    """FLOP/s of the CPU on a prefill chunk of `qtype` weights: measured by `offload probe`, else estimated."""
+    measured = hw.calibration.get("kernels", {}).get(qtype)
+    return (measured["prefill_tflops"] if measured else hw.cpu_tflops) * 1e12
+
+
+def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: float | None, gpu_eff: float):
     """(first, beside, cpu, sync) seconds of one decode step in one layer: `first` runs before the experts
     (attention, norms, router: on the GPU, or the whole layer when it lives on the CPU), `beside` on the GPU
-    while the CPU computes its experts (shared expert + GPU-resident experts), `cpu` the CPU experts."""
+    while the CPU computes its experts (shared expert + GPU-resident experts), `cpu` the CPU experts.
+    cpu_eff None: the engine's calibrated rates and fixed costs (cpu_read_bw)."""
     gpu_bw = hw.gpus[int(lay.device[4:])].mem_bw * gpu_eff if lay.device.startswith("gpu") else 0.0
-    cpu_bw = hw.dram_bw * cpu_eff
+    cpu_bw = cpu_read_bw(hw, lay.expert_quant, cpu_eff)
     fixed = lay.fixed_bytes + lay.kv_read * batch
     if lay.moe:
         reads = step_reads(lay.freq, batch) * lay.expert_bytes
         gpu_e, cpu_e = float(reads[lay.on_gpu].sum()), float(reads[~lay.on_gpu].sum())
     else:
         gpu_e = cpu_e = 0.0
-    if not gpu_bw:  # a layer on the CPU: every part one after the other
-        return (fixed + gpu_e + cpu_e) / cpu_bw, 0.0, 0.0, 0.0
+    if not gpu_bw:  # a layer on the CPU: every part one after the other, plus its fixed cost when calibrated
+        fixed_bw = cpu_read_bw(hw, lay.fixed_quant, cpu_eff)
+        kv_bw = hw.dram_bw * (CPU_EFFICIENCY if cpu_eff is None else cpu_eff)
+        overhead = hw.calibration.get("layer_s", 0.0) if cpu_eff is None else 0.0
+        return (lay.fixed_bytes / fixed_bw + lay.kv_read * batch / kv_bw + (gpu_e + cpu_e) / cpu_bw
+                + overhead), 0.0, 0.0, 0.0
     overlap = lay.overlap_bytes if cpu_e > 0 else 0.0  # with no CPU experts nothing runs beside
     sync = SYNC_S if cpu_e > 0 else 0.0
     return (fixed - overlap) / gpu_bw, (overlap + gpu_e) / gpu_bw, cpu_e / cpu_bw, sync
 
 
 def decode(layers: list[LayerLayout], hw: Hardware, head_bytes: float, head_device: str, batch: int = 1,
-           cpu_eff: float = CPU_EFFICIENCY, gpu_eff: float = GPU_EFFICIENCY) -> dict:
+           cpu_eff: float | None = None, gpu_eff: float = GPU_EFFICIENCY, head_quant: str = "") -> dict:
     """Decode tokens/s (all sequences together): as the runtime runs a step (exact overlap), with two
     sequences pipelined (max of the GPU and CPU totals per layer), and serial; plus the per-layer parts."""
     exact = pipelined = serial = 0.0
@@ -88,7 +112,9 @@ def decode(layers: list[LayerLayout], hw: Hardware, head_bytes: float, head_devi
     if head_device.startswith("gpu"):
         head = head_bytes / (hw.gpus[int(head_device[4:])].mem_bw * gpu_eff)
     else:
-        head = head_bytes / (hw.dram_bw * cpu_eff)
+        head = head_bytes / cpu_read_bw(hw, head_quant, cpu_eff)
+    if cpu_eff is None:
+        head += hw.calibration.get("token_s", 0.0)
     exact, pipelined, serial = exact + head, pipelined + head, serial + head
     return {"tok_s": batch / exact, "tok_s_pipelined": batch / pipelined, "tok_s_serial": batch / serial,
             "step_s": exact, "gpu_s": gpu_total, "cpu_s": cpu_total}
@@ -132,7 +158,6 @@ def _attn_time(lay: LayerLayout, hw: Hardware, n: int) -> float:
 
 def _prefill_chunk(layers: list[LayerLayout], hw: Hardware, n_tokens: int, mode: str) -> float:
     """Seconds for one chunk of n_tokens, without the attention score FLOPs."""
-    f_cpu = hw.cpu_tflops * 1e12
     total = 0.0
     for lay in layers:
         dense_flops = 2 * lay.fixed_params * n_tokens
@@ -142,11 +167,12 @@ def _prefill_chunk(layers: list[LayerLayout], hw: Hardware, n_tokens: int, mode:
             t = dense_flops / f_gpu + lay.fixed_bytes / gpu.mem_bw
         else:
             f_gpu, gpu = 0.0, None
-            t = max(dense_flops / f_cpu, lay.fixed_bytes / hw.dram_bw)
+            t = max(dense_flops / cpu_flops(hw, lay.fixed_quant), lay.fixed_bytes / hw.dram_bw)
         if lay.moe:
             n_e = lay.freq * n_tokens  # expected tokens per expert
             touched = 1.0 - (1.0 - np.clip(lay.freq, 0, 1)) ** n_tokens
             flops = 2 * lay.expert_params * n_e
+            f_cpu = cpu_flops(hw, lay.expert_quant)
             if gpu is not None:
                 t += float(flops[lay.on_gpu].sum()) / f_gpu
             cpu_n = n_e[~lay.on_gpu]
@@ -178,15 +204,34 @@ def load_time(total_bytes: float, gpu_bytes: float, hw: Hardware) -> float:
     return max(total_bytes / hw.disk_bw, gpu_bytes / hw.pcie_bw)
 
 
+def calibration_notes(hw: Hardware) -> list[str]:
+    """Which CPU figures are measured (by `offload probe`, and when) and which are assumed."""
+    cal = hw.calibration
+    kernels = cal.get("kernels", {})
+    assumed = (f"CPU weights of other types assumed read at {CPU_EFFICIENCY:.0%} of DRAM bandwidth (offload's "
+               f"target; llama.cpp reaches {LLAMA_CPP_EFFICIENCY:.0%}, KTransformers {KTRANSFORMERS_EFFICIENCY:.0%})")
+    if not kernels:
+        return [assumed.replace("of other types ", "") + ", and no fixed cost per layer: not measured here "
+                "(run `offload probe` to calibrate)"]
+    rates = ", ".join(f"{t} {k['gemv_gbs']:.0f} GB/s / {k['prefill_tflops']:.2f} TFLOP/s"
+                      for t, k in sorted(kernels.items()))
+    out = [f"measured by {cal.get('source', 'offload probe')} with {cal.get('threads', '?')} threads: CPU "
+           f"kernels at one token / at a {PREFILL_TOKENS_MEASURED}-token chunk: {rates}",
+           f"measured fixed cost of a decode step: {cal.get('layer_s', 0) * 1e6:.0f} us per CPU layer, "
+           f"{cal.get('token_s', 0) * 1e6:.0f} us per token", assumed]
+    if cal.get("dram_reads_gbs"):
+        out.append(f"DRAM: median of {len(cal['dram_reads_gbs'])} reads, {min(cal['dram_reads_gbs']):.0f}-"
+                   f"{max(cal['dram_reads_gbs']):.0f} GB/s")
+    return out
+
+
 def assumptions(hw: Hardware, batch: int, position: int) -> list[str]:
     out = [
         "decode: each layer's time = attention + router, then max(shared expert + GPU experts, CPU experts), "
         f"+ {SYNC_S * 1e6:.0f} us sync when the layer has CPU experts (the runtime's exact overlap: the next "
         "layer needs this one's output); the pipelined figure (max of the whole GPU and CPU parts, two sequences "
         "alternating) is an upper bound, the serial figure adds every part",
-        f"CPU expert kernels reach {CPU_EFFICIENCY:.0%} of DRAM bandwidth (offload's target; torch int4 GEMV "
-        f"measured 86 % at M=1; llama.cpp reaches {LLAMA_CPP_EFFICIENCY:.0%}, KTransformers "
-        f"{KTRANSFORMERS_EFFICIENCY:.0%})",
+        *calibration_notes(hw),
         f"GPU weight reads reach {GPU_EFFICIENCY:.0%} of GPU memory bandwidth; prefill GEMMs "
         f"{GPU_PREFILL_EFFICIENCY:.0%} of dense bf16 TFLOP/s",
         f"decode predicted for {batch} concurrent sequence(s) at context position {position}; an expert's weights "

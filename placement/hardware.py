@@ -50,6 +50,9 @@ class Hardware:
     disk_bw: float = DEFAULT_DISK_BW
     source: str = "flags"  # flags | probe | detected
     notes: list[str] = field(default_factory=list)  # which values were assumed rather than measured
+    # what this engine measured here (`offload probe`, offload/calibrate.py): per quant type "kernels"
+    # {gemv_gbs, prefill_tflops}, decode "layer_s" / "token_s" fixed costs, "dram_gbs", "gpus", "source"
+    calibration: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0:
@@ -75,8 +78,10 @@ class Hardware:
         try:
             gpus = [GPU(**g) for g in d["gpus"]]
             keys = {k: d[k] for k in ("ram_bytes", "dram_bw", "pcie_bw", "cpu_cores")}
-            opt = {k: d[k] for k in ("cpu_model", "cpu_flags", "numa_nodes", "cpu_tflops", "disk_bw", "notes")
-                   if k in d}
+            opt = {k: d[k] for k in ("cpu_model", "cpu_flags", "numa_nodes", "cpu_tflops", "disk_bw", "notes",
+                                     "calibration") if k in d}
+            if not isinstance(opt.get("calibration", {}), dict):
+                raise TypeError("calibration is not an object")
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{where}: missing or malformed field {exc}") from None
         return cls(gpus=gpus, source=d.get("source", "probe"), **keys, **opt)

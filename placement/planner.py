@@ -189,12 +189,12 @@ def _place_hot(plan: Plan, usable_left: list[float]) -> None:
     for g in range(len(hw.gpus)):
         heap, state, order, nxt = [], {}, {}, {}
         gbw = hw.gpus[g].mem_bw * cost.GPU_EFFICIENCY
-        cbw = hw.dram_bw * cost.CPU_EFFICIENCY
+        cbw = cost.cpu_read_bw(hw, plan.quant.label("routed_experts"), None)
         for it in plan.items:
             if it.mtp or not len(it.freq) or plan.homes[it.index] != f"gpu:{g}":
                 continue
             lay = layouts[it.index]
-            _, gt, ct, _ = cost.layer_decode_parts(lay, hw, batch, cost.CPU_EFFICIENCY, cost.GPU_EFFICIENCY)
+            _, gt, ct, _ = cost.layer_decode_parts(lay, hw, batch, None, cost.GPU_EFFICIENCY)
             reads = cost.step_reads(it.freq, batch) * it.expert_bytes
             state[it.index] = [gt, ct, reads, 0]
             order[it.index] = np.argsort(-it.freq, kind="stable")
@@ -251,6 +251,8 @@ def _layouts(plan: Plan) -> list[cost.LayerLayout]:
         out.append(cost.LayerLayout(
             index=it.index, device=plan.homes[it.index], fixed_bytes=it.weight_bytes, fixed_params=it.weight_params,
             overlap_bytes=sum(g.bytes for g in it.fixed if g.cls == "shared_experts"),
+            expert_quant=plan.quant.label("routed_experts"),
+            fixed_quant=plan.quant.label("dense_ffn" if any(g.cls == "dense_ffn" for g in it.fixed) else "attention"),
             kv_read=kv_read_bytes(spec, it.index, pos, opts.kv_dtype_bytes),
             **_attn_costs(spec, it.index),
             expert_bytes=it.expert_bytes, expert_params=it.expert_params, freq=it.freq,
@@ -337,6 +339,12 @@ def plan(spec: ModelSpec, hw: Hardware, quant: QuantScheme | None = None, profil
     return p
 
 
+def head_read_bytes(p: Plan) -> float:
+    """Bytes of the output head read every token: the whole head (a tied head is the embedding table, whose
+    memory the plan counts once, under embeddings) and the final norm."""
+    return p.head.bytes + (p.emb.bytes if p.spec.tie_embeddings else 0.0)
+
+
 def cpu_resident_bytes(p: Plan) -> float:
     return sum(p.usage()["cpu"].values())
 
@@ -405,8 +413,9 @@ def _predict(p: Plan) -> None:
 
     hw, opts, spec = p.hw, p.options, p.spec
     lays = p.layouts()
-    head_b = p.head.bytes
-    d = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency)
+    head_b = head_read_bytes(p)
+    head_q = p.quant.label("embeddings" if spec.tie_embeddings else "lm_head")
+    d = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency, head_quant=head_q)
     roof = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency, cpu_eff=1.0, gpu_eff=1.0)
     roof_tok = roof["step_s"] - sum(cost.SYNC_S for lay in lays if lay.moe and (~lay.on_gpu).any()
                                     and lay.device.startswith("gpu"))

@@ -12,6 +12,7 @@ BENCHES = {  # name -> (module with main(argv), what it measures)
     "decode": ("offload.bench_decode", "decode and prefill tok/s of a GGUF against llama.cpp, in turns"),
     "load": ("offload.bench_load", "start to first token of a GGUF against llama.cpp"),
     "dequant": ("offload.gguf.bench_dequant", "torch dequantisation against the numpy reference"),
+    "plan-check": ("offload.bench_plan", "the planner's decode / prefill prediction against the engine's measured"),
 }
 
 

@@ -31,7 +31,7 @@ def plan_cmd(
     disk_bw: Optional[str] = typer.Option(None, "--disk-bw", help="disk read bandwidth for the load time"),
     hardware: Optional[Path] = typer.Option(None, "--hardware", help="hardware profile from `offload probe`"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="routing profile from `offload profile`"),
-    context: str = typer.Option("32k", "--context", "--ctx", help="KV cache tokens per sequence"),
+    context: str = typer.Option("32k", "--ctx", "--context", help="KV cache tokens per sequence"),
     concurrency: int = typer.Option(1, help="sequences decoded together"),
     mtp: bool = typer.Option(False, "--mtp", help="also load the MTP layer (speculative decoding)"),
     experts: Optional[str] = typer.Option(None, help="routed experts quant (default Q4_K)"),
@@ -90,19 +90,30 @@ def plan_cmd(
 def probe_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to save (default "
                                                                        "~/.cache/offload/hardware.json)"),
-    quick: bool = typer.Option(False, help="skip the bandwidth measurements"),
+    quick: bool = typer.Option(False, help="measure nothing: detect only, defaults assumed"),
+    model: Optional[Path] = typer.Option(None, "--model", help="also calibrate the quant types this GGUF holds"),
+    short: bool = typer.Option(False, "--short", help="calibrate with smaller buffers (~4x faster, noisier)"),
 ) -> None:
-    """Detect GPUs, RAM, CPU and NUMA; measure DRAM and PCIe bandwidth; save a hardware profile."""
+    """Detect GPUs, RAM, CPU and NUMA; measure DRAM and PCIe bandwidth and what this engine's kernels reach
+    here (GEMV GB/s and prefill TFLOP/s per quant type, the fixed cost of a decode layer); save a profile."""
     from offload.placement import hardware as H
-
     from offload.planning import detect_gpus
 
     hw = H.detect(detect_gpus())
     hw.notes = []
     if quick:
-        hw.notes.append("bandwidths not measured (--quick): defaults assumed")
+        hw.notes.append("nothing measured (--quick): defaults assumed")
     else:
-        hw.dram_bw = _measure_dram(hw.cpu_cores)
+        from offload.calibrate import DEFAULT_TYPES, calibrate
+
+        types = list(DEFAULT_TYPES)
+        if model is not None:
+            from offload.placement.gguf_meta import read_header
+
+            types += sorted({qtype for _, _, qtype in read_header(model)[1]} - set(types))
+        typer.echo("calibrating (DRAM, CPU kernels per quant type, decode fixed costs) ...", err=True)
+        hw.calibration = calibrate(types, quick=short, gpus=len(hw.gpus))
+        hw.dram_bw = hw.calibration["dram_gbs"] * H.GB
         if hw.gpus:
             hw.pcie_bw = _measure_pcie()
         else:
@@ -111,28 +122,20 @@ def probe_cmd(
     path = H.save_profile(hw, output)
     typer.echo(f"CPU: {hw.cpu_model}, {hw.cpu_cores} cores, flags {' '.join(hw.cpu_flags) or '-'}, "
                f"{hw.numa_nodes} NUMA node(s)")
-    typer.echo(f"RAM: {H.fmt_bytes(hw.ram_bytes)}, DRAM read {hw.dram_bw / H.GB:.1f} GB/s")
-    for g in hw.gpus:
-        typer.echo(f"GPU: {g.name}, {H.fmt_bytes(g.memory_bytes)} free, {g.mem_bw / H.GB:.0f} GB/s (spec)")
+    reads = hw.calibration.get("dram_reads_gbs")
+    spread = f" (median of {len(reads)} reads, {min(reads):.0f}-{max(reads):.0f})" if reads else ""
+    typer.echo(f"RAM: {H.fmt_bytes(hw.ram_bytes)}, DRAM read {hw.dram_bw / H.GB:.1f} GB/s{spread}")
+    for name, k in hw.calibration.get("kernels", {}).items():
+        typer.echo(f"CPU {name:7} {k['gemv_gbs']:6.1f} GB/s at one token, {k['prefill_tflops']:.2f} TFLOP/s at "
+                   f"512 tokens ({k['engine']})")
+    if "layer_s" in hw.calibration:
+        typer.echo(f"decode fixed cost: {hw.calibration['layer_s'] * 1e6:.0f} us per layer, "
+                   f"{hw.calibration['token_s'] * 1e6:.0f} us per token")
+    for g, c in zip(hw.gpus, hw.calibration.get("gpus", [])):
+        typer.echo(f"GPU: {g.name}, {H.fmt_bytes(g.memory_bytes)} free, {g.mem_bw / H.GB:.0f} GB/s (spec), "
+                   f"bf16 GEMV {c['gemv_gbs']:.0f} GB/s, launch + sync {c['launch_sync_s'] * 1e6:.0f} us")
     typer.echo(f"PCIe host->device: {hw.pcie_bw / H.GB:.1f} GB/s" + (" (assumed)" if not hw.gpus or quick else ""))
     typer.echo(f"saved {path}")
-
-
-def _measure_dram(cores: int) -> float:
-    """Best of a few parallel sums over 1 GiB: torch when installed (all threads), else numpy threads."""
-    try:
-        import torch
-    except ImportError:
-        from offload.placement.hardware import measure_dram_bw
-
-        return measure_dram_bw(threads=cores)
-    a = torch.ones(1 << 28, dtype=torch.float32)  # 1 GiB
-    best = 0.0
-    for _ in range(4):
-        t = time.perf_counter()
-        a.sum()
-        best = max(best, a.numel() * 4 / (time.perf_counter() - t))
-    return best
 
 
 def _measure_pcie() -> float:

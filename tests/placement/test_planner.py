@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from offload.errors import PlacementError
 from offload.placement import catalog, cost, report
 from offload.placement import model as M
-from offload.placement.hardware import GPU, GiB, Hardware
+from offload.placement.hardware import GPU, GiB, Hardware, load_profile, save_profile
 from offload.placement.planner import PlanOptions, plan
 from offload.placement.profile import RoutingProfile
 from offload.placement.quant import QuantScheme
@@ -202,3 +202,38 @@ def test_hot_experts_follow_the_profile():
 def test_bad_options():
     with pytest.raises(PlacementError, match="context"):
         plan(M.from_catalog("qwen3-30b-a3b"), rig(), options=PlanOptions(context=0))
+
+
+def test_a_tied_head_is_read_whole_every_token():
+    """Every byte class a token reads is counted: a tied head reads the embedding table each token."""
+    spec = M.from_hf_config({**TINY, "tie_word_embeddings": True}, name="tiny-tied")
+    hw = Hardware(gpus=[], ram_bytes=64 * GiB, dram_bw=100e9, pcie_bw=25e9, cpu_cores=8)
+    p = plan(spec, hw, BF16, options=PlanOptions(context=1024, decode_position=512))
+    assert p.prediction["decode_tok_s"] == pytest.approx(100e9 * cost.CPU_EFFICIENCY / TOKEN_BYTES, rel=1e-3)
+
+
+CALIBRATION = {"kernels": {"BF16": {"gemv_gbs": 40.0, "prefill_tflops": 0.5, "engine": "test"}},
+               "layer_s": 100e-6, "token_s": 300e-6, "dram_gbs": 100.0, "dram_reads_gbs": [90.0, 100.0, 110.0],
+               "threads": 8, "source": "a test"}
+
+
+def test_calibrated_rates_and_fixed_costs_by_hand(tmp_path):
+    """Measured kernel rates replace 80 % of DRAM for their types; the fixed costs per layer and token add;
+    the KV cache is still read at 80 % of DRAM; the calibration survives the profile's round trip."""
+    hw = Hardware(gpus=[], ram_bytes=64 * GiB, dram_bw=100e9, pcie_bw=25e9, cpu_cores=8, calibration=CALIBRATION)
+    back = load_profile(save_profile(hw, tmp_path / "hw.json"))
+    assert back.calibration == CALIBRATION
+    p = plan(M.from_hf_config(TINY, name="tiny"), back, BF16, options=PlanOptions(context=1024, decode_position=512))
+    kv = 2 * 262144
+    weights = TOKEN_BYTES - kv
+    step = weights / 40e9 + kv / (100e9 * cost.CPU_EFFICIENCY) + 2 * 100e-6 + 300e-6
+    assert p.prediction["decode_tok_s"] == pytest.approx(1 / step, rel=1e-3)
+    assert p.prediction["roofline_decode_tok_s"] == pytest.approx(100e9 / TOKEN_BYTES, rel=1e-3)  # DRAM bound
+    notes = " ".join(p.prediction["assumptions"])
+    assert "measured by a test" in notes and "BF16 40 GB/s" in notes and "100 us per CPU layer" in notes
+
+
+def test_uncalibrated_plan_says_its_cpu_rates_are_assumed():
+    p = _tiny_plan([])
+    notes = " ".join(p.prediction["assumptions"])
+    assert "not measured here" in notes and "offload probe" in notes

@@ -1,0 +1,149 @@
+"""What this engine reaches on this machine, measured by `offload probe` and saved in the hardware profile
+(`calibration`), so plans predict with the engine's own numbers instead of a fraction of a DRAM figure:
+
+- DRAM read bandwidth: the median of several torch.sum reads (one read swings with the neighbours);
+- per quant type, the native CPU kernels' GEMV GB/s at one token (decode reads experts and projections this
+  way) and their throughput in TFLOP/s at a prefill chunk, both in the layout the loader uses (interleaved);
+- the fixed cost of a decode step apart from its bytes: per layer (attention, router, norms, Python and kernel
+  calls) and per token (embedding, head call, the step's own overhead), from a small synthetic model timed at
+  two depths;
+- on a GPU (when there is one): its GEMV GB/s and the cost of a launch + sync.
+"""
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# types a plan may use for CPU weights; the file being planned adds its own
+DEFAULT_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS", "Q4_0")
+PREFILL_TOKENS = 512
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm-up: page faults, the native library, numba's cache
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def dram_reads(mb: int = 1024, reads: int = 7) -> list[float]:
+    """bytes/s of each torch.sum over an `mb` MB float32 buffer (all threads)."""
+    import torch
+
+    buf = torch.ones(mb * 2**20 // 4)
+    buf.sum()
+    out = []
+    for _ in range(reads):
+        t = time.perf_counter()
+        buf.sum()
+        out.append(buf.numel() * 4 / (time.perf_counter() - t))
+    return out
+
+
+def kernel_rates(types, mb: int = 256, k: int = 4096, reps: int = 5) -> dict[str, dict]:
+    """type -> {"gemv_gbs": GB/s at one token, "prefill_tflops": TFLOP/s at PREFILL_TOKENS tokens, "engine"}
+    for each type the native kernels take (others are skipped: the plan keeps its assumption for them)."""
+    import torch
+
+    from offload.gguf.testing import random_blocks
+    from offload.gguf.types import GGMLType, block_format
+    from offload.kernels.cpu import native
+    from offload.kernels.cpu import quantmm as qm
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name in types:
+        try:
+            fmt = block_format(name)
+        except (KeyError, ValueError):
+            continue
+        qt = int(GGMLType[fmt.name])
+        if not native.fast(qt) or k % fmt.block_size:
+            continue
+        n = max(16, mb * 2**20 // (k // fmt.block_size * fmt.type_size)) // 16 * 16
+        raw = random_blocks(qt, n * k // fmt.block_size, rng).reshape(n, -1)
+        w, wt = native.repack(raw, qt) if native.repacks(qt, n) else (raw, qt)  # as the loader lays it out
+        del raw
+        x1 = torch.randn(1, k)
+        gemv = w.nbytes / _median_time(lambda: qm.qmatmul(x1, w, wt), reps)
+        part = w[: max(16, n // 8) // 16 * 16]  # a prefill chunk is compute-bound: part of the rows suffices
+        xm = torch.randn(PREFILL_TOKENS, k)
+        t = _median_time(lambda: qm.qmatmul(xm, part, wt), max(2, reps // 2))
+        out[fmt.name] = {"gemv_gbs": round(gemv / 1e9, 2),
+                         "prefill_tflops": round(2 * PREFILL_TOKENS * part.shape[0] * k / t / 1e12, 3),
+                         "engine": "native interleaved" if wt != qt else "native"}
+        del w, part
+    return out
+
+
+def step_overheads(tokens: int = 48) -> dict[str, float]:
+    """Seconds of a decode step that do not scale with bytes: per layer and per token. A small Q8_0 model
+    (hidden 256) is timed at 2 and 8 layers; its bytes take microseconds, so the time is the fixed cost."""
+    import torch
+
+    import offload
+    from offload.synthetic import write_qwen3moe
+
+    step = {}
+    with tempfile.TemporaryDirectory(prefix="offload-probe.") as d:
+        for layers in (2, 8):
+            path = write_qwen3moe(Path(d) / f"probe-{layers}.gguf", layers)
+            llm = offload.load(path, device="cpu", ctx=tokens + 8, placement="cpu", progress=False)
+            cache = llm.model.new_cache(tokens + 8)
+            llm.model.forward(torch.tensor([1, 2, 3, 4]), cache)
+            times = []
+            for i in range(tokens):
+                t = time.perf_counter()
+                llm.model.forward(torch.tensor([(5 + i) % 16]), cache, last_only=True)
+                times.append(time.perf_counter() - t)
+            step[layers] = statistics.median(times)
+    per_layer = max((step[8] - step[2]) / 6, 0.0)
+    return {"layer_s": per_layer, "token_s": max(step[2] - 2 * per_layer, 0.0)}
+
+
+def gpu_rates(device: int = 0) -> dict[str, float]:
+    """GEMV GB/s of a bf16 weight on the GPU (torch), and the cost of one kernel launch + host sync."""
+    import torch
+
+    dev = torch.device("cuda", device)
+    w = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(1, 8192, device=dev, dtype=torch.bfloat16)
+
+    def gemv():
+        for _ in range(10):
+            x @ w.T
+        torch.cuda.synchronize(dev)
+
+    gbs = 10 * w.numel() * 2 / _median_time(gemv, 5)
+    y = torch.zeros(1, device=dev)
+
+    def launch_sync():
+        y.add_(1)
+        torch.cuda.synchronize(dev)
+
+    return {"gemv_gbs": round(gbs / 1e9, 1), "launch_sync_s": _median_time(launch_sync, 50)}
+
+
+def calibrate(types=DEFAULT_TYPES, quick: bool = False, gpus: int = 0) -> dict:
+    """Everything above, as the hardware profile's `calibration` block (figures and where they came from)."""
+    import os
+
+    import torch
+
+    reads = dram_reads(256 if quick else 1024, 5 if quick else 9)
+    cal = {
+        "threads": torch.get_num_threads(),
+        "dram_reads_gbs": [round(r / 1e9, 2) for r in reads],
+        "dram_gbs": round(statistics.median(reads) / 1e9, 2),
+        "kernels": kernel_rates(types, mb=64 if quick else 256),
+        **step_overheads(24 if quick else 48),
+        "gpus": [gpu_rates(i) for i in range(gpus)],
+        "source": f"offload probe, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} logical CPUs",
+    }
+    return cal
