@@ -11,8 +11,11 @@ What llama.cpp's converter (convert_hf_to_gguf.py + conversion/*.py) does and wh
 - NextN / MTP blocks are appended after the trunk (`blk.{n_layer}…`) and are skipped.
 """
 
+import math
 import re
 from typing import Any
+
+import numpy as np
 
 from offload.errors import GGUFError
 
@@ -83,7 +86,12 @@ def experts_layer(prefix: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_REQUIRED = object()
+
+
 class _Meta:
+    """`<arch>.*` metadata values, typed: a value of the wrong type or range is a GGUFError naming its key."""
+
     def __init__(self, metadata: dict, arch: str, where: str):
         self.m, self.arch, self.where = metadata, arch, where
 
@@ -97,94 +105,161 @@ class _Meta:
             raise GGUFError(f"{self.where}: metadata key '{self.arch}.{key}' missing")
         return v
 
+    def _bad(self, key: str, v: Any, expected: str) -> GGUFError:
+        return GGUFError(f"{self.where}: metadata key '{self.arch}.{key}' = {v!r:.60}, expected {expected}")
+
+    def count(self, key: str, default: Any = _REQUIRED, minimum: int = 0) -> int:
+        v = self.req(key) if default is _REQUIRED else self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+            raise self._bad(key, v, f"an integer >= {minimum}")
+        return int(v)
+
+    def number(self, key: str, default: Any = _REQUIRED) -> float:
+        v = self.req(key) if default is _REQUIRED else self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
+            raise self._bad(key, v, "a finite number")
+        return float(v)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, (bool, int, np.bool_, np.integer)):
+            raise self._bad(key, v, "a boolean")
+        return bool(v)
+
+    def text(self, key: str) -> str | None:
+        v = self.get(key)
+        if v is not None and not isinstance(v, str):
+            raise self._bad(key, v, "a string")
+        return v
+
 
 def _rope(meta: _Meta) -> dict:
-    rope = {"rope_theta": float(meta.get("rope.freq_base", 10000.0)), "rope_type": "default"}
-    kind = meta.get("rope.scaling.type")
+    rope = {"rope_theta": meta.number("rope.freq_base", 10000.0), "rope_type": "default"}
+    kind = meta.text("rope.scaling.type")
     if kind == "yarn":
-        rope.update(rope_type="yarn", factor=float(meta.req("rope.scaling.factor")),
-                    original_max_position_embeddings=int(meta.req("rope.scaling.original_context_length")))
+        rope.update(rope_type="yarn", factor=meta.number("rope.scaling.factor"),
+                    original_max_position_embeddings=meta.count("rope.scaling.original_context_length", minimum=1))
         for key, hf in (("rope.scaling.yarn_beta_fast", "beta_fast"),
                         ("rope.scaling.yarn_beta_slow", "beta_slow")):
             if meta.get(key) is not None:
-                rope[hf] = float(meta.get(key))
+                rope[hf] = meta.number(key)
         log_mul = meta.get("rope.scaling.yarn_log_multiplier")
         # deepseek2 writes 0.1 * mscale_all_dim; llama.cpp's rope takes mscale = mscale_all_dim
         if log_mul is not None:
-            rope["mscale"] = rope["mscale_all_dim"] = float(log_mul) / 0.1
+            rope["mscale"] = rope["mscale_all_dim"] = meta.number("rope.scaling.yarn_log_multiplier") / 0.1
     elif kind not in (None, "none"):
         raise GGUFError(f"{meta.where}: rope.scaling.type '{kind}' is not supported (none, yarn)")
     return rope
 
 
+def _layer_count(meta: _Meta, n_tensors: int) -> int:
+    """block_count less the MTP blocks, bounded by the tensor table: per-layer lists are built from it."""
+    blocks, nextn = meta.count("block_count", minimum=1), meta.count("nextn_predict_layers", 0)
+    n = blocks - nextn  # MTP blocks are appended after the trunk
+    if not 1 <= n <= n_tensors:
+        raise GGUFError(f"{meta.where}: {meta.arch}.block_count = {blocks} less nextn_predict_layers = {nextn} "
+                        f"gives {n} layers, expected 1 to the {n_tensors} tensors the file holds")
+    return n
+
+
+def _vocab(meta: _Meta, metadata: dict, tensors: dict) -> int:
+    """The vocabulary is token_embd's rows; the tokenizer must not name a token past them."""
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise GGUFError(f"{meta.where}: tensor 'token_embd.weight' missing")
+    if len(embd.shape) != 2:
+        raise GGUFError(f"{meta.where}: tensor 'token_embd.weight' has shape {list(embd.np_shape)}, expected "
+                        "[vocab, hidden]")
+    vocab = embd.shape[1]
+    if meta.get("vocab_size") is not None and meta.count("vocab_size") != vocab:
+        raise GGUFError(f"{meta.where}: {meta.arch}.vocab_size = {meta.get('vocab_size')}, but token_embd.weight "
+                        f"has {vocab} rows")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if tokens is not None and hasattr(tokens, "__len__") and len(tokens) > vocab:
+        raise GGUFError(f"{meta.where}: tokenizer.ggml.tokens lists {len(tokens)} tokens, but token_embd.weight "
+                        f"has only {vocab} rows")
+    return vocab
+
+
+def _indexer_types(meta: _Meta, tensors: dict, n_layers: int) -> list[str]:
+    types = meta.get("attention.indexer.types")
+    if types is None:
+        return ["full" if f"blk.{i}.indexer.proj.weight" in tensors else "shared" for i in range(n_layers)]
+    if not (isinstance(types, np.ndarray) and types.ndim == 1 and types.dtype.kind in "biu"):
+        raise meta._bad("attention.indexer.types", types, "an array of integers (1 = full, 0 = shared)")
+    return ["full" if t else "shared" for t in types.tolist()[:n_layers]]
+
+
 def hf_config(metadata: dict, tensors: dict, where: str) -> dict:
-    """The HF config.json dict (with `model_type`) for this GGUF's metadata and tensor table."""
+    """The HF config.json dict (with `model_type`) for this GGUF's metadata and tensor table, checked against
+    that table (offload.gguf.validate): every dimension a load allocates from agrees with the tensors."""
     arch = metadata.get("general.architecture")
-    if arch not in MODEL_TYPES:
-        raise GGUFError(f"{where}: architecture '{arch}' is not supported "
+    if not isinstance(arch, str) or arch not in MODEL_TYPES:
+        raise GGUFError(f"{where}: architecture {arch!r:.60} is not supported "
                         f"(supported: {', '.join(MODEL_TYPES)})")
     meta = _Meta(metadata, arch, where)
-    if "token_embd.weight" not in tensors:
-        raise GGUFError(f"{where}: tensor 'token_embd.weight' missing")
-    vocab = tensors["token_embd.weight"].shape[1]
-    nextn = int(meta.get("nextn_predict_layers", 0) or 0)
-    n_layers = int(meta.req("block_count")) - nextn  # MTP blocks are appended after the trunk
-    heads = int(meta.req("attention.head_count"))
+    vocab = _vocab(meta, metadata, tensors)
+    n_layers = _layer_count(meta, len(tensors))
+    heads = meta.count("attention.head_count", minimum=1)
+    hidden = meta.count("embedding_length", minimum=1)
+    expert_ffn = meta.count("expert_feed_forward_length", minimum=1)
     c: dict[str, Any] = {
         "model_type": MODEL_TYPES[arch], "vocab_size": vocab,
-        "hidden_size": int(meta.req("embedding_length")),
-        "num_hidden_layers": n_layers, "num_attention_heads": heads,
-        "intermediate_size": int(meta.get("feed_forward_length", 0)
-                                 or meta.req("expert_feed_forward_length")),
-        "moe_intermediate_size": int(meta.req("expert_feed_forward_length")),
-        "num_experts_per_tok": int(meta.req("expert_used_count")),
-        "rms_norm_eps": float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_parameters": _rope(meta), "max_position_embeddings": int(meta.get("context_length", 4096)),
+        "hidden_size": hidden, "num_hidden_layers": n_layers, "num_attention_heads": heads,
+        "intermediate_size": meta.count("feed_forward_length", 0) or expert_ffn,
+        "moe_intermediate_size": expert_ffn,
+        "num_experts_per_tok": meta.count("expert_used_count", minimum=1),
+        "rms_norm_eps": meta.number("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_parameters": _rope(meta), "max_position_embeddings": meta.count("context_length", 4096, minimum=1),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors or "blk.0.attn_q_a.bias" in tensors,
         "num_nextn_predict_layers": 0,
     }
-    n_experts = int(meta.req("expert_count"))
+    n_experts = meta.count("expert_count", minimum=1)
     if arch == "qwen3moe":
-        c.update(num_experts=n_experts, num_key_value_heads=int(meta.get("attention.head_count_kv", heads)),
-                 head_dim=int(meta.get("attention.key_length", c["hidden_size"] // heads)),
+        c.update(num_experts=n_experts, num_key_value_heads=meta.count("attention.head_count_kv", heads, minimum=1),
+                 head_dim=meta.count("attention.key_length", hidden // heads, minimum=1),
                  # llama.cpp's qwen3moe graph always renormalises the top-k weights
-                 norm_topk_prob=bool(meta.get("expert_weights_norm", True)), mlp_only_layers=[],
+                 norm_topk_prob=meta.flag("expert_weights_norm", True), mlp_only_layers=[],
                  decoder_sparse_step=1)
-        return c
-    c.update(n_routed_experts=n_experts, n_shared_experts=int(meta.get("expert_shared_count", 0)),
-             n_group=int(meta.get("expert_group_count", 1) or 1),
-             topk_group=int(meta.get("expert_group_used_count", 1) or 1),
-             norm_topk_prob=bool(meta.get("expert_weights_norm", False)),
-             routed_scaling_factor=float(meta.get("expert_weights_scale", 1.0) or 1.0),
-             first_k_dense_replace=int(meta.get("leading_dense_block_count", 0)))
+        return _checked(c, tensors, where)
+    c.update(n_routed_experts=n_experts, n_shared_experts=meta.count("expert_shared_count", 0),
+             n_group=meta.count("expert_group_count", 1) or 1,
+             topk_group=meta.count("expert_group_used_count", 1) or 1,
+             norm_topk_prob=meta.flag("expert_weights_norm", False),
+             routed_scaling_factor=meta.number("expert_weights_scale", 1.0) or 1.0,
+             first_k_dense_replace=meta.count("leading_dense_block_count", 0))
     # llama.cpp: glm4moe / glm-dsa default to sigmoid; deepseek2 without the key means softmax (DeepSeek-V2)
     gating = meta.get("expert_gating_func", None if arch == "deepseek2" else 2)
-    if gating is None or int(gating) != 2:  # LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
-        raise GGUFError(f"{where}: {arch}.expert_gating_func = {gating}, only sigmoid (2) is supported")
+    if isinstance(gating, bool) or not isinstance(gating, int) or gating != 2:  # 2: ..._GATING_FUNC_TYPE_SIGMOID
+        raise GGUFError(f"{where}: {arch}.expert_gating_func = {gating!r:.60}, only sigmoid (2) is supported")
     if arch == "glm4moe":
-        head_dim = int(meta.get("attention.key_length", c["hidden_size"] // heads))
-        c.update(num_key_value_heads=int(meta.get("attention.head_count_kv", heads)), head_dim=head_dim,
-                 partial_rotary_factor=int(meta.get("rope.dimension_count", head_dim // 2)) / head_dim,
+        head_dim = meta.count("attention.key_length", hidden // heads, minimum=1)
+        c.update(num_key_value_heads=meta.count("attention.head_count_kv", heads, minimum=1), head_dim=head_dim,
+                 partial_rotary_factor=meta.count("rope.dimension_count", head_dim // 2, minimum=1) / head_dim,
                  use_qk_norm="blk.0.attn_q_norm.weight" in tensors)
         c["rope_parameters"]["partial_rotary_factor"] = c["partial_rotary_factor"]
-        return c
+        return _checked(c, tensors, where)
     # deepseek2 / glm-dsa: MLA
-    rope_dim = int(meta.req("rope.dimension_count"))
-    c.update(num_key_value_heads=heads, q_lora_rank=meta.get("attention.q_lora_rank"),
-             kv_lora_rank=int(meta.req("attention.kv_lora_rank")), qk_rope_head_dim=rope_dim,
-             qk_nope_head_dim=int(meta.req("attention.key_length_mla")) - rope_dim,
-             v_head_dim=int(meta.req("attention.value_length_mla")), rope_interleave=True)
-    if c["q_lora_rank"] is not None:
-        c["q_lora_rank"] = int(c["q_lora_rank"])
+    rope_dim, key_dim = meta.count("rope.dimension_count", minimum=1), meta.count("attention.key_length_mla")
+    if key_dim < rope_dim:  # the key is its nope part followed by its rope part
+        raise GGUFError(f"{where}: {arch}.attention.key_length_mla = {key_dim} is less than "
+                        f"{arch}.rope.dimension_count = {rope_dim}")
+    q_lora = meta.get("attention.q_lora_rank")
+    c.update(num_key_value_heads=heads, q_lora_rank=None if q_lora is None else meta.count("attention.q_lora_rank"),
+             kv_lora_rank=meta.count("attention.kv_lora_rank", minimum=1), qk_rope_head_dim=rope_dim,
+             qk_nope_head_dim=key_dim - rope_dim, v_head_dim=meta.count("attention.value_length_mla", minimum=1),
+             rope_interleave=True)
     if arch == "glm-dsa":
-        types = meta.get("attention.indexer.types")
-        if types is not None:
-            types = ["full" if bool(t) else "shared" for t in list(types)[:n_layers]]
-        else:
-            types = ["full" if f"blk.{i}.indexer.proj.weight" in tensors else "shared"
-                     for i in range(n_layers)]
-        c.update(index_n_heads=int(meta.req("attention.indexer.head_count")),
-                 index_head_dim=int(meta.req("attention.indexer.key_length")),
-                 index_topk=int(meta.req("attention.indexer.top_k")), indexer_types=types)
-    return c
+        c.update(index_n_heads=meta.count("attention.indexer.head_count", minimum=1),
+                 index_head_dim=meta.count("attention.indexer.key_length", minimum=1),
+                 index_topk=meta.count("attention.indexer.top_k", minimum=1),
+                 indexer_types=_indexer_types(meta, tensors, n_layers))
+    return _checked(c, tensors, where)
+
+
+def _checked(config: dict, tensors: dict, where: str) -> dict:
+    from offload.gguf.validate import check_model  # it reads shapes through GGUFSource, which imports this module
+
+    check_model(config, tensors, where)
+    return config

@@ -1,7 +1,10 @@
 """Every wrong input gets one clear line naming what is wrong (CLI: exit code 2, no traceback)."""
 
 import json
+import os
+import re
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -79,6 +82,148 @@ def test_truncated_safetensors(broken):
     file.write_bytes(data[:5])
     with pytest.raises(WeightsError, match="truncated"):
         offload.load(broken, device="cpu", progress=False)
+
+
+def read_safetensors(file) -> tuple[dict, bytes]:
+    blob = file.read_bytes()
+    (n,) = struct.unpack_from("<Q", blob)
+    return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def write_safetensors(file, header, data: bytes) -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def by_offset(header: dict) -> list[str]:
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+
+
+def _header_list(h, data):
+    return b"[1, 2, 3]", data
+
+
+def _no_dtype(h, data):
+    del h["model.layers.0.self_attn.q_proj.weight"]["dtype"]
+    return h, data
+
+
+def _entry_string(h, data):
+    h["model.layers.0.self_attn.q_proj.weight"] = "F32"
+    return h, data
+
+
+def _deep_nesting(h, data):
+    return b"[" * 100_000, data
+
+
+def _metadata_list(h, data):
+    h["__metadata__"] = ["format", "pt"]
+    return h, data
+
+
+def _shared_offsets(h, data):  # two (32, 64) tensors: the later one points at the earlier one's bytes
+    a, b = sorted(["model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.0.up_proj.weight"],
+                  key=lambda k: h[k]["data_offsets"])
+    h[b]["data_offsets"] = h[a]["data_offsets"]
+    return h, data
+
+
+def _removed_tensor(h, data):  # the entry is gone, its bytes are still there
+    del h[by_offset(h)[1]]
+    return h, data
+
+
+def _unknown_dtype(h, data):
+    h["model.layers.0.self_attn.q_proj.weight"]["dtype"] = "Q9"
+    return h, data
+
+
+# the nine ways a safetensors header was found to escape as a raw exception, and the unknown dtype
+@pytest.mark.parametrize("breaker, names", [
+    (_header_list, "safetensors header is a JSON list, expected an object"),
+    (_no_dtype, r"tensor model\.layers\.0\.self_attn\.q_proj\.weight: header entry has no 'dtype'"),
+    (_entry_string, r"tensor model\.layers\.0\.self_attn\.q_proj\.weight: header entry is a str"),
+    (_deep_nesting, r"corrupt safetensors header \(not JSON\)"),
+    (_metadata_list, "__metadata__ must map strings to strings"),
+    (_shared_offsets, r"tensor model\.layers\.1\.mlp\.experts\.0\.\w+_proj\.weight overlaps tensor "
+                      r"model\.layers\.1\.mlp\.experts\.0\.\w+_proj\.weight"),
+    (_removed_tensor, r"\d+ unused bytes before tensor model\.\S+"),
+    (_unknown_dtype, r"tensor model\.layers\.0\.self_attn\.q_proj\.weight has unknown dtype 'Q9'"),
+], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+def test_broken_safetensors_header(breaker, names, broken):
+    file = broken / "model.safetensors"
+    write_safetensors(file, *breaker(*read_safetensors(file)))
+    with pytest.raises(WeightsError) as info:
+        offload.load(broken, device="cpu", progress=False)
+    assert str(info.value).startswith(f"{file}: ") and re.search(names, str(info.value)), str(info.value)
+
+
+def write_index(path, weight_map) -> None:
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_index_is_not_json(broken):
+    (broken / "model.safetensors.index.json").write_text("{'weight_map': ")
+    with pytest.raises(WeightsError, match=r"model\.safetensors\.index\.json: not a valid JSON file"):
+        offload.load(broken, device="cpu", progress=False)
+
+
+def test_index_has_no_weight_map(broken):
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(WeightsError, match=r"model\.safetensors\.index\.json: expected a non-empty 'weight_map'"):
+        offload.load(broken, device="cpu", progress=False)
+
+
+def test_index_names_a_file_outside_the_folder(broken):
+    write_index(broken, {"model.norm.weight": "model.safetensors", "x": "../../../etc/passwd"})
+    with pytest.raises(WeightsError, match=r"index\.json: shard '\.\./\.\./\.\./etc/passwd' resolves to "
+                                           r"/\S*etc/passwd, outside the checkpoint folder"):
+        offload.load(broken, device="cpu", progress=False)
+
+
+def test_shard_symlink_pointing_outside(broken, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (broken / "model.safetensors").rename(outside / "model.safetensors")
+    (broken / "model.safetensors").symlink_to(outside / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"shard 'model\.safetensors' resolves to .*elsewhere/model\.safetensors, "
+                                           "outside the checkpoint folder"):
+        offload.load(broken, device="cpu", progress=False)
+
+
+def test_hub_cache_symlinks_into_blobs_load(broken, tmp_path):
+    """Hugging Face's cache links snapshots/<rev>/<file> to ../../blobs/<hash>: that is not outside."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, file in enumerate(sorted(broken.iterdir())):
+        (blobs / f"blob{i}").write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(os.path.relpath(blobs / f"blob{i}", snapshot))
+    assert offload.load(snapshot, device="cpu", progress=False).logits([1, 2]).shape[0] == 2
+
+
+@pytest.mark.parametrize("change, error, names", [
+    ({"head_dim": 2**31}, WeightsError, r"q_proj\.weight has shape \[64, 64\], expected \[8589934592, 64\]"),
+    ({"num_hidden_layers": 2**31}, ConfigError, r"num_hidden_layers = 2147483648, but the weights hold only"),
+    ({"num_experts": 2**31}, WeightsError, r"layers\.1\.mlp\.gate\.weight has shape \[8, 64\], expected "
+                                           r"\[2147483648, 64\]"),
+    ({"vocab_size": 2**31}, WeightsError, r"embed_tokens\.weight has shape \[\d+, 64\], expected \[2147483648, 64\]"),
+    ({"hidden_size": "64"}, ConfigError, "hidden_size = '64', expected a non-negative integer"),
+    ({"num_attention_heads": 0}, ConfigError, "num_attention_heads = 0"),
+    ({"num_key_value_heads": 3}, ConfigError, "not a multiple of num_key_value_heads = 3"),
+    ({"num_experts_per_tok": 9}, ConfigError, "num_experts_per_tok = 9 is more than the 8 experts"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, ConfigError,
+     "rope_theta = -1.0, expected a positive number"),
+    ({"rope_scaling": [1, 2]}, ConfigError, "rope_scaling = \\[1, 2\\], expected a JSON object"),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+def test_config_dims_are_checked_against_the_tensors(change, error, names, broken):
+    """A config.json size that disagrees with the weights is one error before anything is allocated from it."""
+    edit_config(broken, **change)
+    with pytest.raises(error) as info:
+        offload.load(broken, device="cpu", progress=False)
+    assert str(broken) in str(info.value) and re.search(names, str(info.value)), str(info.value)
 
 
 def test_bad_requests(tiny_checkpoint):
