@@ -148,8 +148,11 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
 
     # duplicates (padding entries) keep their first id: the reversed walk writes the lowest id last
     vocab: dict[str, int] = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False,
-                                 ignore_merges=ignore_merges))
+    try:
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
+                                     byte_fallback=False, ignore_merges=ignore_merges))
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a merge of unknown tokens
+        raise ConfigError(f"GGUF metadata: tokenizer.ggml.merges is not a BPE merge list of tokenizer.ggml.tokens ({exc})") from None
     if nfc:
         backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = _pre_tokenizer(splits)

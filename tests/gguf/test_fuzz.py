@@ -314,3 +314,14 @@ def test_random_metadata_loads_or_raises_offload_error(arch, data, tiny_models):
     except OffloadError as exc:
         assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc)
         event(type(exc).__name__)
+
+
+def test_merges_of_unknown_tokens_are_one_clear_error():
+    """The tokenizers library raises a bare Exception for a merge whose parts are not tokens."""
+    from offload.errors import ConfigError
+    from offload.gguf_tokenizer import tokenizer_from_gguf_metadata
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["x y"], "tokenizer.ggml.eos_token_id": 0}
+    with pytest.raises(ConfigError, match="tokenizer.ggml.merges"):
+        tokenizer_from_gguf_metadata(meta)
