@@ -24,7 +24,7 @@ def predicted(p, decode_position: int) -> dict:
     from offload.placement.planner import head_read_bytes
 
     lays = replace(p, options=replace(p.options, decode_position=decode_position)).layouts()
-    head_q = p.quant.label("embeddings" if p.spec.tie_embeddings else "lm_head")
+    head_q = p.quant.shares("embeddings" if p.spec.tie_embeddings else "lm_head")
     decode = cost.decode(lays, p.hw, head_read_bytes(p), p.head_device, p.options.concurrency, head_quant=head_q)
     return {"decode": decode["tok_s"], **{n: cost.prefill(lays, p.hw, n, "best") for n in PREFILLS}}
 

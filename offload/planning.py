@@ -150,6 +150,7 @@ def model_spec(model: str | Path, dtype: str | None = None, overrides: dict[str,
         base = quant
         quant = default_scheme({**base.types, **overrides})
         quant.measured = {k: v for k, v in base.measured.items() if k not in overrides}
+        quant.mix = {k: v for k, v in base.mix.items() if k not in overrides}
     return spec, quant
 
 

@@ -42,8 +42,8 @@ class LayerLayout:
     expert_params: float = 0.0
     freq: np.ndarray = field(default_factory=lambda: np.zeros(0))  # expected reads per token (sums to top_k)
     on_gpu: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
-    expert_quant: str = ""  # storage types, for the calibrated CPU kernel rates
-    fixed_quant: str = ""
+    expert_quant: dict[str, float] = field(default_factory=dict)  # storage type -> share of the bytes, for the
+    fixed_quant: dict[str, float] = field(default_factory=dict)  # calibrated CPU kernel rates
 
     @property
     def moe(self) -> bool:
@@ -57,20 +57,30 @@ def step_reads(freq: np.ndarray, batch: int) -> np.ndarray:
     return 1.0 - (1.0 - p) ** batch
 
 
-def cpu_read_bw(hw: Hardware, qtype: str, cpu_eff: float | None) -> float:
-    """bytes/s the CPU reads weights of `qtype` at in decode: with cpu_eff None, what the engine's own kernels
-    measured here (`offload probe`), else CPU_EFFICIENCY of DRAM; a given cpu_eff scales DRAM (roofline,
-    llama.cpp's efficiency)."""
-    if cpu_eff is None:
-        measured = hw.calibration.get("kernels", {}).get(qtype)
-        return measured["gemv_gbs"] * GB if measured else hw.dram_bw * CPU_EFFICIENCY
-    return hw.dram_bw * cpu_eff
+def _mixed(shares: dict[str, float] | str, rate) -> float:
+    """The rate of weights stored in several types, by their shares of the bytes: 1 / sum(share / rate)."""
+    if isinstance(shares, str):
+        shares = {shares: 1.0}
+    if not shares:
+        return rate("")
+    return 1.0 / sum(f / rate(t) for t, f in shares.items() if f > 0)
 
 
-def cpu_flops(hw: Hardware, qtype: str) -> float:
-    """FLOP/s of the CPU on a prefill chunk of `qtype` weights: measured by `offload probe`, else estimated."""
-    measured = hw.calibration.get("kernels", {}).get(qtype)
-    return (measured["prefill_tflops"] if measured else hw.cpu_tflops) * 1e12
+def cpu_read_bw(hw: Hardware, shares: dict[str, float] | str, cpu_eff: float | None) -> float:
+    """bytes/s the CPU reads weights stored in these types at in decode: with cpu_eff None, what the engine's
+    own kernels measured here (`offload probe`), else CPU_EFFICIENCY of DRAM; a given cpu_eff scales DRAM
+    (roofline, llama.cpp's efficiency)."""
+    if cpu_eff is not None:
+        return hw.dram_bw * cpu_eff
+    kernels = hw.calibration.get("kernels", {})
+    return _mixed(shares, lambda t: kernels[t]["gemv_gbs"] * GB if t in kernels else hw.dram_bw * CPU_EFFICIENCY)
+
+
+def cpu_flops(hw: Hardware, shares: dict[str, float] | str) -> float:
+    """FLOP/s of the CPU on a prefill chunk of weights in these types: measured by `offload probe`, else
+    estimated (the time splits by bytes, as the FLOPs do for types of one layer's matrices)."""
+    kernels = hw.calibration.get("kernels", {})
+    return _mixed(shares, lambda t: (kernels[t]["prefill_tflops"] if t in kernels else hw.cpu_tflops) * 1e12)
 
 
 def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: float | None, gpu_eff: float):
@@ -98,7 +108,8 @@ def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: floa
 
 
 def decode(layers: list[LayerLayout], hw: Hardware, head_bytes: float, head_device: str, batch: int = 1,
-           cpu_eff: float | None = None, gpu_eff: float = GPU_EFFICIENCY, head_quant: str = "") -> dict:
+           cpu_eff: float | None = None, gpu_eff: float = GPU_EFFICIENCY,
+           head_quant: dict[str, float] | str = "") -> dict:
     """Decode tokens/s (all sequences together): as the runtime runs a step (exact overlap), with two
     sequences pipelined (max of the GPU and CPU totals per layer), and serial; plus the per-layer parts."""
     exact = pipelined = serial = 0.0

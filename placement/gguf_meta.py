@@ -142,4 +142,5 @@ def scheme_from_tensors(tensors: list[tuple[str, list[int], str]], n_layers: int
         if n and cls not in ("norms", "router"):
             scheme.measured[cls] = nbytes[cls] / n
             scheme.types[cls] = max(by_type[cls], key=by_type[cls].get)
+            scheme.mix[cls] = {t: round(b / nbytes[cls], 4) for t, b in sorted(by_type[cls].items()) if b}
     return scheme

@@ -189,7 +189,7 @@ def _place_hot(plan: Plan, usable_left: list[float]) -> None:
     for g in range(len(hw.gpus)):
         heap, state, order, nxt = [], {}, {}, {}
         gbw = hw.gpus[g].mem_bw * cost.GPU_EFFICIENCY
-        cbw = cost.cpu_read_bw(hw, plan.quant.label("routed_experts"), None)
+        cbw = cost.cpu_read_bw(hw, plan.quant.shares("routed_experts"), None)
         for it in plan.items:
             if it.mtp or not len(it.freq) or plan.homes[it.index] != f"gpu:{g}":
                 continue
@@ -251,8 +251,8 @@ def _layouts(plan: Plan) -> list[cost.LayerLayout]:
         out.append(cost.LayerLayout(
             index=it.index, device=plan.homes[it.index], fixed_bytes=it.weight_bytes, fixed_params=it.weight_params,
             overlap_bytes=sum(g.bytes for g in it.fixed if g.cls == "shared_experts"),
-            expert_quant=plan.quant.label("routed_experts"),
-            fixed_quant=plan.quant.label("dense_ffn" if any(g.cls == "dense_ffn" for g in it.fixed) else "attention"),
+            expert_quant=plan.quant.shares("routed_experts"),
+            fixed_quant=plan.quant.shares("dense_ffn" if any(g.cls == "dense_ffn" for g in it.fixed) else "attention"),
             kv_read=kv_read_bytes(spec, it.index, pos, opts.kv_dtype_bytes),
             **_attn_costs(spec, it.index),
             expert_bytes=it.expert_bytes, expert_params=it.expert_params, freq=it.freq,
@@ -360,7 +360,8 @@ def _check_ram(p: Plan) -> None:
         if q == p.quant.types.get("routed_experts"):
             continue
         alt = replace(p.quant, types={**p.quant.types, "routed_experts": q}, measured={
-            k: v for k, v in p.quant.measured.items() if k != "routed_experts"})
+            k: v for k, v in p.quant.measured.items() if k != "routed_experts"},
+            mix={k: v for k, v in p.quant.mix.items() if k != "routed_experts"})
         n_exp = sum(len(it.freq) for it in p.items) * expert_params(p.spec)
         delta = n_exp * (alt.bytes_per_weight("routed_experts") - p.quant.bytes_per_weight("routed_experts"))
         if delta < 0 and need + delta + margin <= p.hw.ram_bytes:
@@ -380,8 +381,10 @@ def _fallbacks(spec, hw, quant, profile, opts, usable, k) -> list[dict]:
     """Alternatives when the always-GPU set does not fit, with numbers."""
     out = [{"option": "layers_on_cpu", "applied": True, "layers": k,
             "detail": f"run the first {k} layers wholly on the CPU (attention too): the decode prediction above"}]
-    harder = replace(quant, types={**quant.types, "attention": "Q4_K", "dense_ffn": "Q4_K",
-                                   "shared_experts": "Q4_K", "lm_head": "Q4_K"})
+    changed = ("attention", "dense_ffn", "shared_experts", "lm_head")
+    harder = replace(quant, types={**quant.types, **{c: "Q4_K" for c in changed}},
+                     measured={c: v for c, v in quant.measured.items() if c not in changed},
+                     mix={c: m for c, m in quant.mix.items() if c not in changed})
     items = layer_items(spec, harder, profile, opts.context, opts.concurrency, opts.mtp, opts.kv_dtype_bytes)
     _, head = global_items(spec, harder)
     k2, _, _ = _fit(items, head.bytes, usable)
@@ -414,7 +417,7 @@ def _predict(p: Plan) -> None:
     hw, opts, spec = p.hw, p.options, p.spec
     lays = p.layouts()
     head_b = head_read_bytes(p)
-    head_q = p.quant.label("embeddings" if spec.tie_embeddings else "lm_head")
+    head_q = p.quant.shares("embeddings" if spec.tie_embeddings else "lm_head")
     d = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency, head_quant=head_q)
     roof = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency, cpu_eff=1.0, gpu_eff=1.0)
     roof_tok = roof["step_s"] - sum(cost.SYNC_S for lay in lays if lay.moe and (~lay.on_gpu).any()

@@ -56,6 +56,11 @@ class QuantScheme:
 
     types: dict[str, str]
     measured: dict[str, float] = field(default_factory=dict)
+    mix: dict[str, dict[str, float]] = field(default_factory=dict)  # class -> {type: share of its bytes} (GGUF)
+
+    def shares(self, cls: str) -> dict[str, float]:
+        """The storage types of a class and their shares of its bytes (a GGUF mixes types inside a class)."""
+        return self.mix.get(cls) or {self.label(cls): 1.0}
 
     def bytes_per_weight(self, cls: str) -> float:
         if cls in self.measured:
@@ -70,7 +75,8 @@ class QuantScheme:
         return self.types.get(cls, "BF16")
 
     def to_json(self) -> dict:
-        return {"types": dict(self.types), "measured_bytes_per_weight": dict(self.measured)}
+        return {"types": dict(self.types), "measured_bytes_per_weight": dict(self.measured),
+                "bytes_by_type": {c: dict(m) for c, m in self.mix.items()}}
 
 
 def default_scheme(overrides: dict[str, str] | None = None) -> QuantScheme:

@@ -1,5 +1,5 @@
 """A GGUF whose per-token bytes are dominated by routed experts, for whole-model CPU benchmarks
-(`python -m offload.bench_decode`): GLM-4.5-Air expert shapes (hidden 4096, expert FFN 1408, top-8 of
+(`offload bench decode`): GLM-4.5-Air expert shapes (hidden 4096, expert FFN 1408, top-8 of
 n experts, one shared expert) with fewer layers and experts, random weights, converted and quantised by
 llama.cpp's own tools (the converter and `llama_model_quantize` of the installed llama-cpp-python).
 
