@@ -1,5 +1,6 @@
-"""A GGUF file as a weight source for LoadContext: tensors by their Hugging Face names, expanded on read,
-and routed experts served quantised (GGUFSource.expert_group) straight from the mmapped bytes.
+"""A GGUF file as a weight source for LoadContext: tensors by their Hugging Face names, expanded on read, or
+as their ggml blocks straight from the mmapped bytes (`blocks`, the stacked routed experts `expert_blocks`),
+for the loader to keep quantised where a kernel multiplies them (offload.models.loading).
 
 E experts, I expert intermediate, H hidden, h heads, n nope dim, v value dim, c kv_lora_rank.
 """
@@ -13,19 +14,10 @@ from offload.errors import GGUFError, WeightsError
 from offload.gguf.dequant_torch import dequantize_torch
 from offload.kernels.cpu.dequant import FAST_TYPES
 from offload.kernels.cpu.quantmm import dequantize as cpu_dequantize
-from offload.gguf.experts import QuantExperts, QuantMatrix
 from offload.gguf.names import EXPERTS, experts_layer, gguf_names
 from offload.gguf.numerics import GGMLWeight
 from offload.gguf.reader import GGUFFile
 from offload.gguf.types import GGMLType
-
-
-# matrices the models only use through offload.models.base.linear: on the CPU they stay in their GGUF
-# blocks, multiplied by the native kernels with 8-bit activations, as llama.cpp does (routers, the
-# embedding and MLA's absorbed kv_b stay float: they are used in other ways)
-_PROJECTIONS = tuple(f"{p}.weight" for p in (
-    "q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
-    "gate_proj", "up_proj", "down_proj", "indexer.wq_b", "indexer.wk"))
 
 
 class GGUFSource:
@@ -99,10 +91,6 @@ class GGUFSource:
                                f"{list(self.shape(name))}, expected {list(shape)}")
         g = self._find(name)
         if g is not None:
-            if device.type == "cpu" and dtype == torch.float32 and name.endswith(_PROJECTIONS):
-                q = self.quant_linear(name, self.shape(name))
-                if q is not None:
-                    return q
             return self._read(g, device, dtype)
         parts = self._kv_b_parts(name)
         if parts is None:
@@ -116,54 +104,33 @@ class GGUFSource:
             kv_b = torch.cat([k_b, v_b], dim=1)  # (h, n + v, c)
         return kv_b.reshape(-1, kv_b.shape[-1]).to(dtype)
 
-    def quant_linear(self, name: str, shape: tuple[int, int]) -> "QuantMatrix | None":
-        """Matrix `name` (N, K) kept as its mmapped blocks, for `.matmul(x, 0)` on the CPU, where the native
-        kernels have a SIMD dot product for its type; None otherwise (the caller expands it)."""
-        from offload.kernels.cpu import native
-
+    def blocks(self, name: str, shape: tuple[int, int]) -> "tuple[np.ndarray, GGMLType] | None":
+        """Matrix `name` (N, K) as its ggml blocks (N, row bytes), a zero-copy view of the mmap, and their type;
+        None where the file does not hold it as one tensor of that shape (the caller reads it expanded)."""
         g = self._find(name)
         if g is None or self.shape(name) != tuple(shape):
             return None
         info = self.gguf.tensors[g]
-        if not native.fast(int(info.type)):
-            return None
-        raw = self.gguf.raw(g).reshape(1, shape[0], -1)  # (1, N, row bytes), zero-copy
-        return QuantMatrix.from_raw(raw, info.type, shape[1], [0], torch.device("cpu"), g, self.act_quant)
+        return self.gguf.raw(g).reshape(shape[0], -1), info.type
 
     # -- routed experts --------------------------------------------------------------------------------
-    def has_expert_groups(self, prefix: str) -> bool:
+    def has_expert_blocks(self, prefix: str) -> bool:
         layer = experts_layer(prefix)
         return layer is not None and f"blk.{layer}.{EXPERTS['gate']}" in self.gguf.tensors
 
-    def expert_group(self, prefix: str, expert_ids: list[int], device: torch.device, hidden: int,
-                     inter: int) -> QuantExperts:
-        """The routed experts `expert_ids` of layer `prefix`, kept in their GGUF quantisation on `device`."""
-        layer = experts_layer(prefix)
-        mats = {}
-        dims = (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter)))
-        for part, (rows, cols) in dims:
-            gname = f"blk.{layer}.{EXPERTS[part]}"
-            info = self.gguf.tensors.get(gname)
-            if info is None:
-                raise WeightsError(f"{self.where}: tensor {gname} missing from the file")
-            e = info.np_shape[0]
-            if len(info.shape) != 3 or info.np_shape[1:] != (rows, cols) or max(expert_ids, default=0) >= e:
-                raise WeightsError(f"{self.where}: tensor {gname} has shape {list(info.np_shape)}, "
-                                   f"expected [n_experts, {rows}, {cols}]")
-            raw = self.gguf.raw(gname).reshape(e, rows, -1)  # (E, rows, row bytes), mmapped
-            mats[part] = QuantMatrix.from_raw(raw, info.type, cols, expert_ids, device, gname, self.act_quant)
-        group = QuantExperts(device, expert_ids, mats["gate"], mats["up"], mats["down"])
-        if group.fused is not None and all(m.qtype == GGMLType.F32 for m in mats.values()):
-            # float32 experts: hand the fused kernel float views of the same bytes, so each matmul reads
-            # the mmap directly instead of copying the expert out first (as it must for block types)
-            from offload.kernels.cpu.moe import CpuExperts
-
-            with warnings.catch_warnings():  # read-only mmap: the kernel only reads it
-                warnings.simplefilter("ignore", UserWarning)
-                views = [torch.from_numpy(m.blocks).view(torch.float32) for m in (mats["gate"], mats["up"],
-                                                                                   mats["down"])]
-            group.fused = CpuExperts(*views, None, list(expert_ids))
-        return group
+    def expert_blocks(self, prefix: str, part: str, n_experts: int, rows: int, cols: int
+                      ) -> tuple[np.ndarray, GGMLType]:
+        """The `part` ("gate", "up", "down") matrices of layer `prefix`'s routed experts, stacked as the file
+        stores them: (E, rows, row bytes) ggml blocks, mmapped, and their type."""
+        gname = f"blk.{experts_layer(prefix)}.{EXPERTS[part]}"
+        info = self.gguf.tensors.get(gname)
+        if info is None:
+            raise WeightsError(f"{self.where}: tensor {gname} missing from the file")
+        e = info.np_shape[0]
+        if len(info.shape) != 3 or info.np_shape[1:] != (rows, cols) or n_experts > e:
+            raise WeightsError(f"{self.where}: tensor {gname} has shape {list(info.np_shape)}, "
+                               f"expected [n_experts, {rows}, {cols}]")
+        return self.gguf.raw(gname).reshape(e, rows, -1), info.type
 
     def close(self) -> None:
         pass  # the mmap stays alive while expert groups read from it

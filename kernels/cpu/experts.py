@@ -1,32 +1,112 @@
-"""The MoE layer's CPU expert group on the fused kernel: HF (bf16 / fp32 / FP8-dequantised) experts
-quantised once at load (`offload.load(..., expert_quant="q4_k")`) and run by `moe_cpu`.
+"""The MoE layer's CPU expert group (offload.models.experts protocol) on the fused kernel `moe_cpu`: a GGUF
+file's expert blocks (zero-copy, or interleaved once at load), HF experts quantised at load
+(`offload.load(..., expert_quant="q4_k")`), or float experts.
 
-T tokens, K top-k, H hidden, I expert intermediate.
+A caller on another device (a GPU) gets a handle at once: the experts run on a worker thread while it works,
+the native call releasing the GIL. A caller on the CPU has nothing to overlap with (the native pool has the
+cores), so the group computes at submit there.
+
+T tokens, K top-k, H hidden, I expert intermediate, E experts of the group.
 """
 
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import torch
 
-from offload.kernels.cpu.moe import CpuExperts, moe_cpu
+from offload.gguf.types import GGMLType
+from offload.kernels.cpu import native
+from offload.kernels.cpu.moe import CpuExperts, moe_cpu, one_native_call, shares_call
+from offload.kernels.cpu.weights import QuantMLP
+
+from offload.models.experts import Pending, Ready
+
+_pool: ThreadPoolExecutor | None = None
 
 
-class KernelExperts:
-    """Group contract of offload.models.moe: `group(x (T, H), ids (T, K), weights (T, K)) -> (T, H)`,
-    ids of -1 (or experts held elsewhere) contributing nothing."""
+def _worker() -> ThreadPoolExecutor:
+    """One thread for every CPU group: the native pool runs one call at a time anyway (csrc/pool.h)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="offload-cpu-experts")
+    return _pool
 
-    def __init__(self, experts: CpuExperts):
+
+class CpuExpertGroup:
+    """Routed experts on the CPU. `shared`, decided when the group is built (`takes_shared`): a shared expert
+    whose blocks match the experts' and so runs inside their native call; the group's partial then includes it."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, experts: CpuExperts, shared: QuantMLP | None = None, background: bool | None = None):
         self.experts = experts
-        self.device = torch.device("cpu")
+        self.ids = experts.ids.tolist()
+        self.shared = shared
+        self._shared_blocks = None if shared is None else tuple(w.blocks for w in (shared.gate, shared.up, shared.down))
+        self.background = background  # None: on the worker thread when the caller is on another device
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return moe_cpu(x.float(), ids, weights.float(), self.experts).to(x.dtype)
+    @staticmethod
+    def takes_shared(experts: CpuExperts, shared) -> bool:
+        """True when this shared MLP can run in the experts' native call: quantised CPU blocks of their types
+        and shapes."""
+        return isinstance(shared, QuantMLP) and shares_call(experts, tuple(w.blocks for w in (
+            shared.gate, shared.up, shared.down)), shared.qtypes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(m.nbytes) for m in (self.experts.gate, self.experts.up, self.experts.down))
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        if self.background or (self.background is None and x.device.type != "cpu"):
+            args = x.to("cpu"), ids.to("cpu"), weights.to("cpu")  # (T, H), (T, K), (T, K)
+            return Pending(_worker().submit(self._run_inference, *args), x.device)
+        return Ready(self._run(x, ids, weights))
+
+    def _run_inference(self, x, ids, weights) -> torch.Tensor:
+        with torch.inference_mode():  # grad mode is per thread
+            return self._run(x, ids, weights)
+
+    def _run(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        fuse = self.shared is not None and one_native_call(self.experts, x.shape[0])
+        with warnings.catch_warnings():  # read-only mmap views: the kernels only read them
+            warnings.simplefilter("ignore", UserWarning)
+            out = moe_cpu(x.float(), ids, weights.float(), self.experts, self._shared_blocks if fuse else None)
+        out = out.to(x.dtype)  # (T, H)
+        return out if self.shared is None or fuse else out + self.shared(x)
+
+
+def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, expert_ids: list[int],
+                     shared=None) -> CpuExpertGroup:
+    """A group over a file's stacked expert tensors (E, N, row bytes) of ggml `qtypes`: zero-copy views of the
+    mmap when it holds every expert of the layer; block types the native kernels read faster interleaved are
+    copied once into that layout (lossless, the same size); float32 experts as float views of the same bytes
+    (each matmul reads the mmap directly). `shared` is taken where `takes_shared` allows."""
+    ids = list(expert_ids)
+    mats, qts = [], []
+    for raw, qt in zip((gate, up, down), qtypes):
+        qt = int(qt)
+        if ids != list(range(raw.shape[0])):
+            raw = raw[np.asarray(ids, dtype=np.int64)]  # this home's experts only (a copy, still quantised)
+        if native.repacks(qt, raw.shape[1]):
+            raw, qt = native.repack(raw, qt)
+        mats.append(raw)
+        qts.append(qt)
+    if all(qt == GGMLType.F32 for qt in qts):
+        with warnings.catch_warnings():  # read-only mmap: the kernel only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            experts = CpuExperts(*(torch.from_numpy(m).view(torch.float32) for m in mats), None, ids)
+    else:
+        experts = CpuExperts(*mats, tuple(qts), ids)
+    return CpuExpertGroup(experts, shared if CpuExpertGroup.takes_shared(experts, shared) else None)
 
 
 def cpu_experts_factory(quant: str):
     """-> make(weights {expert id: (gate (I, H), up (I, H), down (H, I))}, device) for LoadContext."""
 
-    def make(weights: dict, device) -> KernelExperts:
+    def make(weights: dict, device) -> CpuExpertGroup:
         ids = sorted(weights)
         gate, up, down = (torch.stack([weights[e][j].cpu() for e in ids]) for j in range(3))  # (E, ., .)
-        return KernelExperts(CpuExperts.from_dense(gate, up, down, quant=quant, ids=ids))
+        return CpuExpertGroup(CpuExperts.from_dense(gate, up, down, quant=quant, ids=ids))
 
     return make

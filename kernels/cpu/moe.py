@@ -190,17 +190,24 @@ def _round(x: torch.Tensor, qtype: int) -> torch.Tensor:
     return round_activations(x, GGMLType(native.base_type(qtype)))
 
 
-def _one_native_call(experts: CpuExperts, T: int) -> bool:
+def one_native_call(experts: CpuExperts, T: int) -> bool:
     """T tokens can reach no expert's batch path: the whole layer is one native call (`native.moe_topk`)."""
     return (experts.quantised and not experts.packed and native.fast(*experts.qtypes)
             and T < qm.NATIVE_GEMM_MIN_TOKENS)
 
 
+def shares_call(experts: CpuExperts, shared: tuple, qtypes: tuple) -> bool:
+    """True when a shared expert's (gate, up, down) 2-D blocks of ggml types `qtypes` can run in the routed
+    experts' native call (moe_cpu's `shared`): the experts' types and per-expert shapes, native kernels."""
+    return (experts.quantised and native.fast(*experts.qtypes) and tuple(int(q) for q in qtypes) == experts.qtypes
+            and [tuple(m.shape) for m in shared] == [experts.gate.shape[1:], experts.up.shape[1:],
+                                                     experts.down.shape[1:]])
+
+
 def takes_shared(experts: CpuExperts, T: int, shared) -> bool:
-    """True when moe_cpu can run this shared expert (gate, up, down ggml blocks, 2-D) in the same native
-    call as T tokens' routed experts: that call's path, and the routed experts' shapes (the caller checks
-    the types)."""
-    return _one_native_call(experts, T) and [tuple(m.shape) for m in shared] == [
+    """True when moe_cpu runs this shared expert (gate, up, down ggml blocks, 2-D) in the same native call as
+    T tokens' routed experts: that call's path, and the routed experts' shapes."""
+    return one_native_call(experts, T) and [tuple(m.shape) for m in shared] == [
         experts.gate.shape[1:], experts.up.shape[1:], experts.down.shape[1:]]
 
 
@@ -219,7 +226,7 @@ def moe_cpu(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Ten
         raise WeightsError(f"moe_cpu: hidden states of width {H}, experts expect {experts.hidden}")
     if shared is not None and not takes_shared(experts, T, shared):
         raise WeightsError("moe_cpu: this shared expert cannot run in the routed experts' call (takes_shared)")
-    if _one_native_call(experts, T) and expert_weights.shape == expert_ids.shape:
+    if one_native_call(experts, T) and expert_weights.shape == expert_ids.shape:
         # no expert can reach the batch path: the row kernels only, grouping and sum in one native call
         loc = experts.local_index(expert_ids.long())  # (T, K)
         return torch.from_numpy(native.moe_topk(x.numpy(), loc.numpy(), expert_weights.float().numpy(),

@@ -1,5 +1,5 @@
 """Pieces every architecture shares: RMSNorm, RoPE (default / YaRN, half-split / interleaved), the
-dense SwiGLU MLP, causal attention over a cache, and the decoder skeleton.
+dense SwiGLU MLP and causal attention over a cache.
 
 Dimension letters: T new tokens, S cached + new tokens, H hidden, h heads, d head dim, V vocab.
 """
@@ -11,34 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from offload.errors import ConfigError
-
-
-
-def embedding(tokens: torch.Tensor, table) -> torch.Tensor:
-    """F.embedding, where the table may also be a quantised matrix (only the rows asked for are expanded)."""
-    if isinstance(table, torch.Tensor):
-        return F.embedding(tokens, table)
-    return table.rows(tokens)
-
-
-def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, where w may also be a quantised matrix kept as its GGUF blocks (offload.gguf.experts
-    .QuantMatrix: the native CPU kernels multiply it without expanding it)."""
-    if isinstance(w, torch.Tensor):
-        return F.linear(x, w, b)
-    return w.linear(x, b)
-
-
-def linears(x: torch.Tensor, ws: list, bs: list | None = None) -> list[torch.Tensor]:
-    """[linear(x, w, b)] for matrices that share their input; quantised CPU matrices in one native call."""
-    bs = bs or [None] * len(ws)
-    if not any(isinstance(w, torch.Tensor) for w in ws):
-        from offload.gguf.experts import linear_many
-
-        ys = linear_many(x, ws, bs)
-        if ys is not None:
-            return ys
-    return [linear(x, w, b) for w, b in zip(ws, bs)]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,7 +43,7 @@ class Rope:
 
     def cos_sin_at(self, start: int, t: int, device, dtype: torch.dtype, state: dict):
         """cos_sin for positions start..start+t, computed once per forward (`state`) for all layers."""
-        key = ("rope", id(self), start, t, dtype)
+        key = ("rope", id(self), start, t, device, dtype)  # layers on several devices each get their copy
         if key not in state:
             state[key] = self.cos_sin(torch.arange(start, start + t, device=device), dtype)
         return state[key]
@@ -157,19 +129,14 @@ def yarn_softmax_scale(params: dict, scale: float) -> float:
 # ---------------------------------------------------------------- dense pieces
 
 class MLP:
-    """SwiGLU feed-forward: down(silu(gate x) * up x)."""
+    """SwiGLU feed-forward: down(silu(gate x) * up x), over weights that know their matmul
+    (offload.models.weights; quantised CPU weights get kernels.cpu.weights.QuantMLP, one native call)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+    def __init__(self, gate, up, down):
         self.gate, self.up, self.down = gate, up, down  # (I, H), (I, H), (H, I)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self.gate, torch.Tensor):  # kept quantised (GGUF on the CPU): one native call
-            from offload.gguf.experts import swiglu
-
-            y = swiglu(x, self.gate, self.up, self.down)
-            if y is not None:
-                return y
-        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, scale: float,

@@ -1,4 +1,5 @@
 """The decoder skeleton every architecture fills in: embed -> [norm, attention, norm, MLP/MoE] x L -> norm -> head.
+The step itself is offload.runtime's: the layers here are only what it walks.
 
 T new tokens, H hidden, V vocab.
 """
@@ -8,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 
 from offload.cache import Cache
-from offload.models.base import embedding, linear, rms_norm
 from offload.models.moe import MoE
 
 
@@ -17,40 +17,33 @@ class Layer:
     attn_norm: torch.Tensor  # (H,)
     attn: object  # attn(x (T, H), start_pos, layer_cache, state) -> (T, H); .new_cache(max_len)
     mlp_norm: torch.Tensor  # (H,)
-    mlp: object  # MLP or MoE: (T, H) -> (T, H)
+    mlp: object  # MLP (T, H) -> (T, H), or MoE (run by the runtime: submit / shared / gather)
+    device: torch.device  # the layer's home: its weights (but not its routed experts'), its cache
 
 
 @dataclass
 class Decoder:
     args: object  # the architecture's ModelArgs
-    embed: object  # (V, H) float tensor, or a quantised matrix (GGUF on the CPU; see base.embedding)
+    embed: object  # (V, H) weight (offload.models.weights): embed.rows(tokens)
     layers: list[Layer]
-    norm: torch.Tensor  # (H,)
-    lm_head: object  # (V, H) float tensor, or a quantised matrix (GGUF on the CPU; see base.linear)
+    norm: torch.Tensor  # (H,) on the head's device
+    lm_head: object  # (V, H) weight: lm_head(x)
     eps: float
-    device: torch.device
+    device: torch.device  # the main device
     skipped: list[str] = field(default_factory=list)  # e.g. the MTP layer, recognised and not run
+
+    def __post_init__(self):
+        from offload.runtime import Runtime
+
+        self.runtime = Runtime(self)
 
     def new_cache(self, max_len: int) -> Cache:
         return Cache([layer.attn.new_cache(max_len) for layer in self.layers], max_len)
 
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: Cache, last_only: bool = False) -> torch.Tensor:
         """tokens (T,) appended at cache.length; returns logits (T, V) float32, or (1, V) for the last
-        position only (generation: the head is a big matmul, as costly as a layer for a 512-token chunk)."""
-        tokens = tokens.to(self.device)
-        cache.check_room(tokens.shape[0])
-        start = cache.length
-        x = embedding(tokens, self.embed)  # (T, H)
-        state: dict = {}  # per-forward values layers hand on (DSA top-k selections)
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x = x + layer.attn(rms_norm(x, layer.attn_norm, self.eps), start, layer_cache, state)
-            x = x + layer.mlp(rms_norm(x, layer.mlp_norm, self.eps))
-        cache.length = start + tokens.shape[0]
-        if last_only:
-            x = x[-1:]  # (1, H)
-        x = rms_norm(x, self.norm, self.eps)
-        return linear(x, self.lm_head).float()  # (T, V)
+        position only."""
+        return self.runtime.step(tokens, cache, last_only)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]

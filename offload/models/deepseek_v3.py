@@ -71,11 +71,11 @@ def build(ctx: LoadContext, a: ModelArgs) -> Decoder:
     scale = yarn_softmax_scale(a.rope, (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5)
     layers = []
     for i in range(a.num_hidden_layers):
-        p = f"model.layers.{i}"
-        attn = load_mla(ctx, f"{p}.self_attn", a, rope, scale)
+        p, lc = f"model.layers.{i}", ctx.layer(i)
+        attn = load_mla(lc, f"{p}.self_attn", a, rope, scale)
         if i >= a.first_k_dense_replace:
-            mlp = load_noaux_moe(ctx, f"{p}.mlp", i, a)
+            mlp = load_noaux_moe(lc, f"{p}.mlp", i, a)
         else:
-            mlp = ctx.mlp(f"{p}.mlp", a.hidden_size, a.intermediate_size)
-        layers.append(load_layer(ctx, p, a.hidden_size, attn, mlp))
+            mlp = lc.mlp(f"{p}.mlp", a.hidden_size, a.intermediate_size)
+        layers.append(load_layer(lc, p, a.hidden_size, attn, mlp))
     return finish_decoder(ctx, a, layers)

@@ -72,11 +72,11 @@ def build(ctx: LoadContext, a: ModelArgs) -> Decoder:
     rope = build_rope(a.rope, rotary_dim, a.max_position_embeddings, interleaved=False, where="glm4_moe")
     layers = []
     for i in range(a.num_hidden_layers):
-        p = f"model.layers.{i}"
-        attn = load_gqa(ctx, f"{p}.self_attn", a, rope, qk_norm=a.use_qk_norm, bias=a.attention_bias)
+        p, lc = f"model.layers.{i}", ctx.layer(i)
+        attn = load_gqa(lc, f"{p}.self_attn", a, rope, qk_norm=a.use_qk_norm, bias=a.attention_bias)
         if i >= a.first_k_dense_replace:
-            mlp = load_noaux_moe(ctx, f"{p}.mlp", i, a)
+            mlp = load_noaux_moe(lc, f"{p}.mlp", i, a)
         else:
-            mlp = ctx.mlp(f"{p}.mlp", a.hidden_size, a.intermediate_size)
-        layers.append(load_layer(ctx, p, a.hidden_size, attn, mlp))
+            mlp = lc.mlp(f"{p}.mlp", a.hidden_size, a.intermediate_size)
+        layers.append(load_layer(lc, p, a.hidden_size, attn, mlp))
     return finish_decoder(ctx, a, layers)

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from offload.cache import MLACache
 from offload.errors import ConfigError
 from offload.models import deepseek_v3
-from offload.models.base import Rope, build_rope, causal_mask, linear, yarn_softmax_scale
+from offload.models.base import Rope, build_rope, causal_mask, yarn_softmax_scale
 from offload.models.decoder import Decoder
 from offload.models.loading import LoadContext, finish_decoder, load_layer, load_noaux_moe
 from offload.models.mla import load_mla
+from offload.models.weights import Linear
 
 
 @dataclass(frozen=True)
@@ -67,22 +68,22 @@ class Indexer:
     """DSA lightning indexer: relu(q_i . k) weighted per head, summed, top-k per query."""
 
     def __init__(self, wq_b, wk, k_norm_w, k_norm_b, weights_proj, n_heads, head_dim, topk, rope: Rope):
-        self.wq_b, self.wk, self.k_norm_w, self.k_norm_b = wq_b, wk, k_norm_w, k_norm_b
-        self.weights_proj = weights_proj  # (i, H), kept in fp32 like transformers
+        self.wq_b, self.wk, self.k_norm_w, self.k_norm_b = wq_b, wk, k_norm_w, k_norm_b  # wq_b, wk: weights
+        self.weights_proj = weights_proj  # (i, H) float32 weight, as transformers keeps it
         self.n_heads, self.head_dim, self.topk, self.rope = n_heads, head_dim, topk, rope
 
     def __call__(self, x: torch.Tensor, q_resid: torch.Tensor, start: int, cache: MLACache, state: dict):
         t = x.shape[0]
         r = self.rope.inv_freq.shape[0] * 2
-        q = linear(q_resid, self.wq_b).view(t, self.n_heads, self.head_dim)  # (T, i, D)
-        k = F.layer_norm(linear(x, self.wk), (self.head_dim,), self.k_norm_w, self.k_norm_b, 1e-6)  # (T, D)
+        q = self.wq_b(q_resid).view(t, self.n_heads, self.head_dim)  # (T, i, D)
+        k = F.layer_norm(self.wk(x), (self.head_dim,), self.k_norm_w, self.k_norm_b, 1e-6)  # (T, D)
         cos, sin = self.rope.cos_sin_at(start, t, x.device, x.dtype, state)
         q = torch.cat([self.rope.apply(q[..., :r], cos, sin), q[..., r:]], dim=-1)
         k = torch.cat([self.rope.apply(k[:, None, :r], cos, sin)[:, 0], k[:, r:]], dim=-1)
         k_all = cache.update_index(k, start)  # (S, D)
         s = k_all.shape[0]
         scores = F.relu(torch.matmul(q.float(), k_all.float().T) * self.head_dim ** -0.5)  # (T, i, S)
-        weights = F.linear(x.to(self.weights_proj.dtype), self.weights_proj).float() * self.n_heads ** -0.5
+        weights = self.weights_proj(x.float()).float() * self.n_heads ** -0.5  # (T, i)
         index_scores = torch.matmul(weights.unsqueeze(1), scores).squeeze(1)  # (T, S)
         causal = causal_mask(t, s, start, x.device)
         index_scores = index_scores.masked_fill(~causal, float("-inf"))
@@ -94,8 +95,9 @@ class Indexer:
 
 
 def reuse_selection(x, q_resid, start, cache, state):
-    """IndexShare: a shared layer attends to what the last full layer selected in this forward."""
-    return state["dsa_mask"]
+    """IndexShare: a shared layer attends to what the last full layer selected in this forward (which may have
+    lived on another device)."""
+    return state["dsa_mask"].to(x.device)
 
 
 def build(ctx: LoadContext, a: ModelArgs) -> Decoder:
@@ -103,21 +105,21 @@ def build(ctx: LoadContext, a: ModelArgs) -> Decoder:
     scale = yarn_softmax_scale(a.rope, (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5)
     layers = []
     for i in range(a.num_hidden_layers):
-        p = f"model.layers.{i}"
+        p, lc = f"model.layers.{i}", ctx.layer(i)
         if a.indexer_types[i] == "full":
             ip, d = f"{p}.self_attn.indexer", a.index_head_dim
             selector = Indexer(
-                ctx.get(f"{ip}.wq_b.weight", (a.index_n_heads * d, a.q_lora_rank)),
-                ctx.get(f"{ip}.wk.weight", (d, a.hidden_size)),
-                ctx.get(f"{ip}.k_norm.weight", (d,)), ctx.get(f"{ip}.k_norm.bias", (d,)),
-                ctx.get(f"{ip}.weights_proj.weight", (a.index_n_heads, a.hidden_size), dtype=torch.float32),
+                lc.linear(f"{ip}.wq_b.weight", (a.index_n_heads * d, a.q_lora_rank)),
+                lc.linear(f"{ip}.wk.weight", (d, a.hidden_size)),
+                lc.get(f"{ip}.k_norm.weight", (d,)), lc.get(f"{ip}.k_norm.bias", (d,)),
+                Linear(lc.get(f"{ip}.weights_proj.weight", (a.index_n_heads, a.hidden_size), dtype=torch.float32)),
                 a.index_n_heads, d, a.index_topk, rope)
-            attn = load_mla(ctx, f"{p}.self_attn", a, rope, scale, selector, index_dim=d)
+            attn = load_mla(lc, f"{p}.self_attn", a, rope, scale, selector, index_dim=d)
         else:
-            attn = load_mla(ctx, f"{p}.self_attn", a, rope, scale, reuse_selection)
+            attn = load_mla(lc, f"{p}.self_attn", a, rope, scale, reuse_selection)
         if a.mlp_layer_types[i] == "sparse":
-            mlp = load_noaux_moe(ctx, f"{p}.mlp", i, a)
+            mlp = load_noaux_moe(lc, f"{p}.mlp", i, a)
         else:
-            mlp = ctx.mlp(f"{p}.mlp", a.hidden_size, a.intermediate_size)
-        layers.append(load_layer(ctx, p, a.hidden_size, attn, mlp))
+            mlp = lc.mlp(f"{p}.mlp", a.hidden_size, a.intermediate_size)
+        layers.append(load_layer(lc, p, a.hidden_size, attn, mlp))
     return finish_decoder(ctx, a, layers)

@@ -4,20 +4,20 @@ T tokens, H hidden, h query heads, kv KV heads, d head dim, S cached + new token
 """
 
 import torch
-import torch.nn.functional as F
 
 from offload.cache import GQACache
-from offload.models.base import Rope, grouped_attention, linear, linears, rms_norm
+from offload.models.base import Rope, grouped_attention, rms_norm
 from offload.models.loading import LoadContext
+from offload.models.weights import linears
 
 
 class GQAAttention:
     """Grouped-query attention with optional qkv bias and per-head q/k norm (Qwen3, GLM-4.5)."""
 
-    def __init__(self, *, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, n_heads, n_kv_heads, head_dim,
-                 rope: Rope, eps: float, device, dtype):
-        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
-        self.bq, self.bk, self.bv = bq, bk, bv
+    def __init__(self, *, wq, wk, wv, wo, q_norm, k_norm, n_heads, n_kv_heads, head_dim, rope: Rope, eps: float,
+                 device, dtype):
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo  # weights (offload.models.weights), biases inside
+        self.wqkv = linears([wq, wk, wv])  # one call where the weights allow (quantised CPU matrices)
         self.q_norm, self.k_norm = q_norm, k_norm
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope, self.eps = rope, eps
@@ -29,7 +29,7 @@ class GQAAttention:
 
     def __call__(self, x: torch.Tensor, start: int, cache: GQACache, state: dict) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = linears(x, [self.wq, self.wk, self.wv], [self.bq, self.bk, self.bv])
+        q, k, v = self.wqkv(x)
         q = q.view(t, self.n_heads, self.head_dim)  # (T, h, d)
         k = k.view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
         v = v.view(t, self.n_kv_heads, self.head_dim)  # (T, kv, d)
@@ -39,18 +39,21 @@ class GQAAttention:
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         k_all, v_all = cache.update(k, v, start)  # (kv, S, d)
         out = grouped_attention(q.transpose(0, 1), k_all, v_all, start, self.scale)  # (h, T, d)
-        return linear(out.transpose(0, 1).reshape(t, -1), self.wo)
+        return self.wo(out.transpose(0, 1).reshape(t, -1))
 
 
 def load_gqa(ctx: LoadContext, prefix: str, a, rope: Rope, qk_norm: bool, bias: bool) -> GQAAttention:
     h, kv, d, hid = a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.hidden_size
-    g = ctx.get
+    g, lin = ctx.get, ctx.linear
+
+    def b(name):
+        return f"{prefix}.{name}.bias" if bias else None
+
     return GQAAttention(
-        wq=g(f"{prefix}.q_proj.weight", (h * d, hid)), wk=g(f"{prefix}.k_proj.weight", (kv * d, hid)),
-        wv=g(f"{prefix}.v_proj.weight", (kv * d, hid)), wo=g(f"{prefix}.o_proj.weight", (hid, h * d)),
-        bq=g(f"{prefix}.q_proj.bias", (h * d,)) if bias else None,
-        bk=g(f"{prefix}.k_proj.bias", (kv * d,)) if bias else None,
-        bv=g(f"{prefix}.v_proj.bias", (kv * d,)) if bias else None,
+        wq=lin(f"{prefix}.q_proj.weight", (h * d, hid), b("q_proj")),
+        wk=lin(f"{prefix}.k_proj.weight", (kv * d, hid), b("k_proj")),
+        wv=lin(f"{prefix}.v_proj.weight", (kv * d, hid), b("v_proj")),
+        wo=lin(f"{prefix}.o_proj.weight", (hid, h * d)),
         q_norm=g(f"{prefix}.q_norm.weight", (d,)) if qk_norm else None,
         k_norm=g(f"{prefix}.k_norm.weight", (d,)) if qk_norm else None,
         n_heads=h, n_kv_heads=kv, head_dim=d, rope=rope, eps=a.rms_norm_eps, device=ctx.device, dtype=ctx.dtype)

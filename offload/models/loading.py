@@ -1,34 +1,74 @@
 """What an architecture file needs to build itself from a weight source: typed tensor reads straight onto
-the right device, dense MLPs, and routed experts split by their home (placement).
+the right device, weights that know their matmul (offload.models.weights), dense MLPs, and routed experts
+split by their home (placement) into expert groups (offload.models.experts).
 
-Expert homes are logical names: "gpu" (the main device) and "cpu". Each home becomes one expert group, so
-a half/half split is a real split even on a machine whose "gpu" home is a CPU device (tests).
+Homes are names: "gpu" (the main device), "gpu:N" (CUDA device N), "cpu". Each layer has one for its
+attention, norms, router, dense MLP, shared experts and KV cache (`layer_home`), each routed expert its own
+(`placement`), and the embedding and the head theirs. Each expert home becomes one expert group, so a
+half/half split is a real split even where two homes are one device (tests map them with `home_devices`).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 
-from offload.models.base import MLP
+from offload.errors import ConfigError
 from offload.models.decoder import Decoder, Layer
-from offload.models.moe import MoE, TorchExperts, route_sigmoid_grouped
+from offload.models.experts import BlockExperts, TorchExperts, expert_blocks
+from offload.models.moe import MoE, route_sigmoid_grouped
+from offload.models.weights import Linear, mlp
 
-HOMES = ("gpu", "cpu")
+
+def _home_order(home: str) -> tuple:
+    """Expert groups sum in this order: "gpu", then "gpu:0", "gpu:1", ..., then "cpu"."""
+    return (0, 0) if home == "gpu" else (2, 0) if home == "cpu" else (1, int(home[4:]))
 
 
 @dataclass
 class LoadContext:
     source: object  # Checkpoint (safetensors) or a GGUF source with the same get/has/shape API
-    device: torch.device  # the main device: attention, norms, dense layers, shared experts, "gpu" experts
+    device: torch.device  # where reads go: the main device, or in `at(home)`'s copy that home's device
     dtype: torch.dtype
     # layer index -> home name per routed expert; None = every expert on the main device
     placement: Callable[[int, int], list[str]] | None = None
-    home_devices: dict[str, torch.device] = field(default_factory=dict)
+    home_devices: dict[str, torch.device] = field(default_factory=dict)  # home name -> device, overriding
+    layer_home: Callable[[int], str] | None = None  # None: every layer on the main device
+    embed_home: str | None = None  # None: the main device
+    head_home: str | None = None  # None: the main device (the final norm goes with the head)
     # builds the group for CPU-resident experts (quantised kernels); None = plain torch tensors
     cpu_experts_factory: Callable | None = None
     on_tensor: Callable[[], None] | None = None
+    home: str = "gpu"  # the home this context reads to
+    main: torch.device | None = None  # the main device, the "gpu" home (set from `device`)
+
+    def __post_init__(self):
+        if self.main is None:
+            dev = torch.device(self.device)
+            if dev.type == "cuda" and dev.index is None:  # "cuda" -> "cuda:<current>": comparable with gpu:N
+                dev = torch.device("cuda", torch.cuda.current_device())
+            self.main = self.device = dev
+
+    def device_of(self, home: str) -> torch.device:
+        if home in self.home_devices:
+            return self.home_devices[home]
+        if home == "gpu":
+            return self.main
+        if home == "cpu":
+            return torch.device("cpu")
+        if home.startswith("gpu:") and home[4:].isdigit():
+            # without CUDA (a CPU run of a GPU plan) every GPU home is the main device
+            return torch.device("cuda", int(home[4:])) if torch.cuda.is_available() else self.main
+        raise ConfigError(f"unknown home '{home}': expected cpu, gpu or gpu:N")
+
+    def at(self, home: str) -> "LoadContext":
+        """This context reading onto `home`'s device."""
+        return replace(self, device=self.device_of(home), home=home)
+
+    def layer(self, i: int) -> "LoadContext":
+        """The context for layer i's own weights (not its routed experts'): on the layer's home."""
+        return self.at(self.layer_home(i) if self.layer_home is not None else "gpu")
 
     def get(self, name: str, shape: tuple[int, ...] | None = None, device=None, dtype=None) -> torch.Tensor:
         t = self.source.get(name, device=device or self.device, dtype=dtype or self.dtype, shape=shape)
@@ -39,38 +79,62 @@ class LoadContext:
     def maybe(self, name: str, shape=None, device=None, dtype=None) -> torch.Tensor | None:
         return self.get(name, shape, device, dtype) if self.source.has(name) else None
 
-    def mlp(self, prefix: str, hidden: int, inter: int) -> MLP:
-        return MLP(self.get(f"{prefix}.gate_proj.weight", (inter, hidden)),
-                   self.get(f"{prefix}.up_proj.weight", (inter, hidden)),
-                   self.get(f"{prefix}.down_proj.weight", (hidden, inter)))
+    def linear(self, name: str, shape: tuple[int, int], bias: str | None = None):
+        """Matrix `name` (N, K) and optional bias `bias` (N,) as a weight that knows its matmul: a file's ggml
+        blocks stay blocks on the CPU where the native kernels multiply their type (float32 models, as llama.cpp),
+        anything else is a float tensor on this context's device."""
+        w = self._blocks(name, shape)
+        b = self.get(bias, (shape[0],)) if bias else None
+        if w is None:
+            return Linear(self.get(name, shape), b)
+        w.bias = b
+        return w
 
-    def device_of(self, home: str) -> torch.device:
-        if home in self.home_devices:
-            return self.home_devices[home]
-        return self.device if home == "gpu" else torch.device("cpu")
+    def _blocks(self, name: str, shape: tuple[int, int]):
+        if self.device.type != "cpu" or self.dtype != torch.float32 or not hasattr(self.source, "blocks"):
+            return None
+        found = self.source.blocks(name, shape)  # (N, row bytes) mmapped, and the ggml type; or None
+        if found is None:
+            return None
+        from offload.kernels.cpu import native
 
-    def experts(self, prefix: str, layer: int, n_experts: int, hidden: int, inter: int):
-        """Routed experts of one layer -> (groups, home index per expert (E,))."""
+        raw, qtype = found
+        if not native.fast(int(qtype)):
+            return None
+        from offload.kernels.cpu.weights import QuantWeight
+
+        w = QuantWeight.from_file(raw, qtype, shape[1], None, self.dtype, self.source.act_quant, name)
+        if self.on_tensor is not None:
+            self.on_tensor()
+        return w
+
+    def mlp(self, prefix: str, hidden: int, inter: int):
+        return mlp(self.linear(f"{prefix}.gate_proj.weight", (inter, hidden)),
+                   self.linear(f"{prefix}.up_proj.weight", (inter, hidden)),
+                   self.linear(f"{prefix}.down_proj.weight", (hidden, inter)))
+
+    def expert_device(self, home: str) -> torch.device:
+        """"gpu" experts live on their layer's GPU when the layer has one, else on the main device."""
+        return self.device if home == "gpu" and self.home != "cpu" else self.device_of(home)
+
+    def experts(self, prefix: str, layer: int, n_experts: int, hidden: int, inter: int, shared=None):
+        """Routed experts of one layer -> (expert groups in home order, the shared MLP the layer still runs:
+        None where a CPU group took it into its own native call)."""
         homes = self.placement(layer, n_experts) if self.placement else ["gpu"] * n_experts
-        names = sorted(set(homes), key=HOMES.index)
-        home = torch.tensor([names.index(h) for h in homes], dtype=torch.int64)
+        for name in set(homes):
+            self.device_of(name)  # unknown names fail here, before any read
+        names = sorted(set(homes), key=_home_order)
+        if hasattr(self.source, "expert_blocks") and self.source.has_expert_blocks(prefix):
+            return self._block_groups(prefix, homes, names, n_experts, hidden, inter, shared)
         stacked = self.source.has(f"{prefix}.gate_up_proj")
-        # sources with quantised experts (GGUF) hand out whole groups that stay quantised
-        quantised = hasattr(self.source, "expert_group") and self.source.has_expert_groups(prefix)
         if stacked:  # transformers' fused layout, read once per layer: gate_up (E, 2I, H), down (E, H, I)
             gate_up_all = self.get(f"{prefix}.gate_up_proj", (n_experts, 2 * inter, hidden), device="cpu")
             down_all = self.get(f"{prefix}.down_proj", (n_experts, hidden, inter), device="cpu")
         groups = []
         for name in names:
-            dev = self.device_of(name)
-            ids = [e for e in range(n_experts) if homes[e] == name]
-            if quantised:
-                groups.append(self.source.expert_group(prefix, ids, dev, hidden, inter))
-                if self.on_tensor is not None:
-                    self.on_tensor()
-                continue
+            dev = self.expert_device(name)
             weights = {}
-            for e in ids:
+            for e in (e for e in range(n_experts) if homes[e] == name):
                 if stacked:
                     gate_up = gate_up_all[e].to(dev)
                     gate, up = gate_up[:inter], gate_up[inter:]
@@ -85,23 +149,46 @@ class LoadContext:
                 groups.append(self.cpu_experts_factory(weights, dev))
             else:
                 groups.append(TorchExperts(dev, weights))
-        return groups, home
+        return groups, shared
+
+    def _block_groups(self, prefix, homes, names, n_experts, hidden, inter, shared):
+        """Groups over a GGUF's stacked expert blocks, which stay quantised: the fused CPU kernel on the CPU,
+        blocks expanded per matmul elsewhere (and for the llama.cpp numerics emulation, act_quant)."""
+        dims = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        files = {part: self.source.expert_blocks(prefix, part, n_experts, rows, cols)
+                 for part, (rows, cols) in dims.items()}  # part -> ((E, rows, row bytes), ggml type)
+        act_quant = self.source.act_quant
+        groups = []
+        for name in names:
+            dev = self.expert_device(name)
+            ids = [e for e in range(n_experts) if homes[e] == name]
+            if dev.type == "cpu" and not act_quant:
+                from offload.kernels.cpu.experts import from_file_blocks
+
+                group = from_file_blocks(*(files[p][0] for p in dims), tuple(files[p][1] for p in dims), ids,
+                                         shared)
+                if group.shared is not None:
+                    shared = None  # runs inside this group's native call from now on
+            else:
+                group = BlockExperts(dev, ids, *(expert_blocks(files[p][0], files[p][1], dims[p][1], ids, dev,
+                                                               act_quant) for p in dims))
+            groups.append(group)
+            if self.on_tensor is not None:
+                self.on_tensor()
+        return groups, shared
 
 
 def load_embeddings(ctx: LoadContext, a) -> tuple[object, torch.Tensor, object]:
-    """Embedding table, final norm, head. A GGUF on the CPU keeps the table and the head as their blocks
-    (a tied head is the table itself): lookups dequantise only the rows asked for, and the head is read
-    quantised each token (Q6_K: 5x fewer bytes than float32), as llama.cpp does."""
+    """Embedding table, final norm, head, each on its home. A GGUF on the CPU keeps the table and the head as
+    their blocks (a tied head is the table itself where both share a device): lookups expand only the rows
+    asked for, and the head is read quantised each token (Q6_K: 5x fewer bytes than float32), as llama.cpp."""
     shape = (a.vocab_size, a.hidden_size)
-    quantised = getattr(ctx.source, "quant_linear", None) if ctx.device.type == "cpu" else None
-    embed = quantised("model.embed_tokens.weight", shape) if quantised is not None else None
-    if embed is None:
-        embed = ctx.get("model.embed_tokens.weight", shape)
-    norm = ctx.get("model.norm.weight", (a.hidden_size,))
+    ectx, hctx = ctx.at(ctx.embed_home or "gpu"), ctx.at(ctx.head_home or "gpu")
+    embed = ectx.linear("model.embed_tokens.weight", shape)
+    norm = hctx.get("model.norm.weight", (a.hidden_size,))
     if a.tie_word_embeddings and not ctx.source.has("lm_head.weight"):
-        return embed, norm, embed
-    head = quantised("lm_head.weight", shape) if quantised is not None else None
-    return embed, norm, head if head is not None else ctx.get("lm_head.weight", shape)
+        return embed, norm, embed if hctx.device == ectx.device else hctx.linear("model.embed_tokens.weight", shape)
+    return embed, norm, hctx.linear("lm_head.weight", shape)
 
 
 def load_noaux_moe(ctx: LoadContext, prefix: str, layer: int, a) -> "MoE":
@@ -113,16 +200,15 @@ def load_noaux_moe(ctx: LoadContext, prefix: str, layer: int, a) -> "MoE":
     router = partial(route_sigmoid_grouped, weight=weight, bias=bias, top_k=a.num_experts_per_tok,
                      n_group=a.n_group, topk_group=a.topk_group, norm_topk_prob=a.norm_topk_prob,
                      scaling=a.routed_scaling_factor)
-    groups, home = ctx.experts(f"{prefix}.experts", layer, e, hid, inter)
     shared = ctx.mlp(f"{prefix}.shared_experts", hid, inter * a.n_shared_experts) if a.n_shared_experts else None
-    moe = MoE(router, groups, home, shared)
-    moe.layer_idx = layer
-    return moe
+    groups, shared = ctx.experts(f"{prefix}.experts", layer, e, hid, inter, shared)
+    return MoE(router, groups, shared, layer)
 
 
 def load_layer(ctx: LoadContext, prefix: str, hidden: int, attn, mlp) -> Layer:
+    """`ctx` is the layer's own (LoadContext.layer): the layer lives on its device."""
     return Layer(ctx.get(f"{prefix}.input_layernorm.weight", (hidden,)), attn,
-                 ctx.get(f"{prefix}.post_attention_layernorm.weight", (hidden,)), mlp)
+                 ctx.get(f"{prefix}.post_attention_layernorm.weight", (hidden,)), mlp, ctx.device)
 
 
 def finish_decoder(ctx: LoadContext, a, layers: list[Layer]) -> Decoder:
@@ -130,4 +216,4 @@ def finish_decoder(ctx: LoadContext, a, layers: list[Layer]) -> Decoder:
     embed, norm, head = load_embeddings(ctx, a)
     n_mtp = getattr(a, "num_nextn_predict_layers", 0)
     skipped = [f"model.layers.{a.num_hidden_layers + j} (MTP)" for j in range(n_mtp)]
-    return Decoder(a, embed, layers, norm, head, a.rms_norm_eps, ctx.device, skipped)
+    return Decoder(a, embed, layers, norm, head, a.rms_norm_eps, ctx.main, skipped)

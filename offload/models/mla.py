@@ -10,12 +10,11 @@ T new tokens, S cached + new tokens, H hidden, h heads, n nope dim, r rope dim, 
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from offload.cache import MLACache
-from offload.models.base import Rope, causal_mask, linear, linears, rms_norm
+from offload.models.base import Rope, causal_mask, rms_norm
 from offload.models.loading import LoadContext
-
+from offload.models.weights import linears
 
 # Query chunks of at least this many tokens use the expanded form (keys and values per head): per
 # (query, key) pair it costs n + r + v multiply-adds against the absorbed form's 2c + r (DeepSeek-V3:
@@ -24,15 +23,18 @@ EXPANDED_MIN_TOKENS = 16
 
 
 class MLAAttention:
-    def __init__(self, *, q_a, q_a_bias, q_a_norm, q_b, q_proj, kv_a, kv_a_bias, kv_a_norm, kv_b, wo, wo_bias,
-                 n_heads, nope, rope_dim, v_dim, kv_lora, rope: Rope, scale: float, eps: float, device, dtype,
-                 selector: Callable | None = None, index_dim: int = 0):
-        self.q_a, self.q_a_bias, self.q_a_norm, self.q_b, self.q_proj = q_a, q_a_bias, q_a_norm, q_b, q_proj
-        self.kv_a, self.kv_a_bias, self.kv_a_norm = kv_a, kv_a_bias, kv_a_norm
+    def __init__(self, *, q_a, q_a_norm, q_b, q_proj, kv_a, kv_a_norm, kv_b, wo, n_heads, nope, rope_dim, v_dim,
+                 kv_lora, rope: Rope, scale: float, eps: float, device, dtype, selector: Callable | None = None,
+                 index_dim: int = 0):
+        # q_a, q_b, q_proj, kv_a, wo: weights (offload.models.weights), biases inside; kv_b a float tensor
+        self.q_a, self.q_a_norm, self.q_b, self.q_proj = q_a, q_a_norm, q_b, q_proj
+        self.kv_a, self.kv_a_norm = kv_a, kv_a_norm
+        # the projections of x, one call where the weights allow: (q, kv_a) or (q_a, kv_a)
+        self.x_proj = linears([q_proj if q_proj is not None else q_a, kv_a])
         w = kv_b.view(n_heads, nope + v_dim, kv_lora)
         self.w_uk = w[:, :nope]  # (h, n, c)
         self.w_uv = w[:, nope:]  # (h, v, c)
-        self.wo, self.wo_bias = wo, wo_bias
+        self.wo = wo
         self.h, self.nope, self.r, self.v, self.c = n_heads, nope, rope_dim, v_dim, kv_lora
         self.rope, self.scale, self.eps = rope, scale, eps
         self.device, self.dtype = device, dtype
@@ -47,11 +49,11 @@ class MLAAttention:
         t = x.shape[0]
         if self.q_proj is not None:
             q_resid = None
-            q, kv = linears(x, [self.q_proj, self.kv_a], [None, self.kv_a_bias])  # (T, h*(n + r)), (T, c + r)
+            q, kv = self.x_proj(x)  # (T, h*(n + r)), (T, c + r)
         else:
-            q_a, kv = linears(x, [self.q_a, self.kv_a], [self.q_a_bias, self.kv_a_bias])  # (T, q_lora), (T, c + r)
+            q_a, kv = self.x_proj(x)  # (T, q_lora), (T, c + r)
             q_resid = rms_norm(q_a, self.q_a_norm, self.eps)  # (T, q_lora)
-            q = linear(q_resid, self.q_b)
+            q = self.q_b(q_resid)
         q = q.view(t, self.h, self.nope + self.r)  # (T, h, n + r)
         q_nope, q_rot = q[..., : self.nope], q[..., self.nope:]
         latent = rms_norm(kv[:, : self.c], self.kv_a_norm, self.eps)  # (T, c)
@@ -82,27 +84,27 @@ class MLAAttention:
         else:
             out_lat = torch.matmul(probs, latent_all)  # (h, T, c)
             out = torch.einsum("htc,hvc->thv", out_lat, self.w_uv).reshape(t, self.h * self.v)  # (T, h*v)
-        return linear(out, self.wo, self.wo_bias)
+        return self.wo(out)
 
 
 def load_mla(ctx: LoadContext, prefix: str, a, rope: Rope, scale: float, selector=None,
              index_dim: int = 0) -> MLAAttention:
     h, hid, n, r, v, c = (a.num_attention_heads, a.hidden_size, a.qk_nope_head_dim, a.qk_rope_head_dim,
                           a.v_head_dim, a.kv_lora_rank)
-    g = ctx.get
-    bias = a.attention_bias
+    g, lin = ctx.get, ctx.linear
     lora = a.q_lora_rank
+
+    def b(name):
+        return f"{prefix}.{name}.bias" if a.attention_bias else None
+
     return MLAAttention(
-        q_a=g(f"{prefix}.q_a_proj.weight", (lora, hid)) if lora else None,
-        q_a_bias=g(f"{prefix}.q_a_proj.bias", (lora,)) if lora and bias else None,
+        q_a=lin(f"{prefix}.q_a_proj.weight", (lora, hid), b("q_a_proj")) if lora else None,
         q_a_norm=g(f"{prefix}.q_a_layernorm.weight", (lora,)) if lora else None,
-        q_b=g(f"{prefix}.q_b_proj.weight", (h * (n + r), lora)) if lora else None,
-        q_proj=None if lora else g(f"{prefix}.q_proj.weight", (h * (n + r), hid)),
-        kv_a=g(f"{prefix}.kv_a_proj_with_mqa.weight", (c + r, hid)),
-        kv_a_bias=g(f"{prefix}.kv_a_proj_with_mqa.bias", (c + r,)) if bias else None,
+        q_b=lin(f"{prefix}.q_b_proj.weight", (h * (n + r), lora)) if lora else None,
+        q_proj=None if lora else lin(f"{prefix}.q_proj.weight", (h * (n + r), hid)),
+        kv_a=lin(f"{prefix}.kv_a_proj_with_mqa.weight", (c + r, hid), b("kv_a_proj_with_mqa")),
         kv_a_norm=g(f"{prefix}.kv_a_layernorm.weight", (c,)),
         kv_b=g(f"{prefix}.kv_b_proj.weight", (h * (n + v), c)),
-        wo=g(f"{prefix}.o_proj.weight", (hid, h * v)),
-        wo_bias=g(f"{prefix}.o_proj.bias", (hid,)) if bias else None,
+        wo=lin(f"{prefix}.o_proj.weight", (hid, h * v), b("o_proj")),
         n_heads=h, nope=n, rope_dim=r, v_dim=v, kv_lora=c, rope=rope, scale=scale, eps=1e-6,
         device=ctx.device, dtype=ctx.dtype, selector=selector, index_dim=index_dim)

@@ -1,8 +1,8 @@
 """The MoE layer with expert placement built in.
 
-Router (fp32 for sigmoid routers) -> top-k ids and weights -> (token, expert) pairs grouped by the
-expert's home -> each group computed where its experts live -> summed, plus the shared experts.
-The math does not depend on the placement: only the order of the final additions changes.
+Router (fp32 for sigmoid routers) -> top-k ids and weights -> every expert group (one per home) computes
+the pairs of the experts it holds -> summed, plus the shared experts. The math does not depend on the
+placement: only the order of the final additions changes.
 
 T tokens, K top-k, E routed experts, H hidden, I expert intermediate size.
 """
@@ -11,8 +11,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-from offload.models.base import MLP
 
 
 def route_softmax(x: torch.Tensor, weight: torch.Tensor, top_k: int, norm_topk_prob: bool):
@@ -51,61 +49,31 @@ def _keep_best_groups(choice: torch.Tensor, n_group: int, topk_group: int) -> to
     return choice.masked_fill(~score_mask.bool(), float("-inf"))
 
 
-class TorchExperts:
-    """Experts held as plain torch tensors on one device (GPU, or CPU for unquantised experts)."""
-
-    def __init__(self, device: torch.device, experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-        self.device = device
-        self.experts = experts  # expert id -> (gate (I, H), up (I, H), down (H, I))
-
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (T, H) on this device; ids/weights (T, K) with -1 where the pair lives elsewhere."""
-        out = torch.zeros_like(x)
-        for e in torch.unique(ids[ids >= 0]).tolist():
-            tok, kpos = torch.where(ids == e)
-            gate, up, down = self.experts[e]
-            xe = x[tok]  # (n, H)
-            h = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down)  # (n, H)
-            out.index_add_(0, tok, (h * weights[tok, kpos, None]).to(out.dtype))
-        return out
-
-
 class MoE:
-    """Routed experts split over homes (device groups) + shared experts.
+    """Routed experts split over homes (expert groups, offload.models.experts) + shared experts.
 
-    `groups[g]` computes the pairs whose expert has `home[e] == g`; a group is any callable
-    (x, ids, weights) -> partial output on its device (TorchExperts, or a CPU kernel wrapper)."""
+    The runtime orders a layer's work: `submit` (route, hand every group its pairs), the shared expert while
+    the groups run, then `gather` (wait for each group, sum). Every group takes the router's ids as they are
+    and computes the pairs of the experts it holds. `shared` is None when a group runs the shared expert
+    inside its own call (decided when the groups were built)."""
 
-    def __init__(self, router: Callable, groups: list, home: torch.Tensor, shared: MLP | None):
+    def __init__(self, router: Callable, groups: list, shared: Callable | None, layer_idx: int = -1):
         self.router = router
         self.groups = groups
-        self.home = home  # (E,) int64 group index per routed expert, on the CPU
         self.shared = shared
         self.observer: Callable | None = None  # observer(layer_idx, ids (T, K)) for routing profiles
-        self.layer_idx = -1
+        self.layer_idx = layer_idx
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def submit(self, x: torch.Tensor) -> list:
+        """x (T, H) -> one handle per group, each holding a partial (T, H)."""
         ids, weights = self.router(x)  # (T, K), (T, K)
         if self.observer is not None:
             self.observer(self.layer_idx, ids.detach().cpu())
-        if len(self.groups) == 1:  # one home for every expert (all on the CPU, or all on the GPU)
-            group = self.groups[0]
-            if self.shared is not None and getattr(group, "takes_shared", False) and group.device == x.device:
-                return group(x, ids, weights, shared=self.shared)  # may run it in the routed experts' call
-            out = group(x.to(group.device), ids.to(group.device), weights.to(group.device)).to(x.device)
-            return out + self.shared(x) if self.shared is not None else out
-        home = self.home.to(ids.device)[ids]  # (T, K)
-        out = None
-        for g, group in enumerate(self.groups):
-            sel = home == g
-            if not bool(sel.any()):
-                continue
-            dev = group.device
-            ids_g = torch.where(sel, ids, torch.full_like(ids, -1)).to(dev)
-            part = group(x.to(dev), ids_g, weights.to(dev)).to(x.device)
-            out = part if out is None else out + part
-        if out is None:
-            out = torch.zeros_like(x)
-        if self.shared is not None:
-            out = out + self.shared(x)
-        return out
+        return [group.submit(x, ids, weights) for group in self.groups]
+
+    def gather(self, handles: list, shared: torch.Tensor | None) -> torch.Tensor:
+        """The sum of the groups' partials, in group order, plus the shared experts' output (T, H)."""
+        out = handles[0].wait()
+        for h in handles[1:]:
+            out = out + h.wait()
+        return out if shared is None else out + shared

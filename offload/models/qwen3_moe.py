@@ -70,15 +70,14 @@ def build(ctx: LoadContext, a: ModelArgs) -> Decoder:
     rope = build_rope(a.rope, a.head_dim, a.max_position_embeddings, interleaved=False, where="qwen3_moe")
     layers = []
     for i in range(a.num_hidden_layers):
-        p = f"model.layers.{i}"
-        attn = load_gqa(ctx, f"{p}.self_attn", a, rope, qk_norm=True, bias=a.attention_bias)
+        p, lc = f"model.layers.{i}", ctx.layer(i)
+        attn = load_gqa(lc, f"{p}.self_attn", a, rope, qk_norm=True, bias=a.attention_bias)
         if a.is_moe_layer(i):
-            gate = ctx.get(f"{p}.mlp.gate.weight", (a.num_experts, a.hidden_size))
+            gate = lc.get(f"{p}.mlp.gate.weight", (a.num_experts, a.hidden_size))
             router = partial(route_softmax, weight=gate, top_k=a.num_experts_per_tok, norm_topk_prob=a.norm_topk_prob)
-            groups, home = ctx.experts(f"{p}.mlp.experts", i, a.num_experts, a.hidden_size, a.moe_intermediate_size)
-            mlp = MoE(router, groups, home, shared=None)
-            mlp.layer_idx = i
+            groups, _ = lc.experts(f"{p}.mlp.experts", i, a.num_experts, a.hidden_size, a.moe_intermediate_size)
+            mlp = MoE(router, groups, None, i)
         else:
-            mlp = ctx.mlp(f"{p}.mlp", a.hidden_size, a.intermediate_size)
-        layers.append(load_layer(ctx, p, a.hidden_size, attn, mlp))
+            mlp = lc.mlp(f"{p}.mlp", a.hidden_size, a.intermediate_size)
+        layers.append(load_layer(lc, p, a.hidden_size, attn, mlp))
     return finish_decoder(ctx, a, layers)

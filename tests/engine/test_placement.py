@@ -66,14 +66,14 @@ def test_placement_from_a_plan_json(tiny_checkpoint, tmp_path):
 
 def test_expert_quant_runs_cpu_experts_on_the_fused_kernel(tiny_checkpoint):
     """expert_quant="q8_0": HF experts quantised at load, computed by offload.kernels.cpu.moe_cpu."""
-    from offload.kernels.cpu.experts import KernelExperts
+    from offload.kernels.cpu.experts import CpuExpertGroup
 
     path = tiny_checkpoint("glm4_moe")
     ids = list(range(3, 35))
     ref = offload.load(path, device="cpu", progress=False).logits(ids)
     llm = offload.load(path, device="cpu", progress=False, expert_quant="q8_0")
     groups = llm.model.moe_layers()[0].groups
-    assert len(groups) == 1 and isinstance(groups[0], KernelExperts) and groups[0].experts.quantised
+    assert len(groups) == 1 and isinstance(groups[0], CpuExpertGroup) and groups[0].experts.quantised
     ours = llm.logits(ids)
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
     assert cos.min() > 0.999  # Q8_0 weights: ~0.5 % weight error

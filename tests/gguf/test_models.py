@@ -67,8 +67,9 @@ def test_glm_dsa_sparse_regime_matches_llama_cpp(gguf_models):
 def test_experts_stay_quantised(gguf_models):
     """Routed experts are the file's own quantised bytes, never float: zero-copy mmap views, or (Q4_K on a
     CPU with the SIMD kernels) their interleaved copy of the same size, which unpacks to those bytes."""
-    from offload.gguf.experts import QuantExperts
+    from offload.gguf.types import GGMLType
     from offload.kernels.cpu import native
+    from offload.kernels.cpu.experts import CpuExpertGroup
 
     llm = gguf_models.ours("qwen3_moe", "Q4_K_M")
     gguf = llm.model.gguf
@@ -76,16 +77,18 @@ def test_experts_stay_quantised(gguf_models):
     assert layers
     for moe in layers:
         (group,) = moe.groups
-        assert isinstance(group, QuantExperts)
-        for part, mat in (("gate", group.gate), ("up", group.up), ("down", group.down)):
+        assert isinstance(group, CpuExpertGroup)
+        ex = group.experts
+        for part, blocks, qt in (("gate", ex.gate, ex.qtypes[0]), ("up", ex.up, ex.qtypes[1]),
+                                 ("down", ex.down, ex.qtypes[2])):
             raw = gguf.raw(f"blk.{moe.layer_idx}.ffn_{part}_exps.weight")
-            assert mat.ggml_type.name in ("Q4_K", "Q6_K")  # Q4_K_M keeps some ffn_down in Q6_K
-            assert isinstance(mat.blocks, np.ndarray) and mat.blocks.dtype == np.uint8
-            assert mat.blocks.nbytes == raw.nbytes
-            if int(mat.qtype) & native.R16:
-                assert np.array_equal(native.unpack(mat.blocks, mat.qtype).reshape(-1), raw.reshape(-1))
+            assert GGMLType(native.base_type(qt)).name in ("Q4_K", "Q6_K")  # Q4_K_M keeps some ffn_down in Q6_K
+            assert isinstance(blocks, np.ndarray) and blocks.dtype == np.uint8
+            assert blocks.nbytes == raw.nbytes
+            if qt & native.R16:
+                assert np.array_equal(native.unpack(blocks, qt).reshape(-1), raw.reshape(-1))
             else:
-                assert np.shares_memory(mat.blocks, raw)
+                assert np.shares_memory(blocks, raw)
 
 
 def test_interleaved_experts_are_the_files_bytes_and_change_nothing(gguf_models, monkeypatch):
@@ -95,8 +98,8 @@ def test_interleaved_experts_are_the_files_bytes_and_change_nothing(gguf_models,
     activation sat within float error of an 8-bit rounding boundary and moved one quantum (max diff
     0.031 of logits up to 13), as between llama.cpp runs with different thread counts."""
     import offload
-    from offload.gguf.experts import QuantExperts
     from offload.kernels.cpu import native
+    from offload.kernels.cpu.experts import CpuExpertGroup
 
     if not native.has_vnni():
         pytest.skip("no AVX-512 VNNI: the engine keeps the file's layout")
@@ -106,16 +109,17 @@ def test_interleaved_experts_are_the_files_bytes_and_change_nothing(gguf_models,
     gguf = llm.model.gguf
     for moe in llm.model.moe_layers():
         (group,) = moe.groups
-        assert isinstance(group, QuantExperts)
-        for part, mat in (("gate", group.gate), ("up", group.up), ("down", group.down)):
+        assert isinstance(group, CpuExpertGroup)
+        ex = group.experts
+        for part, blocks, qt in (("gate", ex.gate, ex.qtypes[0]), ("up", ex.up, ex.qtypes[1]),
+                                 ("down", ex.down, ex.qtypes[2])):
             raw = gguf.raw(f"blk.{moe.layer_idx}.ffn_{part}_exps.weight")
-            assert int(mat.qtype) == native.R16 | 8 and mat.ggml_type.name == "Q8_0"
-            assert not np.shares_memory(mat.blocks, raw) and mat.blocks.nbytes == raw.nbytes
-            assert np.array_equal(native.unpack(mat.blocks, mat.qtype).reshape(-1), raw.reshape(-1))
-            assert group.fused.qtypes[0] == native.R16 | 8
+            assert qt == native.R16 | 8
+            assert not np.shares_memory(blocks, raw) and blocks.nbytes == raw.nbytes
+            assert np.array_equal(native.unpack(blocks, qt).reshape(-1), raw.reshape(-1))
     monkeypatch.setenv("OFFLOAD_REPACK", "0")
     plain = offload.load(path, device="cpu", progress=False)
-    assert int(plain.model.moe_layers()[0].groups[0].gate.qtype) == 8
+    assert plain.model.moe_layers()[0].groups[0].experts.qtypes[0] == 8
     ref = plain.logits(ids)
     got = llm.logits(ids)
     diff = (got - ref).abs().amax(-1) / float(ref.abs().max())  # (positions,)

@@ -15,14 +15,14 @@ CASES = [("qwen3_moe", "Q4_K_M"), ("deepseek_v3", "Q4_K_M")]
 
 @pytest.mark.parametrize("name,fmt", CASES)
 def test_default_path_keeps_weights_quantised_and_matches_llama_cpp(gguf_models, name, fmt):
-    from offload.gguf.experts import QuantMatrix
+    from offload.kernels.cpu.weights import QuantWeight
 
     llm = gguf_models.ours(name, fmt)  # plain offload.load: no numerics emulation asked for
     model = llm.model
-    assert isinstance(model.embed, QuantMatrix) and isinstance(model.lm_head, QuantMatrix)
+    assert isinstance(model.embed, QuantWeight) and isinstance(model.lm_head, QuantWeight)
     attn = model.layers[0].attn
     proj = attn.wq if hasattr(attn, "wq") else attn.kv_a
-    assert isinstance(proj, QuantMatrix)
+    assert isinstance(proj, QuantWeight)
     ids = gguf_models.prompt_ids(name, fmt)
     ours = llm.logits(ids).numpy()
     _, ref = gguf_models.compare(name, fmt)
@@ -43,7 +43,9 @@ def test_native_path_vs_dequantise_per_call(gguf_models, name, fmt, monkeypatch)
     fast = gguf_models.ours(name, fmt).logits(ids)
     monkeypatch.setattr(native, "SIMD_TYPES", set())
     slow_llm = offload.load(gguf_models.path(name, fmt), device="cpu", progress=False)
-    assert isinstance(slow_llm.model.lm_head, torch.Tensor)  # the float path really ran
+    from offload.models.weights import Linear
+
+    assert isinstance(slow_llm.model.lm_head, Linear)  # the float path really ran
     slow = slow_llm.logits(ids)
     m = agreement(fast.numpy(), slow.numpy())
     print(f"\n{name} {fmt} native vs dequantise-per-call: cos mean {m['cos_mean']:.6f} top-1 {m['top1']:.3f} "
@@ -54,12 +56,16 @@ def test_native_path_vs_dequantise_per_call(gguf_models, name, fmt, monkeypatch)
 
 
 def test_shared_expert_in_the_routed_call_changes_nothing(gguf_models, monkeypatch):
-    """A shared expert whose blocks match the routed experts' runs inside their native call: the logits are
-    bit-identical to running it as its own MLP after them (same sums, same order)."""
+    """A shared expert whose blocks match the routed experts' runs inside their native call (decided when the
+    CPU group is built): the logits are bit-identical to running it as its own MLP after them (same sums,
+    same order)."""
+    import offload
     from offload.kernels.cpu import moe as moe_mod
+    from offload.kernels.cpu.experts import CpuExpertGroup
 
     llm = gguf_models.ours("glm_moe_dsa", "Q4_K_M")
     ids = gguf_models.prompt_ids("glm_moe_dsa", "Q4_K_M")[:12]
+    assert any(moe.shared is None for moe in llm.model.moe_layers())  # some group took its shared expert
     fused = []
     topk = moe_mod.native.moe_topk
 
@@ -70,6 +76,8 @@ def test_shared_expert_in_the_routed_call_changes_nothing(gguf_models, monkeypat
     monkeypatch.setattr(moe_mod.native, "moe_topk", counting)
     together = llm.logits(ids)
     assert any(fused), "no layer of this fixture ran its shared expert in the routed call"
-    monkeypatch.setattr(moe_mod, "takes_shared", lambda *a: False)
-    apart = llm.logits(ids)
+    monkeypatch.setattr(CpuExpertGroup, "takes_shared", staticmethod(lambda *a: False))
+    apart_llm = offload.load(gguf_models.path("glm_moe_dsa", "Q4_K_M"), device="cpu", progress=False)
+    assert all(moe.shared is not None for moe in apart_llm.model.moe_layers())
+    apart = apart_llm.logits(ids)
     assert torch.equal(together, apart)

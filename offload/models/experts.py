@@ -1,0 +1,142 @@
+"""Routed-expert groups: the experts of one MoE layer that share a home, behind one protocol for every home.
+
+    handle = group.submit(x, ids, weights)  # x (T, H), ids / weights (T, K) on the caller's device
+    partial = handle.wait()                 # (T, H) on the caller's device, in x's dtype
+
+A group computes the (token, expert) pairs whose expert it holds (`group.ids`); pairs of experts held
+elsewhere contribute nothing, so every group of a layer takes the router's ids as they are. A group may
+compute at submit (`Ready`) or in the background (`Pending`), so the caller can work meanwhile.
+
+Kinds: TorchExperts (float tensors on a device), BlockExperts (ggml blocks on a device, expanded per
+matmul) here; offload.kernels.cpu.experts.CpuExpertGroup (the fused CPU kernel).
+
+T tokens, K top-k, H hidden, I expert intermediate, n tokens routed to one expert.
+"""
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from offload.gguf.types import GGMLType
+
+_FLOAT = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+
+
+class Ready:
+    """The handle of a partial computed at submit."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+
+    def wait(self) -> torch.Tensor:
+        return self.out
+
+
+class Pending:
+    """The handle of a partial computed on a worker thread, moved to the caller's device on wait."""
+
+    __slots__ = ("device", "future")
+
+    def __init__(self, future: Future, device: torch.device):
+        self.future, self.device = future, device
+
+    def wait(self) -> torch.Tensor:
+        return self.future.result().to(self.device)
+
+
+class TorchExperts:
+    """Experts held as float tensors on one device (a GPU, or the CPU for unquantised experts)."""
+
+    def __init__(self, device: torch.device, experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self.device = device
+        self.experts = experts  # expert id -> (gate (I, H), up (I, H), down (H, I))
+        self.ids = sorted(experts)
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Ready:
+        xd, ids, weights = x.to(self.device), ids.to(self.device), weights.to(self.device)
+        out = torch.zeros_like(xd)
+        for e in torch.unique(ids[ids >= 0]).tolist():
+            if e not in self.experts:
+                continue
+            tok, kpos = torch.where(ids == e)
+            gate, up, down = self.experts[e]
+            xe = xd[tok]  # (n, H)
+            h = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down)  # (n, H)
+            out.index_add_(0, tok, (h * weights[tok, kpos, None]).to(out.dtype))
+        return Ready(out.to(x.device))
+
+
+@dataclass
+class ExpertBlocks:
+    """One weight kind (gate, up or down) of a group's experts as ggml blocks (E_group, N, row bytes)."""
+
+    blocks: "np.ndarray | torch.Tensor"  # numpy uint8 on the CPU (an mmap view), torch uint8 on a GPU
+    qtype: int  # ggml type id
+    cols: int  # K, elements per row
+    act_quant: bool = False  # round inputs like llama.cpp (offload.gguf.numerics)
+
+    def weight(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert i's matrix (N, K) as `dtype` (float types are a view, block types are expanded)."""
+        from offload.gguf.dequant_torch import dequantize_torch
+
+        b = self.blocks[i]
+        if isinstance(b, np.ndarray):
+            b = torch.from_numpy(b)
+        if self.qtype in _FLOAT:
+            return b.view(_FLOAT[self.qtype]).view(b.shape[0], self.cols).to(dtype)
+        return dequantize_torch(b, self.qtype, (b.shape[0], self.cols), dtype=torch.float32).to(dtype)
+
+    def matmul(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x (n, K) @ W_i.T -> (n, N) float32."""
+        if self.act_quant:
+            from offload.gguf.numerics import round_activations
+
+            x = round_activations(x, GGMLType(self.qtype))
+        if isinstance(self.blocks, np.ndarray) and self.qtype not in _FLOAT:
+            from offload.kernels.cpu.quantmm import qmatmul
+
+            return qmatmul(x.float().contiguous(), self.blocks[i], self.qtype)
+        return F.linear(x.float(), self.weight(i, torch.float32))
+
+
+class BlockExperts:
+    """Experts kept as ggml blocks on a device, each expert's matrices expanded inside its matmul: GGUF experts
+    on a GPU (copied over once at load), and on the CPU the emulation of llama.cpp's numerics (act_quant)."""
+
+    def __init__(self, device: torch.device, expert_ids: list[int], gate: ExpertBlocks, up: ExpertBlocks,
+                 down: ExpertBlocks):
+        self.device = device
+        self.ids = list(expert_ids)
+        self.local = {e: i for i, e in enumerate(expert_ids)}
+        self.gate, self.up, self.down = gate, up, down
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Ready:
+        xd, ids, weights = x.to(self.device), ids.to(self.device), weights.to(self.device)
+        out = torch.zeros(xd.shape, dtype=torch.float32, device=self.device)
+        for e in torch.unique(ids[ids >= 0]).tolist():
+            i = self.local.get(e)
+            if i is None:
+                continue
+            tok, kpos = torch.where(ids == e)
+            xe = xd[tok]  # (n, H)
+            h = F.silu(self.gate.matmul(xe, i)) * self.up.matmul(xe, i)  # (n, I)
+            y = self.down.matmul(h, i)  # (n, H)
+            out.index_add_(0, tok, y * weights[tok, kpos, None].float())
+        return Ready(out.to(device=x.device, dtype=x.dtype))
+
+
+def expert_blocks(raw: np.ndarray, qtype: int, cols: int, expert_ids: list[int], device: torch.device,
+                  act_quant: bool) -> ExpertBlocks:
+    """The experts `expert_ids` of a stacked file tensor raw (E, N, row bytes): a zero-copy view when they are
+    all of them on the CPU, else a copy (still quantised), moved to `device`."""
+    ids = list(expert_ids)
+    if ids != list(range(raw.shape[0])):
+        raw = raw[np.asarray(ids, dtype=np.int64)]
+    if device.type != "cpu":
+        raw = torch.from_numpy(np.ascontiguousarray(raw)).to(device)
+    return ExpertBlocks(raw, int(qtype), cols, act_quant)
