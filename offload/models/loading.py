@@ -81,8 +81,8 @@ class LoadContext:
 
     def linear(self, name: str, shape: tuple[int, int], bias: str | None = None):
         """Matrix `name` (N, K) and optional bias `bias` (N,) as a weight that knows its matmul: a file's ggml
-        blocks stay blocks on the CPU where the native kernels multiply their type (float32 models, as llama.cpp),
-        anything else is a float tensor on this context's device."""
+        blocks stay blocks on the CPU where the native kernels multiply their type (as llama.cpp), anything
+        else is a float tensor on this context's device (a GPU's blocks too, until its quantised kernels come)."""
         w = self._blocks(name, shape)
         b = self.get(bias, (shape[0],)) if bias else None
         if w is None:
@@ -91,7 +91,7 @@ class LoadContext:
         return w
 
     def _blocks(self, name: str, shape: tuple[int, int]):
-        if self.device.type != "cpu" or self.dtype != torch.float32 or not hasattr(self.source, "blocks"):
+        if self.device.type != "cpu" or not hasattr(self.source, "blocks"):
             return None
         found = self.source.blocks(name, shape)  # (N, row bytes) mmapped, and the ggml type; or None
         if found is None:

@@ -180,3 +180,21 @@ def native_fast() -> bool:
     from offload.kernels.cpu import native
 
     return native.fast(8)
+
+
+def test_cpu_blocks_run_natively_in_bfloat16_too(gguf_models):  # noqa: F811
+    """Where the model computes in bfloat16, CPU-resident ggml blocks still run on the native kernels (a CPU
+    layer of a GPU model): outputs in the activations' dtype, the embedding's rows too."""
+    import offload
+    from offload.kernels.cpu import native
+    from offload.kernels.cpu.weights import QuantWeight
+
+    path = gguf_models.path("qwen3_moe", "Q8_0")
+    ids = gguf_models.prompt_ids("qwen3_moe", "Q8_0")
+    llm = offload.load(path, device="cpu", dtype="bfloat16", progress=False)
+    if native.fast(8):
+        assert isinstance(llm.model.layers[0].attn.wq, QuantWeight)
+    got = llm.logits(ids)
+    ref = gguf_models.ours("qwen3_moe", "Q8_0").logits(ids)
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min() > 0.99
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
