@@ -75,8 +75,8 @@ def test_does_not_fit_gguf_stops_before_the_weights(gguf_models, monkeypatch):  
     def no_reads(*args, **kwargs):
         raise AssertionError("a weight was read")
 
-    monkeypatch.setattr(GGUFSource, "get", no_reads)
-    monkeypatch.setattr(GGUFSource, "expert_group", no_reads)
+    for reader in ("get", "blocks", "expert_blocks"):  # every way a weight's bytes are read
+        monkeypatch.setattr(GGUFSource, reader, no_reads)
     with pytest.raises(PlacementError, match="does not fit"):
         offload.load(gguf_models.path("qwen3_moe", "Q8_0"), device="cpu", ram="64MiB", progress=False)
 

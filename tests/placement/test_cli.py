@@ -91,6 +91,23 @@ def test_probe_quick(tmp_path):
     assert r.exit_code == 0 and json.loads(r.output)["hardware"]["source"] == "probe"
 
 
+def test_probe_calibrates_this_engine(tmp_path):
+    """`offload probe` measures the engine's own kernels, its decode fixed costs and DRAM (a median of
+    reads); the plan reads them back, uses them, and says what was measured and what is assumed."""
+    out = tmp_path / "hw.json"
+    r = runner.invoke(app, ["probe", "--short", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    cal = json.loads(out.read_text())["calibration"]
+    assert {"Q4_K", "Q8_0"} <= set(cal["kernels"]) and all(k["gemv_gbs"] > 0 for k in cal["kernels"].values())
+    assert cal["layer_s"] >= 0 and cal["token_s"] >= 0 and len(cal["dram_reads_gbs"]) >= 3
+    assert "GB/s at one token" in r.output and "per layer" in r.output
+    r = runner.invoke(app, ["plan", "qwen3-30b-a3b", "--hardware", str(out), "--format", "json"])
+    d = json.loads(r.output)
+    assert d["hardware"]["calibration"] == cal
+    notes = " ".join(d["prediction"]["assumptions"])
+    assert "measured by offload probe" in notes and "per CPU layer" in notes and "assumed" in notes
+
+
 def test_profile_records_routing(tmp_path):
     """`offload profile` on a tiny real checkpoint, then `offload plan --profile` with the result."""
     from offload.testing import make_tiny_checkpoint
