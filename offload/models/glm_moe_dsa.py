@@ -83,7 +83,7 @@ class Indexer:
         k_all = cache.update_index(k, start)  # (S, D)
         s = k_all.shape[0]
         scores = F.relu(torch.matmul(q.float(), k_all.float().T) * self.head_dim ** -0.5)  # (T, i, S)
-        weights = self.weights_proj(x.float()).float() * self.n_heads ** -0.5  # (T, i)
+        weights = self.weights_proj(x.float()) * self.n_heads ** -0.5  # (T, i) float32
         index_scores = torch.matmul(weights.unsqueeze(1), scores).squeeze(1)  # (T, S)
         causal = causal_mask(t, s, start, x.device)
         index_scores = index_scores.masked_fill(~causal, float("-inf"))
