@@ -31,9 +31,9 @@ def _write(path, arch: str, kv: dict, tensors: dict) -> str:
 
 
 def test_unsupported_architecture(tmp_path):
-    path = _write(tmp_path / "m.gguf", "llama", {"block_count": 1},
+    path = _write(tmp_path / "m.gguf", "mamba", {"block_count": 1},
                   {"token_embd.weight": np.zeros((4, 8), np.float32)})
-    with pytest.raises(GGUFError, match=r"m\.gguf: architecture 'llama' is not supported"):
+    with pytest.raises(GGUFError, match=r"m\.gguf: architecture 'mamba' is not supported"):
         offload.load(path, device="cpu", progress=False)
 
 
