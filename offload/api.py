@@ -246,7 +246,14 @@ def report_plan(plan: dict | None, progress: bool) -> None:
     if plan is not None and progress:
         import sys
 
+        import psutil
+
         print(summary(plan), file=sys.stderr)
+        cpu = next((d for d in plan["devices"] if d["name"] == "cpu"), None)
+        free = psutil.virtual_memory().available
+        if cpu is not None and cpu["used_bytes"] > free:  # the plan counts all RAM; other programs hold some now
+            print(f"  warning: the CPU part needs {cpu['used_bytes'] / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of "
+                  "RAM is available now: the system will page", file=sys.stderr)
 
 
 def _build_with_progress(arch, ctx: LoadContext, args, n_tensors: int, progress: bool, name: str):

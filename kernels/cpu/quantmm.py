@@ -17,14 +17,19 @@ from numba import njit, prange
 
 from offload.errors import WeightsError
 from offload.kernels.cpu import dequant as dq
+from offload.kernels.cpu import native
 
 # tokens per expert (rows of x) from which dequant + torch.mm beats the row kernels (env overrides; AMX
 # machines likely want less). numba's float row kernel: 64, measured by `python -m offload.bench cpu-moe`
 # on a 2-core Ice Lake. The native 8-bit kernels: 1024; on a 2-core AMD EPYC (Zen 4) they ran one expert
 # 1.7-2x faster than dequant + torch.mm at 64-256 tokens (a 512-token prefill of the Air-shaped bench file:
 # 38 -> 54 tok/s), on the Ice Lake box 0.92x at 128 tokens.
+# Without AMX the native kernels stay ahead at any batch: on the 2-core Zen 5 box (2026-12-06) at 1024-4096 tokens
+# Q4_K 0.43-0.46 vs 0.20 TFLOP/s, Q8_0 0.57-0.62 vs 0.20, Q2_K 0.22-0.26 vs 0.20 (float32 torch.mm after dequant;
+# a 2048-token prefill of the Air-shaped file ran 2.5x slower past the old 1024 switch). With AMX 1024 is kept.
 GEMM_MIN_TOKENS = int(os.environ.get("OFFLOAD_CPU_GEMM_MIN_TOKENS", "64"))
-NATIVE_GEMM_MIN_TOKENS = int(os.environ.get("OFFLOAD_NATIVE_GEMM_MIN_TOKENS", "1024"))
+_NATIVE_GEMM_DEFAULT = "1024" if " amx_tile" in native._cpu_flags() else str(1 << 30)
+NATIVE_GEMM_MIN_TOKENS = int(os.environ.get("OFFLOAD_NATIVE_GEMM_MIN_TOKENS", _NATIVE_GEMM_DEFAULT))
 _ROWS_PER_ITEM = 16  # rows a thread takes at a time: small enough to balance, big enough to amortise
 _FM = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; not nnan/ninf, so overflow stays visible
 # numba's workqueue pool (see __init__) must not be entered from two Python threads at once
