@@ -6,8 +6,9 @@ What llama.cpp's converter (convert_hf_to_gguf.py + conversion/*.py) does and wh
   they are not renamed to per-expert HF names but served as groups by GGUFSource.expert_group;
 - DeepSeek2 / GLM-DSA store MLA's kv_b_proj split as `attn_k_b` (per head W_UK transposed: h, c, n)
   and `attn_v_b` (h, v, c); `kv_b_proj` is reassembled from them (GGUFSource.get);
-- no q/k permutation for these architectures (rope type NEOX for qwen3moe/glm4moe, NORM for
-  deepseek2/glm-dsa matches transformers' interleaved rope);
+- no q/k permutation for the MoE architectures (rope type NEOX for qwen3moe/glm4moe, NORM for
+  deepseek2/glm-dsa matches transformers' interleaved rope); `llama`'s q/k rows are permuted per head for
+  ggml's NORM rope, and read with an interleaved rope (`rope_interleave`, offload/models/llama.py);
 - NextN / MTP blocks are appended after the trunk (`blk.{n_layer}…`) and are skipped.
 """
 
@@ -21,7 +22,8 @@ from offload.errors import GGUFError
 
 # llama.cpp architecture -> our model_type (offload.models.ARCHITECTURES)
 MODEL_TYPES = {"qwen3moe": "qwen3_moe", "glm4moe": "glm4_moe", "deepseek2": "deepseek_v3",
-               "glm-dsa": "glm_moe_dsa"}
+               "glm-dsa": "glm_moe_dsa", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+DENSE = ("llama", "qwen2", "qwen3")  # no experts: a dense FFN in every layer
 
 # (HF suffix after `model.layers.{i}.`, GGUF suffix after `blk.{i}.`); shared by every architecture
 _LAYER = [
@@ -62,7 +64,8 @@ _LAYER = [
     ("mlp.shared_experts.down_proj.weight", "ffn_down_shexp.weight"),
 ]
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+           "lm_head.weight": "output.weight",
+           "model.rope_freqs.weight": "rope_freqs.weight"}  # GGUF only: Llama 3.1's rope divisors
 EXPERTS = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "down": "ffn_down_exps.weight"}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_MAP: dict[str, list[str]] = {}
@@ -202,6 +205,8 @@ def hf_config(metadata: dict, tensors: dict, where: str) -> dict:
     n_layers = _layer_count(meta, len(tensors))
     heads = meta.count("attention.head_count", minimum=1)
     hidden = meta.count("embedding_length", minimum=1)
+    if arch in DENSE:
+        return _checked(_dense_config(meta, vocab, n_layers, heads, hidden, tensors), tensors, where)
     expert_ffn = meta.count("expert_feed_forward_length", minimum=1)
     c: dict[str, Any] = {
         "model_type": MODEL_TYPES[arch], "vocab_size": vocab,
@@ -256,6 +261,23 @@ def hf_config(metadata: dict, tensors: dict, where: str) -> dict:
                  index_topk=meta.count("attention.indexer.top_k", minimum=1),
                  indexer_types=_indexer_types(meta, tensors, n_layers))
     return _checked(c, tensors, where)
+
+
+def _dense_config(meta: _Meta, vocab: int, n_layers: int, heads: int, hidden: int, tensors: dict) -> dict:
+    """llama / qwen2 / qwen3. Only `llama` has its q / k rows permuted by the converter (for ggml's pairwise
+    NORM rope): `rope_interleave` rotates those pairs, which gives transformers' q and k (models/llama.py).
+    qwen2 / qwen3 are converted as they are and use the NEOX (half-split) rope, as transformers does."""
+    return {
+        "model_type": MODEL_TYPES[meta.arch], "vocab_size": vocab, "hidden_size": hidden,
+        "num_hidden_layers": n_layers, "num_attention_heads": heads,
+        "num_key_value_heads": meta.count("attention.head_count_kv", heads, minimum=1),
+        "head_dim": meta.count("attention.key_length", hidden // heads, minimum=1),
+        "intermediate_size": meta.count("feed_forward_length", minimum=1),
+        "rms_norm_eps": meta.number("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_parameters": _rope(meta), "max_position_embeddings": meta.count("context_length", 4096, minimum=1),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors, "rope_interleave": meta.arch == "llama",
+    }
 
 
 def _checked(config: dict, tensors: dict, where: str) -> dict:

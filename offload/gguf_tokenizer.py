@@ -24,6 +24,7 @@ _QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r
 _QWEN35 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
            r"|\s+(?!\S)|\s+")
 _LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's own regex
 # Written with escapes: these character ranges must not pass through Unicode normalisation.
 _DEEPSEEK_LLM = [
     '[\r\n]',
@@ -49,6 +50,7 @@ _DEEPSEEK_V3 = [
 # pre name -> (split regexes, or None for GPT-2's built-in ByteLevel regex; NFC; ignore_merges; default add_bos)
 _PRE: dict[str, tuple[list[str] | None, bool, bool, bool]] = {
     "gpt-2": (None, False, False, False),
+    "smollm": ([r"\p{N}", _GPT2], False, False, False),  # SmolLM / SmolLM2: each digit alone, then GPT-2's
     "qwen2": ([_QWEN2], True, False, False),
     "deepseek-r1-qwen": ([_QWEN2], True, False, False),
     "qwen35": ([_QWEN35], False, False, False),

@@ -34,12 +34,21 @@ TINY_CONFIGS = {
                         qk_rope_head_dim=8, v_head_dim=16, index_n_heads=16, index_head_dim=16, index_topk=8,
                         indexer_types=["full", "shared", "full", "shared"], routed_scaling_factor=2.5,
                         max_position_embeddings=512),
+    # dense: GQA 4 / 2, head_dim 16 (llama's q/k permutation in GGUF is per head)
+    "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=100000.0),
+    "qwen2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512),
+    "qwen3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
 }
 
 CONFIG_CLASSES = {"qwen3_moe": "Qwen3MoeConfig", "glm4_moe": "Glm4MoeConfig", "deepseek_v3": "DeepseekV3Config",
-                  "glm_moe_dsa": "GlmMoeDsaConfig"}
+                  "glm_moe_dsa": "GlmMoeDsaConfig", "llama": "LlamaConfig", "qwen2": "Qwen2Config",
+                  "qwen3": "Qwen3Config"}
 MODEL_CLASSES = {"qwen3_moe": "Qwen3MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-                 "deepseek_v3": "DeepseekV3ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM"}
+                 "deepseek_v3": "DeepseekV3ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM",
+                 "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def tiny_hf_model(model_type: str, vocab_size: int, seed: int = 0, **overrides):

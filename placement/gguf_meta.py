@@ -18,7 +18,8 @@ from offload.gguf.reader import GGUFFile
 from .model import ModelSpec, from_hf_config
 from .quant import QUANT_BLOCKS, QuantScheme, default_scheme
 
-ARCHS = {"deepseek2": "deepseek_v3", "glm4moe": "glm4_moe", "glm-dsa": "glm_moe_dsa", "qwen3moe": "qwen3_moe"}
+ARCHS = {"deepseek2": "deepseek_v3", "glm4moe": "glm4_moe", "glm-dsa": "glm_moe_dsa", "qwen3moe": "qwen3_moe",
+         "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # the last three dense
 
 
 def _plain(v):
@@ -116,7 +117,9 @@ def spec_from_gguf(path: str | Path | GGUFFile) -> ModelSpec:
                     "indexer_types": ["full" if f"blk.{i}.indexer.attn_k.weight" in names else "shared"
                                       for i in range(n_layers)]}
     else:
-        cfg |= {"head_dim": k("attention.key_length"), "attention_bias": "blk.0.attn_q.bias" in names,
+        heads = k("attention.head_count")
+        head_dim = k("attention.key_length") or (k("embedding_length") // heads if heads else None)
+        cfg |= {"head_dim": head_dim, "attention_bias": "blk.0.attn_q.bias" in names,
                 "use_qk_norm": "blk.0.attn_q_norm.weight" in names}
         if arch == "qwen3moe":
             cfg["decoder_sparse_step"] = 1

@@ -71,7 +71,8 @@ def _need(cfg: dict, key: str, where: str):
 
 
 def from_hf_config(cfg: dict, name: str = "", where: str = "config.json", meta: dict | None = None) -> ModelSpec:
-    """ModelSpec from a Hugging Face config.json dict (glm_moe_dsa, deepseek_v3, kimi_k2, glm4_moe, qwen3_moe)."""
+    """ModelSpec from a Hugging Face config.json dict (glm_moe_dsa, deepseek_v3, kimi_k2, glm4_moe, qwen3_moe; a
+    config without routed experts (llama, qwen2, qwen3) is dense: every layer a dense FFN)."""
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     arch = str(cfg.get("model_type", ""))
@@ -79,10 +80,10 @@ def from_hf_config(cfg: dict, name: str = "", where: str = "config.json", meta: 
     hidden, n_layers = n("hidden_size"), n("num_hidden_layers")
     if hidden == 0 or n_layers == 0:
         raise ConfigError(f"{where}: hidden_size and num_hidden_layers must be positive")
-    n_experts = cfg.get("n_routed_experts", cfg.get("num_experts", cfg.get("num_local_experts")))
-    if not n_experts:
-        raise ConfigError(f"{where}: no routed experts (n_routed_experts / num_experts): not a MoE model")
-    if "mlp_layer_types" in cfg and cfg["mlp_layer_types"]:
+    n_experts = cfg.get("n_routed_experts", cfg.get("num_experts", cfg.get("num_local_experts"))) or 0
+    if not n_experts:  # a dense model (llama, qwen2, qwen3): every layer's MLP is a dense FFN
+        dense = tuple(range(n_layers))
+    elif "mlp_layer_types" in cfg and cfg["mlp_layer_types"]:
         dense = tuple(i for i, t in enumerate(cfg["mlp_layer_types"]) if t == "dense")
     elif arch == "qwen3_moe" or "decoder_sparse_step" in cfg:
         step = cfg.get("decoder_sparse_step", 1) or 1
@@ -96,8 +97,9 @@ def from_hf_config(cfg: dict, name: str = "", where: str = "config.json", meta: 
     heads = n("num_attention_heads")
     common = dict(
         name=name or cfg.get("_name_or_path", arch) or arch, arch=arch, hidden=hidden, n_layers=n_layers,
-        vocab=n("vocab_size"), dense_layers=dense, n_experts=int(n_experts), top_k=n("num_experts_per_tok"),
-        moe_inter=n("moe_intermediate_size"), dense_inter=int(cfg.get("intermediate_size") or 0),
+        vocab=n("vocab_size"), dense_layers=dense, n_experts=int(n_experts),
+        top_k=n("num_experts_per_tok") if n_experts else 0, moe_inter=n("moe_intermediate_size") if n_experts else 0,
+        dense_inter=n("intermediate_size") if not n_experts else int(cfg.get("intermediate_size") or 0),
         n_shared=int(cfg.get("n_shared_experts") or 0), n_heads=heads,
         router_bias=arch != "qwen3_moe",
         mtp_layers=int(cfg.get("num_nextn_predict_layers", cfg.get("num_mtp_layers", 0)) or 0),
@@ -127,8 +129,8 @@ def from_hf_config(cfg: dict, name: str = "", where: str = "config.json", meta: 
         head_dim = int(cfg.get("head_dim") or hidden // heads)
         spec = ModelSpec(
             **common, attention="gqa", n_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=head_dim,
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            qk_norm=bool(cfg.get("use_qk_norm", arch == "qwen3_moe")), **(meta or {}))
+            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),  # qwen2's qkv bias has no key
+            qk_norm=bool(cfg.get("use_qk_norm", arch in ("qwen3_moe", "qwen3"))), **(meta or {}))
     if spec.top_k > spec.n_experts:
         raise ConfigError(f"{where}: num_experts_per_tok {spec.top_k} > number of experts {spec.n_experts}")
     return spec

@@ -12,6 +12,9 @@ ARCHITECTURES = {
     "deepseek_v3": "deepseek_v3",
     "kimi_k2": "deepseek_v3",
     "glm_moe_dsa": "glm_moe_dsa",
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
 }
 
 

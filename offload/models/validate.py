@@ -108,9 +108,10 @@ def check_args(args, where: str) -> None:
     """Sizes are positive and consistent with each other where no tensor shape pins them (RoPE dims, head
     groups, routing): what the forward pass would otherwise fail on deep inside torch."""
     a = args
+    moe = hasattr(a, "num_experts") or hasattr(a, "n_routed_experts")  # else dense: an MLP in every layer
     _at_least(where, a, 1, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "moe_intermediate_size", "num_experts_per_tok", "max_position_embeddings")
-    _at_least(where, a, 0, "intermediate_size")
+              "max_position_embeddings", *(("moe_intermediate_size", "num_experts_per_tok") if moe else ()))
+    _at_least(where, a, 0 if moe else 1, "intermediate_size")
     if not _is_number(a.rms_norm_eps) or a.rms_norm_eps < 0:
         raise ConfigError(f"{where}: rms_norm_eps = {a.rms_norm_eps!r}, expected a non-negative number")
     _check_rope(where, a)
@@ -136,9 +137,10 @@ def check_args(args, where: str) -> None:
         if a.index_head_dim < a.qk_rope_head_dim:
             raise ConfigError(f"{where}: index_head_dim = {a.index_head_dim} is smaller than qk_rope_head_dim "
                               f"= {a.qk_rope_head_dim}")
-    n_experts = a.num_experts if hasattr(a, "num_experts") else a.n_routed_experts
-    _at_least(where, a, 1, "num_experts" if hasattr(a, "num_experts") else "n_routed_experts")
-    _check_routing(where, a, n_experts)
+    if moe:
+        n_experts = a.num_experts if hasattr(a, "num_experts") else a.n_routed_experts
+        _at_least(where, a, 1, "num_experts" if hasattr(a, "num_experts") else "n_routed_experts")
+        _check_routing(where, a, n_experts)
     if hasattr(a, "first_k_dense_replace"):
         _at_least(where, a, 0, "first_k_dense_replace", *(["n_shared_experts"] if a.n_shared_experts else []))
     mtp = getattr(a, "num_nextn_predict_layers", 0)
@@ -154,6 +156,8 @@ def _gqa(p: str, a, qk_norm: bool) -> list:
            (f"{p}.v_proj.weight", (kv * d, hid)), (f"{p}.o_proj.weight", (hid, h * d))]
     if a.attention_bias:
         out += [(f"{p}.q_proj.bias", (h * d,)), (f"{p}.k_proj.bias", (kv * d,)), (f"{p}.v_proj.bias", (kv * d,))]
+    if getattr(a, "o_bias", False):  # llama / qwen3 with attention_bias
+        out += [(f"{p}.o_proj.bias", (hid,))]
     if qk_norm:
         out += [(f"{p}.q_norm.weight", (d,)), (f"{p}.k_norm.weight", (d,))]
     return out
@@ -199,6 +203,8 @@ def _layer(a, i: int) -> tuple[list, list, list, tuple | None]:
         attn, sparse = _mla(f"{p}.self_attn", a), i >= a.first_k_dense_replace
     elif hasattr(a, "use_qk_norm"):  # glm4_moe
         attn, sparse = _gqa(f"{p}.self_attn", a, a.use_qk_norm), i >= a.first_k_dense_replace
+    elif not hasattr(a, "num_experts"):  # dense: llama, qwen2, qwen3
+        attn, sparse = _gqa(f"{p}.self_attn", a, a.qk_norm), False
     else:  # qwen3_moe
         attn, sparse = _gqa(f"{p}.self_attn", a, True), a.is_moe_layer(i)
     norms = [(f"{p}.input_layernorm.weight", (hid,)), (f"{p}.post_attention_layernorm.weight", (hid,))]
