@@ -3,9 +3,11 @@
     offload bench plan-check FILE [--threads N] [--tokens 32] [--repeat 3] [--hardware hw.json] [--device auto]
 
 Plans FILE for this machine (the saved `offload probe` profile, or --hardware), loads it with exactly that plan
-(placement="auto"), then measures decode (tokens after a 64-token prompt) and prefill of 512- and 2048-token
-prompts, and prints predicted, measured and measured / predicted. The decode prediction is made at the position
-decode runs at here; run `offload probe` first so the plan uses this machine's measured kernel rates.
+(placement="auto"), then in each round calibrates (`offload probe`'s measurements, quick, for the file's own
+quant types) and measures decode (tokens after a 64-token prompt) and prefill of 512- and 2048-token prompts,
+in turns, so the prediction and the measurement see the same machine (this one's bandwidth moves with its
+neighbours). Prints predicted, measured and measured / predicted. The decode prediction is made at the
+position decode runs at here.
 """
 
 import argparse
@@ -29,26 +31,34 @@ def predicted(p, decode_position: int) -> dict:
     return {"decode": decode["tok_s"], **{n: cost.prefill(lays, p.hw, n, "best") for n in PREFILLS}}
 
 
-def measure(llm, tokens: int, repeat: int) -> dict:
+def measure_once(llm, tokens: int, g: torch.Generator) -> dict:
+    """One round: prefill of each PREFILLS prompt, then `tokens` decode steps after a PROMPT-token prompt."""
     model, ctx = llm.model, llm.context_length
-    g = torch.Generator().manual_seed(0)
     vocab = model.args.vocab_size
-    runs: dict = {"decode": [], **{n: [] for n in PREFILLS}}
-    for _ in range(repeat + 1):  # the first round warms caches, the native library and numba
-        for n in PREFILLS:
-            ids = torch.randint(0, vocab, (n,), generator=g)
-            cache = model.new_cache(ctx)
-            t = time.perf_counter()
-            model.forward(ids, cache, last_only=True)
-            runs[n].append(n / (time.perf_counter() - t))
-        ids = torch.randint(0, vocab, (PROMPT + tokens,), generator=g).tolist()
+    out = {}
+    for n in PREFILLS:
+        ids = torch.randint(0, vocab, (n,), generator=g)
         cache = model.new_cache(ctx)
-        model.forward(torch.tensor(ids[:PROMPT]), cache, last_only=True)
         t = time.perf_counter()
-        for tok in ids[PROMPT:]:
-            model.forward(torch.tensor([tok]), cache, last_only=True)
-        runs["decode"].append(tokens / (time.perf_counter() - t))
-    return {k: statistics.median(v[1:]) for k, v in runs.items()} | {"runs": {k: v[1:] for k, v in runs.items()}}
+        model.forward(ids, cache, last_only=True)
+        out[n] = n / (time.perf_counter() - t)
+    ids = torch.randint(0, vocab, (PROMPT + tokens,), generator=g).tolist()
+    cache = model.new_cache(ctx)
+    model.forward(torch.tensor(ids[:PROMPT]), cache, last_only=True)
+    t = time.perf_counter()
+    for tok in ids[PROMPT:]:
+        model.forward(torch.tensor([tok]), cache, last_only=True)
+    out["decode"] = tokens / (time.perf_counter() - t)
+    return out
+
+
+def calibrated(p, types):
+    """The plan with this machine's figures measured now (quick calibration of the file's own types)."""
+    from offload.calibrate import calibrate
+    from offload.placement.hardware import GB
+
+    cal = calibrate(types, quick=True)
+    return replace(p, hw=replace(p.hw, calibration=cal, dram_bw=cal["dram_gbs"] * GB))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--hardware", default=None, help="hardware profile (default: the saved `offload probe` one)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                    help="predict with the saved profile instead of calibrating in each round")
     a = ap.parse_args(argv)
     import offload
     from offload.kernels.cpu.threads import set_threads
@@ -69,19 +81,28 @@ def main(argv: list[str] | None = None) -> None:
     ctx = max(PREFILLS) + 8
     llm = offload.load(a.path, device=a.device, ctx=ctx, hardware=a.hardware, progress=False)
     p = make_plan(a.path, context=ctx, hardware=a.hardware, use_gpus=llm.device.type == "cuda")
-    pred = predicted(p, PROMPT + a.tokens // 2)
-    meas = measure(llm, a.tokens, a.repeat)
-    cal = p.hw.calibration
+    types = sorted({t for shares in p.quant.mix.values() for t in shares} | set(p.quant.types.values()))
+    g = torch.Generator().manual_seed(0)
+    measure_once(llm, a.tokens, g)  # warm-up: page cache, the native library, numba
+    preds, meas = [], []
+    for _ in range(a.repeat):  # calibrate and measure in turns: the neighbours' load falls on both
+        q = calibrated(p, types) if a.calibrate else p
+        preds.append(predicted(q, PROMPT + a.tokens // 2))
+        meas.append(measure_once(llm, a.tokens, g))
+    cal = q.hw.calibration
     print(f"## plan-check, {a.path}, {torch.get_num_threads()} threads, device {llm.device}, "
-          f"median of {a.repeat}\n")
-    print(f"hardware: {p.hw.source}" + (f"; calibration: {cal.get('source')}" if cal else
-                                       "; not calibrated (run `offload probe`): CPU rates assumed") + "\n")
-    print("| | predicted | measured | measured / predicted | runs |")
+          f"median of {a.repeat} rounds\n")
+    how = ("calibrated in each round (DRAM, the file's types " + ", ".join(sorted(cal.get("kernels", {})))
+           + ", decode fixed costs), then measured" if a.calibrate else
+           f"hardware {p.hw.source}" + (f", calibration {cal.get('source')}" if cal else ", not calibrated"))
+    print(how + "\n")
+    print("| | predicted | measured | measured / predicted | rounds (predicted / measured) |")
     print("|---|---|---|---|---|")
     rows = [("decode tok/s", "decode")] + [(f"prefill tok/s, {n}-token prompt", n) for n in PREFILLS]
     for label, key in rows:
-        runs = ", ".join(f"{r:.1f}" for r in meas["runs"][key])
-        print(f"| {label} | {pred[key]:.1f} | {meas[key]:.1f} | {meas[key] / pred[key]:.2f} | {runs} |")
+        pm, mm = statistics.median(r[key] for r in preds), statistics.median(r[key] for r in meas)
+        each = ", ".join(f"{r[key]:.1f} / {m[key]:.1f}" for r, m in zip(preds, meas))
+        print(f"| {label} | {pm:.1f} | {mm:.1f} | {mm / pm:.2f} | {each} |")
 
 
 if __name__ == "__main__":
