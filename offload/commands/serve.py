@@ -9,11 +9,16 @@ from pathlib import Path
 
 import typer
 
+from offload.commands.engine import Demo, model_or_demo
 from offload.commands.options import GpuMem, PageFromDisk, Placement, Profile, Ram, load_options
 from offload.errors import ConfigError
 
 
 def default_model_name(path: Path) -> str:
+    from offload import demo
+
+    if path.name == Path(demo.MEMBER).name:
+        return demo.NAME
     return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
@@ -43,7 +48,8 @@ def _is_loopback(host: str) -> bool:
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        model: Path = typer.Argument(..., help="checkpoint directory (config.json + safetensors) or .gguf file"),
+        model: Path | None = typer.Argument(None, help="checkpoint directory (config.json + safetensors) or .gguf "
+                                            "file (or --demo)"),
         host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
         port: int = typer.Option(8000, "--port"),
         api_key: str | None = typer.Option(None, "--api-key", envvar="OFFLOAD_API_KEY",
@@ -60,8 +66,10 @@ def register(app: typer.Typer) -> None:
         ram: Ram = None,
         profile: Profile = None,
         page_from_disk: PageFromDisk = False,
+        demo: bool = Demo,
     ):
         """Serve MODEL over the OpenAI and Anthropic APIs (loads in the background; /health is 503 until ready)."""
+        model = model_or_demo(model, demo)
         if not model.exists():
             raise ConfigError(f"{model}: no such checkpoint directory or GGUF file")
         if ctx < 1 or max_concurrency < 1 or max_queue < 0 or (timeout is not None and timeout <= 0):
