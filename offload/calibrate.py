@@ -4,6 +4,7 @@
 - DRAM read bandwidth: the median of several torch.sum reads (one read swings with the neighbours);
 - per quant type, the native CPU kernels' GEMV GB/s at one token (decode reads experts and projections this
   way) and their throughput in TFLOP/s at a prefill chunk, both in the layout the loader uses (interleaved);
+- the throughput of the engine's prefill attention (float32 scores over a causal chunk);
 - the fixed cost of a decode step apart from its bytes: per layer (attention, router, norms, Python and kernel
   calls) and per token (embedding, head call, the step's own overhead), from a small synthetic model timed at
   two depths;
@@ -107,6 +108,19 @@ def step_overheads(tokens: int = 48) -> dict[str, float]:
     return {"layer_s": per_layer, "token_s": max(step[2] - 2 * per_layer, 0.0)}
 
 
+def attention_tflops(tokens: int = 1024, heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> float:
+    """TFLOP/s of the engine's CPU prefill attention (models.base.grouped_attention, float32) on a causal
+    `tokens`-token chunk, counted as the planner counts it: 4 * heads * head_dim per (query, key) pair kept."""
+    import torch
+
+    from offload.models.base import grouped_attention
+
+    q = torch.randn(heads, tokens, head_dim)
+    k, v = torch.randn(kv_heads, tokens, head_dim), torch.randn(kv_heads, tokens, head_dim)
+    t = _median_time(lambda: grouped_attention(q, k, v, 0, head_dim ** -0.5), 3)
+    return round(4 * heads * head_dim * tokens * (tokens + 1) / 2 / t / 1e12, 4)
+
+
 def gpu_rates(device: int = 0) -> dict[str, float]:
     """GEMV GB/s of a bf16 weight on the GPU (torch), and the cost of one kernel launch + host sync."""
     import torch
@@ -143,6 +157,7 @@ def calibrate(types=DEFAULT_TYPES, quick: bool = False, gpus: int = 0) -> dict:
         "dram_gbs": round(statistics.median(reads) / 1e9, 2),
         "kernels": kernel_rates(types, mb=64 if quick else 256),
         **step_overheads(24 if quick else 48),
+        "attention_tflops": attention_tflops(512 if quick else 1024),
         "gpus": [gpu_rates(i) for i in range(gpus)],
         "source": f"offload probe, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} logical CPUs",
     }

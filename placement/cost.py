@@ -164,7 +164,7 @@ def prefill(layers: list[LayerLayout], hw: Hardware, n_tokens: int, mode: str = 
 def _attn_time(lay: LayerLayout, hw: Hardware, n: int) -> float:
     if lay.device.startswith("gpu"):
         return attention_flops(lay, n) / (hw.gpus[int(lay.device[4:])].tflops * 1e12 * GPU_PREFILL_EFFICIENCY)
-    return attention_flops(lay, n) / (hw.cpu_tflops * 1e12)
+    return attention_flops(lay, n) / (hw.calibration.get("attention_tflops", hw.cpu_tflops) * 1e12)
 
 
 def _prefill_chunk(layers: list[LayerLayout], hw: Hardware, n_tokens: int, mode: str) -> float:
@@ -230,6 +230,8 @@ def calibration_notes(hw: Hardware) -> list[str]:
            f"kernels at one token / at a {PREFILL_TOKENS_MEASURED}-token chunk: {rates}",
            f"measured fixed cost of a decode step: {cal.get('layer_s', 0) * 1e6:.0f} us per CPU layer, "
            f"{cal.get('token_s', 0) * 1e6:.0f} us per token", assumed]
+    if cal.get("attention_tflops"):
+        out.append(f"measured CPU prefill attention: {cal['attention_tflops']:.3f} TFLOP/s")
     if cal.get("dram_reads_gbs"):
         out.append(f"DRAM: median of {len(cal['dram_reads_gbs'])} reads, {min(cal['dram_reads_gbs']):.0f}-"
                    f"{max(cal['dram_reads_gbs']):.0f} GB/s")
