@@ -8,7 +8,7 @@ recognises its pre-tokenizer), converted by the llama-cpp-python sdist's convert
 to F32, then quantised by `llama_cpp.llama_model_quantize`. Outputs are cached outside the repo under
 ~/.cache/offload-tests/gguf-fixtures/<name>-<hash of the recipe>/.
 
-    python scripts/make_gguf_fixtures.py [names, default all but bench_*] [F32 F16 Q8_0 Q4_K_M Q2_K IQ4_XS Q4_1]
+    python scripts/make_gguf_fixtures.py [names, default all but bench_*] [formats: F32 F16 Q8_0 ... Q4_1]
 """
 
 import hashlib
@@ -40,13 +40,16 @@ FIXTURES = {
 # 32 indexer heads as in GLM-5: with 4, a key whose heads are all ReLU-clamped scores exactly 0 and such
 # ties at the index_topk boundary are broken differently by llama.cpp and torch (docs/gguf.md)
 FIXTURES["glm_moe_dsa_sparse"] = dict(FIXTURES["glm_moe_dsa"], index_topk=8, index_n_heads=32)
-# dense llama (q/k rows permuted by the converter for ggml's pairwise rope) and qwen2 (qkv bias)
+# dense: llama (q/k rows permuted by the converter for ggml's pairwise rope), qwen2 (qkv bias),
+# qwen3 (q/k norm)
 FIXTURES["llama"] = dict(hidden_size=256, intermediate_size=256, tie_word_embeddings=True)
 FIXTURES["qwen2"] = dict(hidden_size=256, intermediate_size=256, tie_word_embeddings=True)
+FIXTURES["qwen3"] = dict(hidden_size=256, intermediate_size=256, tie_word_embeddings=True)
 # not built by default: a ~1.2 GB F32 GLM-DSA file for `python -m offload.bench_load`
 FIXTURES["bench_glm_moe_dsa"] = dict(FIXTURES["glm_moe_dsa"], num_hidden_layers=8, n_routed_experts=64,
                                      indexer_types=["full", "shared"] * 4)
-DEFAULT = ["qwen3_moe", "glm4_moe", "deepseek_v3", "glm_moe_dsa", "glm_moe_dsa_sparse", "llama", "qwen2"]
+DEFAULT = ["qwen3_moe", "glm4_moe", "deepseek_v3", "glm_moe_dsa", "glm_moe_dsa_sparse", "llama", "qwen2",
+           "qwen3"]
 MODEL_TYPE = {"glm_moe_dsa_sparse": "glm_moe_dsa", "bench_glm_moe_dsa": "glm_moe_dsa"}
 RECIPE_VERSION = 2  # bump when this script changes what it writes
 FORMATS = ("F32", "F16", "Q8_0", "Q4_K_M", "Q2_K", "IQ4_XS", "Q4_1")

@@ -1,13 +1,13 @@
-"""Dense GGUF models (llama: q/k rows permuted by llama.cpp's converter; qwen2: qkv bias) through our engine
-vs llama.cpp (llama-cpp-python, teacher-forced) and vs our own safetensors path, on tiny random models made
-by llama.cpp's converter and quantiser (scripts/make_gguf_fixtures.py)."""
+"""Dense GGUF models (llama: q/k rows permuted by llama.cpp's converter; qwen2: qkv bias; qwen3: q/k norm)
+through our engine vs llama.cpp (llama-cpp-python, teacher-forced) and vs our own safetensors path, on tiny
+random models made by llama.cpp's converter and quantiser (scripts/make_gguf_fixtures.py)."""
 
 import pytest
 import torch
 
 from tests.gguf.fixtures_models import agreement, gguf_models  # noqa: F401  (session fixture)
 
-DENSE = ["llama", "qwen2"]
+DENSE = ["llama", "qwen2", "qwen3"]
 
 
 def _report(name, fmt, m):

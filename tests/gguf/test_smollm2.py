@@ -216,3 +216,29 @@ def test_tokenizer_matches_llama_cpp_on_2000_texts(model):
             bad.append((t, "decode", None))
     ref.close()
     assert not bad, f"{len(bad)} of {len(texts)} differ, e.g. {bad[:3]}"
+
+
+def test_plan_of_the_file_reads_every_weight_and_the_tied_head():
+    """`offload plan FILE` on a dense GGUF: every layer's FFN is dense_ffn (always-GPU class), no experts,
+    and decode reads every layer's weights and the tied head (the Q8_0 embedding table) whole each token."""
+    import json
+    import subprocess
+
+    from offload.placement.planner import head_read_bytes
+    from offload.planning import make_plan
+    from tests.commands import offload_command
+
+    path = smollm2_path()
+    p = make_plan(path, context=4096, ram="16GiB", dram_bw="100GB/s", use_gpus=False)
+    assert p.spec.arch == "llama" and p.spec.n_experts == 0 and len(p.spec.dense_layers) == 30
+    assert p.spec.tie_embeddings and p.emb.bytes == 49152 * 576 * 34 / 32  # Q8_0
+    assert head_read_bytes(p) == p.head.bytes + p.emb.bytes
+    pred = p.prediction
+    layers = 30 * (576 * (576 * 2 + 192 * 2) + 3 * 576 * 1536) * 20 / 32  # Q4_1: 20 bytes / 32 weights
+    assert abs(pred["cpu_bytes_per_token"] - layers) / layers < 0.01
+    assert pred["roofline_decode_tok_s"] * (layers + head_read_bytes(p)) <= 100e9  # the head counted
+    r = subprocess.run([*offload_command(), "plan", str(path), "--format", "json", "--ram", "16GiB"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    classes = {e["class"] for e in json.loads(r.stdout)["placement"]}
+    assert "dense_ffn" in classes and "routed_experts" not in classes
