@@ -45,12 +45,16 @@ FIXTURES["glm_moe_dsa_sparse"] = dict(FIXTURES["glm_moe_dsa"], index_topk=8, ind
 FIXTURES["llama"] = dict(hidden_size=256, intermediate_size=256, tie_word_embeddings=True)
 FIXTURES["qwen2"] = dict(hidden_size=256, intermediate_size=256, tie_word_embeddings=True)
 FIXTURES["qwen3"] = dict(hidden_size=256, intermediate_size=256, tie_word_embeddings=True)
+# Llama 3.1's rope scaling: the converter writes it as per-frequency divisors, tensor rope_freqs.weight
+FIXTURES["llama3"] = dict(FIXTURES["llama"], rope_parameters={
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32})
 # not built by default: a ~1.2 GB F32 GLM-DSA file for `python -m offload.bench_load`
 FIXTURES["bench_glm_moe_dsa"] = dict(FIXTURES["glm_moe_dsa"], num_hidden_layers=8, n_routed_experts=64,
                                      indexer_types=["full", "shared"] * 4)
 DEFAULT = ["qwen3_moe", "glm4_moe", "deepseek_v3", "glm_moe_dsa", "glm_moe_dsa_sparse", "llama", "qwen2",
            "qwen3"]
-MODEL_TYPE = {"glm_moe_dsa_sparse": "glm_moe_dsa", "bench_glm_moe_dsa": "glm_moe_dsa"}
+MODEL_TYPE = {"glm_moe_dsa_sparse": "glm_moe_dsa", "bench_glm_moe_dsa": "glm_moe_dsa", "llama3": "llama"}
 RECIPE_VERSION = 2  # bump when this script changes what it writes
 FORMATS = ("F32", "F16", "Q8_0", "Q4_K_M", "Q2_K", "IQ4_XS", "Q4_1")
 # The prompt the fixtures are conditioned on and the tests compare on (tests/gguf/fixtures_models.py):

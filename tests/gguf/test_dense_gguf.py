@@ -7,7 +7,7 @@ import torch
 
 from tests.gguf.fixtures_models import agreement, gguf_models  # noqa: F401  (session fixture)
 
-DENSE = ["llama", "qwen2", "qwen3"]
+DENSE = ["llama", "qwen2", "qwen3", "llama3"]  # llama3: Llama 3.1 rope scaling (GGUF rope_freqs.weight)
 
 
 def _report(name, fmt, m):
