@@ -30,7 +30,9 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def llama_cpp_model(path: Path, **kwargs):
+    """One thread: the same logits as any thread count (ggml splits rows, not sums), and no OpenMP workers
+    that, under offload's OMP_WAIT_POLICY=PASSIVE, sleep and wake around each of a token's ~1,000 ops."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512,
-                           n_threads=min(2, os.cpu_count() or 1), verbose=False, **kwargs)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=1,
+                           n_threads_batch=1, verbose=False, **kwargs)

@@ -5,6 +5,8 @@ random models made by llama.cpp's converter and quantiser (scripts/make_gguf_fix
 import pytest
 import torch
 
+import offload  # noqa: F401  before llama_cpp: its OMP_WAIT_POLICY=PASSIVE must precede libgomp's load
+
 from tests.gguf.fixtures_models import agreement, gguf_models  # noqa: F401  (session fixture)
 
 DENSE = ["llama", "qwen2", "qwen3", "llama3"]  # llama3: Llama 3.1 rope scaling (GGUF rope_freqs.weight)
@@ -17,8 +19,6 @@ def _report(name, fmt, m):
 
 @pytest.mark.parametrize("name", DENSE)
 def test_f32_dense_gguf_matches_llama_cpp_and_safetensors(gguf_models, name):
-    import offload
-
     m = agreement(*gguf_models.compare(name, "F32"))
     _report(name, "F32", m)
     assert m["top1"] == 1.0 and m["cos_mean"] >= 0.9999

@@ -21,6 +21,9 @@ import random
 import numpy as np
 import pytest
 
+import offload  # noqa: F401  before llama_cpp: its OMP_WAIT_POLICY=PASSIVE must be set before libgomp loads,
+# or torch's and llama.cpp's OpenMP workers spin against each other on a small machine (10x slower here)
+
 from tests.gguf.smollm2 import PROMPTS, TIE, chat_ids, llama_cpp_model, smollm2_path
 
 N_TOKENS = 128
@@ -29,8 +32,6 @@ N_TOKENS = 128
 @pytest.fixture(scope="module")
 def model():
     pytest.importorskip("llama_cpp")
-    import offload
-
     path = smollm2_path()
     return path, offload.load(path, device="cpu", ctx=512, progress=False)
 
