@@ -18,7 +18,7 @@ import torch
 from offload.gguf.types import GGMLType
 from offload.kernels.cpu import native
 from offload.kernels.cpu.moe import CpuExperts, moe_cpu, one_native_call, shares_call
-from offload.kernels.cpu.weights import QuantMLP
+from offload.kernels.cpu.weights import QuantMLP, as_native
 
 from offload.models.experts import Pending, Ready
 
@@ -88,6 +88,7 @@ def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes:
         qt = int(qt)
         if ids != list(range(raw.shape[0])):
             raw = raw[np.asarray(ids, dtype=np.int64)]  # this home's experts only (a copy, still quantised)
+        raw, qt = as_native(raw, qt)
         if native.repacks(qt, raw.shape[1]):
             raw, qt = native.repack(raw, qt)
         mats.append(raw)

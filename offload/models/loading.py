@@ -98,10 +98,13 @@ class LoadContext:
             return None
         from offload.kernels.cpu import native
 
+        from offload.kernels.cpu.weights import QuantWeight, as_native
+
         raw, qtype = found
+        if not self.source.act_quant:  # (the llama.cpp emulation keeps the file's type)
+            raw, qtype = as_native(raw, int(qtype))
         if not native.fast(int(qtype)):
             return None
-        from offload.kernels.cpu.weights import QuantWeight
 
         w = QuantWeight.from_file(raw, qtype, shape[1], None, self.dtype, self.source.act_quant, name)
         if self.on_tensor is not None:
