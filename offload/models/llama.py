@@ -112,7 +112,7 @@ def load_attention(ctx: LoadContext, prefix: str, a: ModelArgs, rope: Rope) -> G
 
 
 def build(ctx: LoadContext, a: ModelArgs) -> Decoder:
-    rope = load_rope(ctx, a, "llama")
+    rope = load_rope(ctx, a, type(a).__module__.rsplit(".", 1)[-1])  # llama, qwen2 or qwen3, for errors
     layers = []
     for i in range(a.num_hidden_layers):
         p, lc = f"model.layers.{i}", ctx.layer(i)

@@ -169,15 +169,16 @@ def corpus(n: int = 2000, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     words = [
         "def", "return", "self", "import numpy as np", "for i in range(10):", "x += 1", "if (a && b) {", "};",
-        "console.log('hi');", "#include <stdio.h>", "SELECT * FROM t WHERE id = 42;", "<div class=\"a\">", "</div>",
-        "fn main() -> i32 {", "λx.x", "==", "!=", "->", "=>", "...", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d",
-        "I'm", "don't", "WE'LL", "The", "quick", "brown", "fox", "naïve", "façade", "Straße", "Übung", "déjà vu",
-        "Привет", "мир", "Γειά", "σου", "κόσμε", "你好", "世界", "大型语言模型", "こんにちは", "東京", "カタカナ",
-        "안녕하세요", "مرحبا", "بالعالم", "नमस्ते", "दुनिया", "สวัสดี", "שלום", "Tiếng Việt", "ğüşöç", "ąęłńśźż",
-        "😀", "🚀", "👍🏽", "❤️", "🇫🇷", "👨‍👩‍👧", "🏳️‍🌈", "✅", "🔥", "€", "£", "¥", "©", "™", "°", "±", "→", "∞", "≤",
-        "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "<file_sep>", "<jupyter_code>",
-        "https://example.com/a?b=c&d=e", "user@example.org", "C:\\Users\\x", "3.14159", "2026-11-22",
-        "$19.99", "100%", "#tag", "@user", "{\"k\": [1, 2, 3]}", "\\n", "\\t", "\u00a0", "\u200b", "\ufeff",
+        "console.log('hi');", "#include <stdio.h>", "SELECT * FROM t WHERE id = 42;", "<div class=\"a\">",
+        "</div>", "fn main() -> i32 {", "λx.x", "==", "!=", "->", "=>", "...", "'s", "'t", "'re", "'ve", "'m",
+        "'ll", "'d", "I'm", "don't", "WE'LL", "The", "quick", "brown", "fox", "naïve", "façade", "Straße",
+        "Übung", "déjà vu", "Привет", "мир", "Γειά", "σου", "κόσμε", "你好", "世界", "大型语言模型", "こんにちは",
+        "東京", "カタカナ", "안녕하세요", "مرحبا", "بالعالم", "नमस्ते", "दुनिया", "สวัสดี", "שלום", "Tiếng Việt",
+        "ğüşöç", "ąęłńśźż", "😀", "🚀", "👍🏽", "❤️", "🇫🇷", "👨‍👩‍👧", "🏳️‍🌈", "✅", "🔥", "€", "£", "¥", "©",
+        "™", "°", "±", "→", "∞", "≤", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "<file_sep>",
+        "<jupyter_code>", "https://example.com/a?b=c&d=e", "user@example.org", "C:\\Users\\x", "3.14159",
+        "2026-11-22", "$19.99", "100%", "#tag", "@user", "{\"k\": [1, 2, 3]}", "\\n", "\\t", "\u00a0", "\u200b",
+        "\ufeff",
     ]
     spaces = ["", " ", "  ", "   ", "\t", "\n", "\n\n", " \n", "\r\n", "\t\t", "    \n  ", "\u3000", "        "]
     blocks = [(0x20, 0x7e), (0xa0, 0x24f), (0x370, 0x3ff), (0x400, 0x4ff), (0x590, 0x6ff), (0x900, 0x97f),
