@@ -90,8 +90,9 @@ def blocks(d: dict) -> list[tuple]:
     """("title", text) paragraphs and ("table", title, headers, rows) tables."""
     m, pred = d["model"], d["prediction"]
     out: list[tuple] = []
+    shape = f"{m['n_experts']} experts top-{m['top_k']}" if m["n_experts"] else "dense"
     out.append(("title", f"offload plan: {m['name']}  ({_p(m['total_params'])} params, {_p(m['active_params'])} "
-                         f"active; {m['n_layers']} layers, {m['n_experts']} experts top-{m['top_k']})"))
+                         f"active; {m['n_layers']} layers, {shape})"))
     src = d["hardware"]["source"]
     how = {"flags": "given by flags", "probe": "from `offload probe`", "detected": "detected on this machine",
            "probe+flags": "from `offload probe`, changed by flags",
