@@ -23,12 +23,10 @@ PREFILLS = (512, 2048)
 
 def predicted(p, decode_position: int) -> dict:
     from offload.placement import cost
-    from offload.placement.planner import head_read_bytes
+    from offload.placement.planner import decode_step
 
     lays = replace(p, options=replace(p.options, decode_position=decode_position)).layouts()
-    head_q = p.quant.shares("embeddings" if p.spec.tie_embeddings else "lm_head")
-    decode = cost.decode(lays, p.hw, head_read_bytes(p), p.head_device, p.options.concurrency, head_quant=head_q)
-    return {"decode": decode["tok_s"], **{n: cost.prefill(lays, p.hw, n, "best") for n in PREFILLS}}
+    return {"decode": decode_step(p, lays)["tok_s"], **{n: cost.prefill(lays, p.hw, n, "best") for n in PREFILLS}}
 
 
 def measure_once(llm, tokens: int, g: torch.Generator) -> dict:

@@ -345,6 +345,13 @@ def head_read_bytes(p: Plan) -> float:
     return p.head.bytes + (p.emb.bytes if p.spec.tie_embeddings else 0.0)
 
 
+def decode_step(p: Plan, layouts: list[cost.LayerLayout], **eff) -> dict:
+    """cost.decode for this plan's layouts, head included (its bytes, device and storage types)."""
+    head_q = p.quant.shares("embeddings" if p.spec.tie_embeddings else "lm_head")
+    return cost.decode(layouts, p.hw, head_read_bytes(p), p.head_device, p.options.concurrency, head_quant=head_q,
+                       **eff)
+
+
 def cpu_resident_bytes(p: Plan) -> float:
     return sum(p.usage()["cpu"].values())
 
@@ -417,8 +424,7 @@ def _predict(p: Plan) -> None:
     hw, opts, spec = p.hw, p.options, p.spec
     lays = p.layouts()
     head_b = head_read_bytes(p)
-    head_q = p.quant.shares("embeddings" if spec.tie_embeddings else "lm_head")
-    d = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency, head_quant=head_q)
+    d = decode_step(p, lays)
     roof = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency, cpu_eff=1.0, gpu_eff=1.0)
     roof_tok = roof["step_s"] - sum(cost.SYNC_S for lay in lays if lay.moe and (~lay.on_gpu).any()
                                     and lay.device.startswith("gpu"))
