@@ -180,13 +180,14 @@ class LLM:
 def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, placement="auto",
          gpu_mem: str | list[str] | None = None, ram: str | None = None, profile: str | Path | None = None,
          hardware: str | Path | None = None, page_from_disk: bool = False, expert_quant: str | None = None,
-         progress: bool = True, act_quant: bool = False) -> LLM:
+         progress: bool = True, act_quant: bool = False, overlap: bool = True) -> LLM:
     """Load a checkpoint directory or GGUF file, placed by `placement`:
     "auto" (the plan `offload plan` prints for the same options: hardware found, `gpu_mem` budget per GPU,
     `ram`, routing `profile`, `ctx`); "cpu" / "gpu" (every routed expert there); a plan .json; a dict
     {layer: [home per expert]} or a callable(layer, n_experts) -> homes. A model that does not fit stops before
     its weights are read (PlacementError) unless page_from_disk. act_quant (GGUF only): round matmul inputs as
-    llama.cpp's CPU backend does, to compare like for like."""
+    llama.cpp's CPU backend does, to compare like for like. overlap: a GPU layer's CPU experts run on a worker
+    thread while the GPU computes the shared and GPU-resident experts (the same logits either way)."""
     path = Path(path)
     start = time.perf_counter()
     if isinstance(gpu_mem, str):
@@ -198,8 +199,10 @@ def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, pl
         if expert_quant is not None:
             raise ConfigError("expert_quant applies to Hugging Face checkpoints; a GGUF file's experts are "
                               "already quantised")
-        return load_gguf(path, device=device, ctx=ctx, dtype=dtype, placement=placement, progress=progress,
-                         act_quant=act_quant, plan_options=plan_options)
+        llm = load_gguf(path, device=device, ctx=ctx, dtype=dtype, placement=placement, progress=progress,
+                        act_quant=act_quant, plan_options=plan_options)
+        llm.model.runtime.overlap = overlap
+        return llm
     dev = resolve_device(device)
     _check_gpu_mem(gpu_mem, dev)
     ckpt = Checkpoint(path)
@@ -233,6 +236,7 @@ def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, pl
             ctx_obj.placement = placement_fn("cpu")
     model = _build_with_progress(arch, ctx_obj, args, len(ckpt.names()), progress, path.name)
     ckpt.close()
+    model.runtime.overlap = overlap
     return LLM(model, tokenizer, ctx, path.name, time.perf_counter() - start, plan)
 
 

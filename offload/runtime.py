@@ -1,7 +1,10 @@
 """The runtime owns a forward step: it walks the layers, moves the activations when the next layer lives on
-another device, and orders each MoE layer's work (every expert group submitted, the shared expert computed
-while they run, then their partials waited for and summed). The architecture files only say what the weights
-are and what the math is.
+another device, and orders each MoE layer's work. With `overlap` (offload.load's, default on), a CPU expert
+group of a layer that lives elsewhere (a GPU) is started first on the worker thread, its inputs staged in
+pinned host buffers (offload.staging); the shared expert and the GPU-resident groups run meanwhile; then every
+partial is waited for and summed in group order, the shared expert last. Without it the groups run one after
+the other in group order. The order of the sums is the same either way, so are the logits. The architecture
+files only say what the weights are and what the math is.
 
 T new tokens, H hidden, V vocab.
 """
@@ -11,13 +14,16 @@ import torch
 from offload.cache import Cache
 from offload.models.base import rms_norm
 from offload.models.moe import MoE
+from offload.staging import Staged, Staging
 
 
 class Runtime:
     """Runs steps of one Decoder. Layers split over devices contiguously: x crosses once per split."""
 
-    def __init__(self, model):
+    def __init__(self, model, overlap: bool = True):
         self.model = model
+        self.overlap = overlap
+        self.staging: Staging | None = None  # made at the first overlapped layer (pinning needs CUDA set up)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, cache: Cache, last_only: bool = False) -> torch.Tensor:
@@ -32,14 +38,28 @@ class Runtime:
             x = x.to(layer.device)  # a no-op unless the previous layer lived elsewhere
             x = x + layer.attn(rms_norm(x, layer.attn_norm, m.eps), start, layer_cache, state)
             h = rms_norm(x, layer.mlp_norm, m.eps)
-            x = x + (self.moe(layer.mlp, h) if isinstance(layer.mlp, MoE) else layer.mlp(h))
+            x = x + (self.moe(layer.mlp, h, layer.device) if isinstance(layer.mlp, MoE) else layer.mlp(h))
         cache.length = start + tokens.shape[0]
         if last_only:
             x = x[-1:]  # (1, H)
         x = rms_norm(x.to(m.lm_head.device), m.norm, m.eps)  # the final norm lives with the head
         return m.lm_head(x).float()  # (T, V)
 
-    def moe(self, moe: MoE, x: torch.Tensor) -> torch.Tensor:
-        handles = moe.submit(x)  # the groups run (or ran) while the shared expert is computed here
+    def moe(self, moe: MoE, x: torch.Tensor, home: torch.device) -> torch.Tensor:
+        """x (T, H) of a layer living on `home` -> the MoE output (T, H)."""
+        ids, weights = moe.route(x)  # (T, K), (T, K)
+        handles = [None] * len(moe.groups)
+        staged = None
+        for j, g in enumerate(moe.groups):  # the background groups first: they run while this thread works
+            if self.overlap and getattr(g, "runs_in_background", False) and g.device != home:
+                if staged is None:
+                    if self.staging is None:
+                        self.staging = Staging()
+                    staged = Staged(self.staging.slot(moe.layer_idx), x, ids, weights)
+                handles[j] = g.submit(x, ids, weights, background=True, staged=staged, out=f"out{j}")
         shared = moe.shared(x) if moe.shared is not None else None
+        for j, g in enumerate(moe.groups):
+            if handles[j] is None:
+                handles[j] = (g.submit(x, ids, weights, background=False) if not self.overlap
+                              and getattr(g, "runs_in_background", False) else g.submit(x, ids, weights))
         return moe.gather(handles, shared)

@@ -46,7 +46,8 @@ class Pending:
         self.future, self.device = future, device
 
     def wait(self) -> torch.Tensor:
-        return self.future.result().to(self.device)
+        # from the runtime's pinned staging buffer the copy to a GPU is asynchronous (offload.staging)
+        return self.future.result().to(self.device, non_blocking=True)
 
 
 class TorchExperts:

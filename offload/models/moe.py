@@ -49,13 +49,18 @@ def _keep_best_groups(choice: torch.Tensor, n_group: int, topk_group: int) -> to
     return choice.masked_fill(~score_mask.bool(), float("-inf"))
 
 
+class ExpertGroupError(RuntimeError):
+    """An expert group failed (on the worker thread, say); raised at the wait, naming the layer and the group."""
+
+
 class MoE:
     """Routed experts split over homes (expert groups, offload.models.experts) + shared experts.
 
-    The runtime orders a layer's work: `submit` (route, hand every group its pairs), the shared expert while
-    the groups run, then `gather` (wait for each group, sum). Every group takes the router's ids as they are
-    and computes the pairs of the experts it holds. `shared` is None when a group runs the shared expert
-    inside its own call (decided when the groups were built)."""
+    The runtime orders a layer's work (offload.runtime): `route`, every group's submit (the background ones
+    first), the shared expert while they run, then `gather` (wait for each group, sum in group order, then the
+    shared expert: one order whatever ran where or when). Every group takes the router's ids as they are and
+    computes the pairs of the experts it holds. `shared` is None when a group runs the shared expert inside its
+    own call (decided when the groups were built)."""
 
     def __init__(self, router: Callable, groups: list, shared: Callable | None, layer_idx: int = -1):
         self.router = router
@@ -64,16 +69,26 @@ class MoE:
         self.observer: Callable | None = None  # observer(layer_idx, ids (T, K)) for routing profiles
         self.layer_idx = layer_idx
 
-    def submit(self, x: torch.Tensor) -> list:
-        """x (T, H) -> one handle per group, each holding a partial (T, H)."""
-        ids, weights = self.router(x)  # (T, K), (T, K)
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, H) -> ids (T, K), weights (T, K)."""
+        ids, weights = self.router(x)
         if self.observer is not None:
             self.observer(self.layer_idx, ids.detach().cpu())
+        return ids, weights
+
+    def submit(self, x: torch.Tensor) -> list:
+        """x (T, H) -> one handle per group, each holding a partial (T, H), submitted in group order."""
+        ids, weights = self.route(x)
         return [group.submit(x, ids, weights) for group in self.groups]
 
     def gather(self, handles: list, shared: torch.Tensor | None) -> torch.Tensor:
         """The sum of the groups' partials, in group order, plus the shared experts' output (T, H)."""
-        out = handles[0].wait()
-        for h in handles[1:]:
-            out = out + h.wait()
+        out = None
+        for group, h in zip(self.groups, handles):
+            try:
+                part = h.wait()
+            except Exception as exc:
+                raise ExpertGroupError(f"layer {self.layer_idx}: expert group {type(group).__name__} on "
+                                       f"{group.device} failed: {type(exc).__name__}: {exc}") from exc
+            out = part if out is None else out + part
         return out if shared is None else out + shared
