@@ -13,6 +13,8 @@ BENCHES = {  # name -> (module with main(argv), what it measures)
     "load": ("offload.bench_load", "start to first token of a GGUF against llama.cpp"),
     "dequant": ("offload.gguf.bench_dequant", "torch dequantisation against the numpy reference"),
     "plan-check": ("offload.bench_plan", "the planner's decode / prefill prediction against the engine's measured"),
+    "hybrid": ("offload.bench_hybrid", "CPU+GPU decode / prefill tok/s of a GGUF against llama.cpp, the time per "
+               "layer split, beside the plan's prediction"),
 }
 
 
