@@ -1,0 +1,14 @@
+"""Triton kernels for weights that stay in their storage format on the GPU (ggml blocks, bf16, FP8 blocks):
+the dense GEMV / GEMM (gemm.py), the grouped MoE for GPU-resident experts (moe.py), and the weight that knows
+its matmul (weights.py). Imported as offload.kernels.gpu.
+
+Without a CUDA device the kernels run in Triton's interpreter on CPU tensors (tests, dry runs). The interpreter
+is chosen when `@triton.jit` runs, so TRITON_INTERPRET is set here, before any kernel module is imported.
+"""
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
