@@ -64,6 +64,11 @@ class ModelArgs(deepseek_v3.ModelArgs):
                    index_topk=c.get("index_topk", 2048), indexer_types=types, mlp_layer_types=tuple(mlp_types))
 
 
+# Bound on one chunk of indexer scores, (T, i, C) float32: a 512-token chunk with 32 heads scores 2048 keys
+# at a time (the running top-k then sorts at most 2 * index_topk per row); decode scores all S at once.
+INDEX_SCORE_BYTES = 128 << 20
+
+
 class Indexer:
     """DSA lightning indexer: relu(q_i . k) weighted per head, summed, top-k per query."""
 
@@ -72,7 +77,8 @@ class Indexer:
         self.weights_proj = weights_proj  # (i, H) float32 weight, as transformers keeps it
         self.n_heads, self.head_dim, self.topk, self.rope = n_heads, head_dim, topk, rope
 
-    def __call__(self, x: torch.Tensor, q_resid: torch.Tensor, start: int, cache: MLACache, state: dict):
+    def keys_and_queries(self, x, q_resid, start: int, cache: MLACache, state: dict):
+        """-> q (T, i, D) float32, head weights (T, i) float32, all cached keys (S, D)."""
         t = x.shape[0]
         r = self.rope.inv_freq.shape[0] * 2
         q = self.wq_b(q_resid).view(t, self.n_heads, self.head_dim)  # (T, i, D)
@@ -80,24 +86,65 @@ class Indexer:
         cos, sin = self.rope.cos_sin_at(start, t, x.device, x.dtype, state)
         q = torch.cat([self.rope.apply(q[..., :r], cos, sin), q[..., r:]], dim=-1)
         k = torch.cat([self.rope.apply(k[:, None, :r], cos, sin)[:, 0], k[:, r:]], dim=-1)
+        # The key cache holds the keys in the model's dtype (bf16 for GLM-5), as transformers' indexer cache
+        # does (it concatenates k_norm's output); the scores are float32 from those values, as there.
+        # DeepSeek's reference kernels keep FP8 keys with block scales: a GPU kernel's choice; it moves picks.
         k_all = cache.update_index(k, start)  # (S, D)
-        s = k_all.shape[0]
-        scores = F.relu(torch.matmul(q.float(), k_all.float().T) * self.head_dim ** -0.5)  # (T, i, S)
         weights = self.weights_proj(x.float()) * self.n_heads ** -0.5  # (T, i) float32
-        index_scores = torch.matmul(weights.unsqueeze(1), scores).squeeze(1)  # (T, S)
-        causal = causal_mask(t, s, start, x.device)
-        index_scores = index_scores.masked_fill(~causal, float("-inf"))
-        top = index_scores.topk(min(self.topk, s), dim=-1).indices  # (T, topk)
-        selected = torch.zeros(t, s, dtype=torch.bool, device=x.device).scatter_(1, top, True)
-        mask = causal & selected  # (T, S)
-        state["dsa_mask"] = mask
+        return q.float(), weights, k_all
+
+    def __call__(self, x: torch.Tensor, q_resid: torch.Tensor, start: int, cache: MLACache, state: dict):
+        """-> None when all causal keys fit in index_topk (plain causal attention), else (indices, valid)."""
+        q, weights, k_all = self.keys_and_queries(x, q_resid, start, cache, state)
+        sel = None
+        if k_all.shape[0] > self.topk:
+            sel = top_keys(q, weights, k_all, start, self.topk, self.head_dim ** -0.5)
+        state["dsa_selection"] = sel
+        return sel
+
+
+def top_keys(q, weights, k_all, start: int, topk: int, scale: float, budget: int = INDEX_SCORE_BYTES):
+    """The `topk` best keys of each query, scored a chunk of keys at a time with a running top-k, so the
+    scores take O(T * chunk) memory, not O(T * i * S). q (T, i, D) float32, weights (T, i), k_all (S, D) ->
+    indices (T, K) int64 and valid (T, K) bool, K = min(topk, S); a slot is invalid when it holds a future key
+    (a query with fewer than K keys before it). Exact ties may pick a different one of the tied keys than one
+    full top-k."""
+    t, n_heads, _ = q.shape
+    s = k_all.shape[0]
+    k = min(topk, s)
+    chunk = max(k, budget // (4 * t * n_heads))
+    pos = torch.arange(start, start + t, device=q.device)[:, None]  # (T, 1) absolute query positions
+    w = weights.unsqueeze(1)  # (T, 1, i)
+    best_v = best_i = None
+    for c0 in range(0, s, chunk):
+        c1 = min(s, c0 + chunk)
+        scores = F.relu(torch.matmul(q, k_all[c0:c1].float().T) * scale)  # (T, i, C)
+        v = torch.matmul(w, scores).squeeze(1)  # (T, C)
+        ids = torch.arange(c0, c1, device=q.device).expand(t, -1)  # (T, C)
+        if c1 - 1 > start:  # the chunk holds keys after the first query: hide each query's future
+            v = v.masked_fill(ids > pos, float("-inf"))
+        if best_v is not None:
+            v, ids = torch.cat([best_v, v], dim=1), torch.cat([best_i, ids], dim=1)  # (T, K + C)
+        best_v, j = v.topk(min(k, v.shape[1]), dim=-1)  # (T, K)
+        best_i = ids.gather(1, j)
+    return best_i, best_v > float("-inf")
+
+
+def selection_mask(sel, t: int, s: int, start: int, device) -> torch.Tensor:
+    """The (T, S) bool mask of a selection (None: causal), for the mask-path test reference."""
+    mask = causal_mask(t, s, start, device)
+    if sel is None:
         return mask
+    idx, valid = sel
+    picked = torch.zeros(t, s, dtype=torch.bool, device=device).scatter_(1, idx, valid)
+    return mask & picked
 
 
 def reuse_selection(x, q_resid, start, cache, state):
-    """IndexShare: a shared layer attends to what the last full layer selected in this forward (which may have
+    """IndexShare: a shared layer reads the keys the last full layer selected in this forward (which may have
     lived on another device)."""
-    return state["dsa_mask"].to(x.device)
+    sel = state["dsa_selection"]
+    return None if sel is None else (sel[0].to(x.device), sel[1].to(x.device))
 
 
 def build(ctx: LoadContext, a: ModelArgs) -> Decoder:

@@ -20,6 +20,8 @@ from offload.models.weights import linears
 # (query, key) pair it costs n + r + v multiply-adds against the absorbed form's 2c + r (DeepSeek-V3:
 # 320 vs 1088), plus S·c·(n + v) per head to expand, which a long chunk amortises; decode stays absorbed.
 EXPANDED_MIN_TOKENS = 16
+# DSA sparse attention gathers the selected rows for a block of queries at a time: about this many bytes
+SELECTED_WORKSPACE_BYTES = 128 << 20
 
 
 class MLAAttention:
@@ -38,8 +40,7 @@ class MLAAttention:
         self.h, self.nope, self.r, self.v, self.c = n_heads, nope, rope_dim, v_dim, kv_lora
         self.rope, self.scale, self.eps = rope, scale, eps
         self.device, self.dtype = device, dtype
-        # DSA: selector(x, q_resid, start, cache, state) -> (T, S) bool mask of keys each query may read
-        self.selector = selector
+        self.selector = selector  # DSA: picks the keys each query reads (see __call__)
         self.index_dim = index_dim
 
     def new_cache(self, max_len: int) -> MLACache:
@@ -61,7 +62,18 @@ class MLAAttention:
         cos, sin = self.rope.cos_sin_at(start, t, x.device, x.dtype, state)
         q_rot, k_rot = self.rope.apply(q_rot, cos, sin), self.rope.apply(k_rot, cos, sin)
         latent_all, k_rot_all = cache.update(latent, k_rot[:, 0], start)  # (S, c), (S, r)
+        # DSA: selector(x, q_resid, start, cache, state) -> None (every causal key) or (indices, valid), each
+        # (T, K): the keys each query reads, gathered instead of masking a (T, S) score matrix
+        sel = self.selector(x, q_resid, start, cache, state) if self.selector is not None else None
+        if sel is None:
+            out = self.attend_causal(q_nope, q_rot, latent_all, k_rot_all, start)
+        else:
+            out = self.attend_selected(q_nope, q_rot, latent_all, k_rot_all, *sel)
+        return self.wo(out.reshape(t, self.h * self.v))
 
+    def attend_causal(self, q_nope, q_rot, latent_all, k_rot_all, start: int, mask=None) -> torch.Tensor:
+        """Every key up to each query's position (or `mask` (T, S), the DSA test reference) -> (T, h, v)."""
+        t, s = q_nope.shape[0], latent_all.shape[0]
         expanded = t >= EXPANDED_MIN_TOKENS
         if expanded:  # prefill: expand keys and values per head, (n + r + v) per score instead of (2c + r)
             k_nope = torch.einsum("sc,hnc->hsn", latent_all, self.w_uk)  # (h, S, n)
@@ -71,20 +83,36 @@ class MLAAttention:
             scores = torch.matmul(q_lat, latent_all.T)  # (h, T, S)
         scores = scores + torch.matmul(q_rot.transpose(0, 1), k_rot_all.T)  # (h, T, S)
         scores = scores * self.scale
-        s = latent_all.shape[0]
-        if self.selector is not None:
-            mask = self.selector(x, q_resid, start, cache, state)  # (T, S)
-        else:
-            mask = causal_mask(t, s, start, x.device)
+        if mask is None:
+            mask = causal_mask(t, s, start, q_nope.device)  # (T, S)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)  # (h, T, S)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (h, T, S)
         if expanded:
             v_all = torch.einsum("sc,hvc->hsv", latent_all, self.w_uv)  # (h, S, v)
-            out = torch.matmul(probs, v_all).transpose(0, 1).reshape(t, self.h * self.v)  # (T, h*v)
-        else:
-            out_lat = torch.matmul(probs, latent_all)  # (h, T, c)
-            out = torch.einsum("htc,hvc->thv", out_lat, self.w_uv).reshape(t, self.h * self.v)  # (T, h*v)
-        return self.wo(out)
+            return torch.matmul(probs, v_all).transpose(0, 1)  # (T, h, v)
+        out_lat = torch.matmul(probs, latent_all)  # (h, T, c)
+        return torch.einsum("htc,hvc->thv", out_lat, self.w_uv)  # (T, h, v)
+
+    def attend_selected(self, q_nope, q_rot, latent_all, k_rot_all, idx, valid) -> torch.Tensor:
+        """DSA: each query reads only its K selected rows (idx (T, K), valid (T, K) False where a slot holds
+        no key), gathered from the latent and rope-key cache, in the absorbed form: per (query, key) it costs
+        2c + r, but only K keys, whatever S is -> (T, h, v)."""
+        t, k = idx.shape
+        q_lat = torch.einsum("thn,hnc->thc", q_nope, self.w_uk)  # (T, h, c)
+        out_lat = torch.empty_like(q_lat)  # (T, h, c)
+        # query blocks bound the gathered rows: tq * K * (c + r) values (bf16, K 2048, tq 64: 150 MB)
+        row = k * ((self.c + self.r) * latent_all.element_size() + 2 * 4 * self.h)
+        tq = max(1, SELECTED_WORKSPACE_BYTES // row)
+        for q0 in range(0, t, tq):
+            i = idx[q0:q0 + tq]  # (tq, K)
+            lat, k_rot = latent_all[i], k_rot_all[i]  # (tq, K, c), (tq, K, r)
+            scores = torch.bmm(q_lat[q0:q0 + tq], lat.transpose(1, 2))  # (tq, h, K)
+            scores = scores + torch.bmm(q_rot[q0:q0 + tq], k_rot.transpose(1, 2))
+            hidden = ~valid[q0:q0 + tq, None]  # (tq, 1, K)
+            scores = (scores * self.scale).masked_fill_(hidden, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)  # (tq, h, K)
+            out_lat[q0:q0 + tq] = torch.bmm(probs, lat)  # (tq, h, c)
+        return torch.einsum("thc,hvc->thv", out_lat, self.w_uv)  # (T, h, v)
 
 
 def load_mla(ctx: LoadContext, prefix: str, a, rope: Rope, scale: float, selector=None,
