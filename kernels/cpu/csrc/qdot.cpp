@@ -14,6 +14,8 @@
 // The parts, in one translation unit: common.h (types, blocks), act_quant.h, dots_plain.h, dots_vnni.h,
 // pool.h; this file holds the type table, the GEMV and fused-MoE drivers and the exported C API.
 
+#include <memory>
+
 #include "common.h"
 #include "act_quant.h"
 #include "dots_plain.h"
@@ -277,25 +279,46 @@ bool ffn_types(int qg, int qu, int qd, int64_t H, int64_t I, const Type*& tg, co
 
 // qdot_moe over groups given by their matrices' addresses: gate[g], up[g] (I, H-row bytes), down[g]
 // (H, I-row bytes), all of the same types and shapes (the routed experts, and a shared expert with them)
-int moe_groups(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* starts, int64_t G,
-               const uint8_t* const* gate, int qg, const uint8_t* const* up, int qu, const uint8_t* const* down, int qd,
-               float* h, float* y) {
+// Scratch that is written before it is read: no zero-fill (a prefill chunk's buffers are hundreds of MB).
+template <class T>
+std::unique_ptr<T[]> scratch(int64_t n) { return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]); }
+
+// Rows of P (token, expert) pairs: pair p reads row src[p] of x (X rows), or row p when src is null. Each
+// x row is quantised once and its quantised bytes gathered per pair (a token reaches K experts: gathering
+// floats and quantising each copy cost ~20 % of a prefill chunk).
+int moe_groups(const float* x, int64_t X, const int64_t* src, int64_t P, int64_t H, int64_t I, const int64_t* starts,
+               int64_t G, const uint8_t* const* gate, int qg, const uint8_t* const* up, int qu,
+               const uint8_t* const* down, int qd, float* h, float* y) {
     const Type *tg, *tu, *td;
     int64_t gb, ub, db;
     if (!ffn_types(qg, qu, qd, H, I, tg, tu, td, gb, ub, db)) return -1;
     const int64_t agb = act_row_bytes(tg, H), aub = act_row_bytes(tu, H), adb = act_row_bytes(td, I);
     const bool same = tg->k_act == tu->k_act;
-    std::vector<uint8_t> xg(agb * P), xu(same ? 0 : aub * P), hq(adb * P);
+    const int64_t R = src ? X : P;  // rows quantised
+    auto qg_rows = scratch<uint8_t>(agb * R), qu_rows = scratch<uint8_t>(same ? 0 : aub * R);
+    auto hq = scratch<uint8_t>(adb * P);
     Call call;
-    pool().run(P, [&](int64_t p) {
-        quantize_row(tg, x + p * H, H, xg.data() + p * agb);
-        if (!same) quantize_row(tu, x + p * H, H, xu.data() + p * aub);
+    pool().run(R, [&](int64_t r) {
+        quantize_row(tg, x + r * H, H, qg_rows.get() + r * agb);
+        if (!same) quantize_row(tu, x + r * H, H, qu_rows.get() + r * aub);
     });
-    const uint8_t* xup = same ? xg.data() : xu.data();
+    std::unique_ptr<uint8_t[]> xg_pairs, xu_pairs;
+    if (src) {
+        xg_pairs = scratch<uint8_t>(agb * P), xu_pairs = scratch<uint8_t>(same ? 0 : aub * P);
+        pool().run((P + 63) / 64, [&](int64_t it) {
+            for (int64_t p = it * 64; p < std::min(P, it * 64 + 64); p++) {
+                std::memcpy(xg_pairs.get() + p * agb, qg_rows.get() + src[p] * agb, agb);
+                if (!same) std::memcpy(xu_pairs.get() + p * aub, qu_rows.get() + src[p] * aub, aub);
+            }
+        });
+    }
+    const uint8_t* xg = src ? xg_pairs.get() : qg_rows.get();
+    const uint8_t* xup = same ? xg : (src ? xu_pairs.get() : qu_rows.get());
     const int64_t ni = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, nh = (H + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     // gate and up rows are separate items, each one weight stream (two interleaved streams per thread
     // were ~25 % slower at one token per expert, measured against the same rows through gemv_multi)
-    std::vector<float> hu(P * I);
+    auto hu_buf = scratch<float>(P * I);
+    float* hu = hu_buf.get();
     pool().run(2 * G * ni, [&](int64_t it) {
         const bool is_up = it >= G * ni;
         const int64_t jt = is_up ? it - G * ni : it;
@@ -303,18 +326,18 @@ int moe_groups(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* s
         const Type* t = is_up ? tu : tg;
         const int64_t rb = is_up ? ub : gb, ab = is_up ? aub : agb;
         const uint8_t* w = (is_up ? up : gate)[g];
-        const uint8_t* xa = is_up ? xup : xg.data();
-        rows_times_tokens(t, false, w, rb, H / t->block, r0, r1, xa, ab, starts[g], starts[g + 1], is_up ? hu.data() : h, I);
+        const uint8_t* xa = is_up ? xup : xg;
+        rows_times_tokens(t, false, w, rb, H / t->block, r0, r1, xa, ab, starts[g], starts[g + 1], is_up ? hu : h, I);
     });
     pool().run(P, [&](int64_t p) {
         float* hp = h + p * I;
-        const float* up_p = hu.data() + p * I;
+        const float* up_p = hu + p * I;
         for (int64_t i = 0; i < I; i++) hp[i] = silu(hp[i]) * up_p[i];
-        quantize_row(td, hp, I, hq.data() + p * adb);
+        quantize_row(td, hp, I, hq.get() + p * adb);
     });
     pool().run(G * nh, [&](int64_t it) {
         const int64_t g = it / nh, r0 = it % nh * ROWS_PER_ITEM, r1 = std::min(H, r0 + ROWS_PER_ITEM);
-        rows_times_tokens(td, false, down[g], db, I / td->block, r0, r1, hq.data(), adb, starts[g], starts[g + 1], y, H);
+        rows_times_tokens(td, false, down[g], db, I / td->block, r0, r1, hq.get(), adb, starts[g], starts[g + 1], y, H);
     });
     return 0;
 }
@@ -330,7 +353,7 @@ int qdot_moe(const float* x, int64_t P, int64_t H, int64_t I, const int64_t* sta
     std::vector<const uint8_t*> gp(G), upp(G), dp(G);
     for (int64_t g = 0; g < G; g++)
         gp[g] = gate + eids[g] * I * gb, upp[g] = up + eids[g] * I * ub, dp[g] = down + eids[g] * H * db;
-    return moe_groups(x, P, H, I, starts, G, gp.data(), qg, upp.data(), qu, dp.data(), qd, h, y);
+    return moe_groups(x, P, nullptr, P, H, I, starts, G, gp.data(), qg, upp.data(), qu, dp.data(), qd, h, y);
 }
 
 // out (T, H) = sum over k of w[t, k] * FFN_e(x_t), e = loc[t, k] a local expert index (-1: held elsewhere,
@@ -360,34 +383,33 @@ int qdot_moe_topk(const float* x, int64_t T, int64_t K, const int64_t* loc, cons
     for (int64_t e : eids) gp.push_back(gate + e * I * gb), upp.push_back(up + e * I * ub), dp.push_back(down + e * H * db);
     if (shared) starts.push_back(P), gp.push_back(shared_gate), upp.push_back(shared_up), dp.push_back(shared_down);
     starts.push_back(Pall);
-    std::vector<int64_t> slot(T * K, -1), fill(first.begin(), first.end() - 1);
-    std::vector<float> xs(Pall * H), h(Pall * I), y(Pall * H);
+    // pair rows in expert order (the shared expert's last); src: the token each pair row reads
+    std::vector<int64_t> slot(T * K, -1), fill(first.begin(), first.end() - 1), src(Pall);
     for (int64_t i = 0; i < T * K; i++)
-        if (loc[i] >= 0) {
-            slot[i] = fill[loc[i]]++;
-            std::memcpy(xs.data() + slot[i] * H, x + (i / K) * H, H * sizeof(float));
-        }
-    if (shared) std::memcpy(xs.data() + P * H, x, T * H * sizeof(float));
+        if (loc[i] >= 0) slot[i] = fill[loc[i]]++, src[slot[i]] = i / K;
+    for (int64_t t = 0; shared && t < T; t++) src[P + t] = t;
+    auto h = scratch<float>(Pall * I), y = scratch<float>(Pall * H);
     if (Pall) {
-        const int rc = moe_groups(xs.data(), Pall, H, I, starts.data(), (int64_t)gp.size(), gp.data(), qg, upp.data(),
-                                  qu, dp.data(), qd, h.data(), y.data());
+        const int rc = moe_groups(x, T, src.data(), Pall, H, I, starts.data(), (int64_t)gp.size(), gp.data(), qg,
+                                  upp.data(), qu, dp.data(), qd, h.get(), y.get());
         if (rc) return rc;
     }
-    for (int64_t t = 0; t < T; t++) {
+    Call call;
+    pool().run(T, [&](int64_t t) {
         float* o = out + t * H;
         std::memset(o, 0, H * sizeof(float));
         for (int64_t k = 0; k < K; k++) {
             const int64_t p = slot[t * K + k];
             if (p < 0) continue;
             const float w = wts[t * K + k];
-            const float* yp = y.data() + p * H;
+            const float* yp = y.get() + p * H;
             for (int64_t j = 0; j < H; j++) o[j] += w * yp[j];
         }
         if (shared) {  // added last, as routed + shared(x) would be: the same sums in the same order
-            const float* ys = y.data() + (P + t) * H;
+            const float* ys = y.get() + (P + t) * H;
             for (int64_t j = 0; j < H; j++) o[j] += ys[j];
         }
-    }
+    });
     return 0;
 }
 
