@@ -9,6 +9,7 @@ import torch
 from offload.checkpoint import Checkpoint
 from offload.errors import ConfigError, PlacementError, RequestError
 from offload.generation import Chunk, GenerationResult, stream_chunks
+from offload.kv_memory import check_context_fits
 from offload.models import architecture
 from offload.models.loading import LoadContext
 from offload.planning import Homes, check_fits, homes_from_plan, make_plan, summary
@@ -118,6 +119,8 @@ class LLM:
 
     def _cache_for(self, n: int):
         if self._cache is None or self._cache.max_len < n:
+            self._cache = None  # freed first: the check below counts what is free without it
+            check_context_fits(self.model, max(n, self.context_length))  # the numbers, before allocating
             self._cache = self.model.new_cache(max(n, self.context_length))
         self._cache.length = 0
         return self._cache
@@ -236,6 +239,7 @@ def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, pl
             ctx_obj.placement = placement_fn("cpu")
     model = _build_with_progress(arch, ctx_obj, args, len(ckpt.names()), progress, path.name)
     ckpt.close()
+    check_context_fits(model, ctx)  # a ctx whose cache cannot fit stops here, not in the middle of a prompt
     model.runtime.overlap = overlap
     return LLM(model, tokenizer, ctx, path.name, time.perf_counter() - start, plan)
 

@@ -84,3 +84,21 @@ def test_long_prompt_in_chunks_matches_transformers(tiny_checkpoint, hf_model, m
         ref = hf_model(path)(ids[None]).logits[0]
     assert seen == [(32, 8)] * 12  # every layer of every chunk attends over 8 gathered keys
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_context_memory_is_checked_before_allocating(tiny_checkpoint, monkeypatch):
+    """The cache and workspace a ctx needs are computed without allocating; too big a ctx is one error that
+    names the numbers."""
+    from offload import kv_memory
+    from offload.errors import PlacementError
+
+    llm = offload.load(tiny_checkpoint("glm_moe_dsa"), device="cpu", progress=False, ctx=100)
+    (kv, ws), = kv_memory.context_bytes(llm.model, 100).values()
+    assert kv == llm.model.new_cache(100).nbytes()  # what offload.cache allocates, to the byte
+    assert ws > 0
+    monkeypatch.setattr(kv_memory, "free_bytes", lambda dev: ws + kv)  # room for 100 positions
+    kv_memory.check_context_fits(llm.model, 100)
+    with pytest.raises(PlacementError, match=r"a context of 100000 tokens needs .* on cpu \(KV cache .*; about"):
+        kv_memory.check_context_fits(llm.model, 100_000)
+    with pytest.raises(PlacementError, match="a context of 120 tokens"):
+        llm.logits(list(range(120)))  # more than ctx: a new cache, checked first
