@@ -60,6 +60,7 @@ def register(app: typer.Typer) -> None:
         max_concurrency: int = typer.Option(1, "--max-concurrency", help="generations at once (capped by what the engine supports: 1 today)"),
         max_queue: int = typer.Option(256, "--max-queue", help="requests waiting beyond this get a 503"),
         timeout: float | None = typer.Option(None, "--timeout", help="seconds per request, queue wait included"),
+        max_body: int = typer.Option(8 * 2**20, "--max-body", help="largest request body in bytes (413 past it)"),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level"),
         placement: Placement = "auto",
         gpu_mem: GpuMem = None,
@@ -72,8 +73,8 @@ def register(app: typer.Typer) -> None:
         model = model_or_demo(model, demo)
         if not model.exists():
             raise ConfigError(f"{model}: no such checkpoint directory or GGUF file")
-        if ctx < 1 or max_concurrency < 1 or max_queue < 0 or (timeout is not None and timeout <= 0):
-            raise ConfigError("--ctx and --max-concurrency must be >= 1, --max-queue >= 0, --timeout > 0")
+        if ctx < 1 or max_concurrency < 1 or max_queue < 0 or (timeout is not None and timeout <= 0) or max_body < 1:
+            raise ConfigError("--ctx, --max-concurrency and --max-body must be >= 1, --max-queue >= 0, --timeout > 0")
         import uvicorn
 
         import offload
@@ -106,7 +107,7 @@ def register(app: typer.Typer) -> None:
                         fg="yellow", err=True)
         typer.secho(f"offload: listening on {url}, loading {model} ...", err=True)
         application = create_app(loader=loader, model_name=name, api_key=api_key, max_concurrency=max_concurrency,
-                                 max_queue=max_queue, timeout=timeout, on_ready=ready)
+                                 max_queue=max_queue, timeout=timeout, max_body=max_body, on_ready=ready)
         server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level=log_level,
                                                timeout_graceful_shutdown=3))
         server.run()

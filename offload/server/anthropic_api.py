@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from offload.server.runner import (
-    APIError, Run, ServerState, make_parser, max_new_tokens, parse_request, render_chat, thinking_kwargs,
+    APIError, Run, ServerState, make_parser, max_new_tokens, off_loop, parse_request, render_chat, thinking_kwargs,
 )
 from offload.server.sse import EventStream
 
@@ -20,8 +20,12 @@ router = APIRouter()
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
 
 
+MAX_STOPS = 16  # each stop string is searched after every token: thousands of them slow every request
+
+
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: "5" is not a number and "yes" not a boolean (lax mode would take both)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     messages: list[dict] = Field(min_length=1)
@@ -82,7 +86,9 @@ def to_chat_messages(system: Any, messages: list[dict]) -> list[dict]:
             kind = b.get("type") if isinstance(b, dict) else None
             bw = f"{where}.content.{j}"
             if kind == "text":
-                texts.append(str(b.get("text", "")))
+                if not isinstance(b.get("text"), str):
+                    raise APIError(400, f"{bw}.text: expected a string")
+                texts.append(b["text"])
             elif kind == "tool_result" and role == "user":
                 result = _text_blocks(b.get("content"), f"{bw}.content")
                 if b.get("is_error"):
@@ -125,6 +131,9 @@ def to_openai_tools(tools: list[dict] | None, choice: dict | None) -> list[dict]
             raise APIError(400, f"tools.{i}.name: required string")
         if t.get("type") not in (None, "custom"):
             raise APIError(400, f"tools.{i}.type: server tool {t.get('type')!r} is not supported")
+        for key, kind in (("input_schema", dict), ("description", str)):
+            if t.get(key) is not None and not isinstance(t[key], kind):
+                raise APIError(400, f"tools.{i}.{key}: expected {'an object' if kind is dict else 'a string'}")
         out.append({"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
                                                      "parameters": t.get("input_schema") or {"type": "object"}}})
     return out
@@ -154,14 +163,16 @@ def _sse(event: str, data: dict) -> str:
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request):
     state, req = await parse_request(request, _Base)
-    ids, _, _ = _prompt(state, req)
+    ids, _, _ = await off_loop(_prompt, state, req)
     return {"input_tokens": len(ids)}
 
 
 @router.post("/v1/messages")
 async def messages(request: Request):
     state, req = await parse_request(request, MessagesRequest)
-    prompt, prompt_text, tools = _prompt(state, req)
+    if len(req.stop_sequences or ()) > MAX_STOPS:
+        raise APIError(400, f"stop_sequences: at most {MAX_STOPS} stop sequences, got {len(req.stop_sequences)}")
+    prompt, prompt_text, tools = await off_loop(_prompt, state, req)
     max_new = max_new_tokens(state.llm, len(prompt), req.max_tokens)
     kw: dict[str, Any] = {"max_new_tokens": max_new, "temperature": 1.0 if req.temperature is None else req.temperature}
     if req.top_p is not None:

@@ -12,51 +12,26 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from offload.server import anthropic_api, openai_api
+from offload.server.limits import MAX_BODY, Front, is_anthropic
 from offload.server.runner import APIError, ClientGone, ServerState
 
 
-def _is_anthropic(path: str) -> bool:
-    return path.startswith("/v1/messages")
+def _render_path(path: str, e: APIError) -> JSONResponse:
+    return anthropic_api.anthropic_error(e) if is_anthropic(path) else openai_api.openai_error(e)
 
 
 def _render(request: Request, e: APIError) -> JSONResponse:
-    if _is_anthropic(request.url.path):
-        return anthropic_api.anthropic_error(e)
-    return openai_api.openai_error(e)
-
-
-class _CountRequests:
-    """ASGI middleware: requests by endpoint and status for /metrics (pure ASGI, so streams pass untouched)."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = {"code": 500}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            path = scope.get("path", "")
-            if path.startswith("/v1/"):
-                endpoint = "/v1/models" if path.startswith("/v1/models") else path
-                self.state.metrics.request(endpoint, status["code"])
+    return _render_path(request.url.path, e)
 
 
 def create_app(llm: Any = None, *, loader: Callable[[], Any] | None = None, model_name: str | None = None,
                api_key: str | None = None, max_concurrency: int = 1, max_queue: int = 256,
-               timeout: float | None = None, on_ready: Callable[[Any], None] | None = None) -> FastAPI:
+               timeout: float | None = None, max_body: int = MAX_BODY, on_ready: Callable[[Any], None] | None = None) -> FastAPI:
     """An app serving `llm`, or the model `loader()` returns (loaded in a thread; /health is 503 until then).
 
     model_name: the name clients must send (default llm.model_name). timeout: seconds per request,
-    queue wait included; a generation still running then stops with finish_reason "length"."""
+    queue wait included; a generation still running then stops with finish_reason "length". max_body: the
+    largest request body accepted, in bytes (413 past it)."""
     if llm is None and loader is None:
         raise ValueError("create_app needs an llm or a loader")
     if model_name is None:
@@ -89,7 +64,7 @@ def create_app(llm: Any = None, *, loader: Callable[[], Any] | None = None, mode
     app.state.server = state
     app.include_router(openai_api.router)
     app.include_router(anthropic_api.router)
-    app.add_middleware(_CountRequests, state=state)
+    app.add_middleware(Front, state=state, render=_render_path, max_body=max_body)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):

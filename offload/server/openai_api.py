@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from offload.server.runner import (
-    APIError, Run, ServerState, make_parser, max_new_tokens, parse_request, render_chat, thinking_kwargs,
+    APIError, Run, ServerState, make_parser, max_new_tokens, off_loop, parse_request, render_chat, thinking_kwargs,
 )
 from offload.server.sse import EventStream
 
@@ -21,7 +21,8 @@ EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: "5" is not a number and "yes" not a boolean (lax mode would take both)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -96,7 +97,9 @@ def _text_of(content: Any, where: str) -> str:
                 kind = p.get("type") if isinstance(p, dict) else type(p).__name__
                 raise APIError(400, f"{where}[{i}]: content part type {kind!r} is not supported (text only)",
                                param=where)
-            parts.append(str(p.get("text", "")))
+            if not isinstance(p.get("text"), str):
+                raise APIError(400, f"{where}[{i}].text: expected a string", param=f"{where}[{i}].text")
+            parts.append(p["text"])
         return "".join(parts)
     raise APIError(400, f"{where}: expected a string or a list of content parts", param=where)
 
@@ -111,6 +114,8 @@ def chat_messages(messages: list[dict]) -> list[dict]:
         if role not in ("system", "user", "assistant", "tool"):
             raise APIError(400, f"{where}.role: expected system, user, assistant or tool, got {role!r}",
                            param=f"{where}.role")
+        if m.get("content") is None and role != "assistant":  # an assistant turn may be tool calls only
+            raise APIError(400, f"{where}.content: a {role} message needs content", param=f"{where}.content")
         msg: dict[str, Any] = {"role": role, "content": _text_of(m.get("content"), f"{where}.content")}
         if role == "assistant":
             if m.get("tool_calls") is not None:
@@ -140,7 +145,26 @@ def _thinking(req: ChatRequest) -> dict:
     return kw
 
 
+def check_tools(tools: list[dict] | None) -> None:
+    """Each tool {"type": "function", "function": {"name": str, "description"?: str, "parameters"?: object}}."""
+    for i, t in enumerate(tools or []):
+        where = f"tools[{i}]"
+        if t.get("type", "function") != "function":
+            raise APIError(400, f"{where}.type: only 'function' tools are supported, got {t.get('type')!r}",
+                           param=f"{where}.type")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise APIError(400, f"{where}.function: required object", param=f"{where}.function")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(400, f"{where}.function.name: required non-empty string", param=f"{where}.function.name")
+        for key, kind in (("parameters", dict), ("description", str)):
+            if fn.get(key) is not None and not isinstance(fn[key], kind):
+                raise APIError(400, f"{where}.function.{key}: expected {'an object' if kind is dict else 'a string'}",
+                               param=f"{where}.function.{key}")
+
+
 def _tools(req: ChatRequest) -> list[dict] | None:
+    check_tools(req.tools)
     choice = req.tool_choice
     if choice in (None, "auto", "none"):
         return None if choice == "none" else req.tools
@@ -165,7 +189,7 @@ async def chat_completions(request: Request):
         raise APIError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
     tools = _tools(req)
     llm = state.llm
-    prompt, prompt_text = render_chat(llm, chat_messages(req.messages), tools, _thinking(req))
+    prompt, prompt_text = await off_loop(render_chat, llm, chat_messages(req.messages), tools, _thinking(req))
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_new = max_new_tokens(llm, len(prompt), limit)
     run = await Run.start(state, request, prompt, _gen_kwargs(req, max_new), stops,
@@ -238,7 +262,7 @@ async def completions(request: Request):
             raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
         p = p[0]
     if isinstance(p, str):
-        prompt = llm.tokenizer.encode(p, add_special_tokens=True)
+        prompt = await off_loop(llm.tokenizer.encode, p, add_special_tokens=True)
     else:
         vocab = getattr(llm.tokenizer, "vocab_size", None)
         if any(t < 0 or (vocab is not None and t >= vocab) for t in p):

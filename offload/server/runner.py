@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -75,22 +76,28 @@ class ServerState:
                            "not_found_error", param="model", code="model_not_found")
 
 
+# Parsing, template rendering and tokenising run here, never on the event loop: a megabyte prompt takes
+# seconds to tokenise, and /health and every stream must keep answering meanwhile. Two workers: a flood of
+# big requests queues here instead of taking every core.
+_PREP = ThreadPoolExecutor(max_workers=2, thread_name_prefix="offload-prep")
+
+
+async def off_loop(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in the preparation pool."""
+    return await asyncio.get_running_loop().run_in_executor(_PREP, lambda: fn(*args, **kwargs))
+
+
 async def read_json(request) -> dict:
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
-    return data
+    from offload.server.limits import parse_body
+
+    return await off_loop(parse_body, await request.body())
 
 
 async def parse_request(request, model_cls) -> tuple["ServerState", Any]:
     """Every API route's opening: key check before any parsing, JSON body, field validation, model name."""
     state: ServerState = request.app.state.server
     state.guard(request)  # the key first: no parsing for strangers
-    req = validate(model_cls, await read_json(request))
+    req = await off_loop(validate, model_cls, await read_json(request))
     state.guard(request, req.model)
     return state, req
 
@@ -216,6 +223,7 @@ class Run:
         self.stopper, self.parser = StopMatcher(stops), parser
         self.outcome = Outcome(prompt_tokens=len(prompt))
         self._closed = False
+        self.gone = False
 
     @classmethod
     async def start(cls, state: ServerState, request, prompt: list[int], gen_kwargs: dict,
@@ -245,24 +253,27 @@ class Run:
             return [("content", text)] if text else []
         return self.parser.feed(text)
 
+    async def _watch(self) -> None:
+        """Wait for the client to leave; then stop the generation before its next token."""
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                self.gen.close()
+                return
+
     async def events(self, poll_disconnect: bool = True) -> AsyncIterator[tuple[str, Any]]:
-        """poll_disconnect: look for the client leaving every 0.5 s (a stream's EventStream does it itself)."""
+        """poll_disconnect: watch for the client leaving (a stream's EventStream does it itself)."""
         gen, finish = self.gen, None
-        last_poll = time.monotonic()
+        watcher = asyncio.ensure_future(self._watch()) if poll_disconnect else None
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(gen.__anext__(), 0.5)
-                except asyncio.TimeoutError:
-                    chunk = None
+                    chunk = await gen.__anext__()
                 except StopAsyncIteration:
                     break
-                if poll_disconnect and time.monotonic() - last_poll >= 0.5:
-                    last_poll = time.monotonic()
-                    if await self.request.is_disconnected():
-                        raise ClientGone() from None
-                if chunk is None:
-                    continue
+                if self.gone:
+                    raise ClientGone() from None
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
                 for ev in self._parse(self.stopper.feed(chunk.text)):
@@ -284,7 +295,11 @@ class Run:
         except Exception as e:
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "api_error") from None
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self.close()
+        if self.gone:
+            raise ClientGone()
         self.outcome.finish_reason = "length" if gen.timed_out else (finish or "stop")
 
     def close(self) -> None:
