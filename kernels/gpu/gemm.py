@@ -73,8 +73,9 @@ def _mm_kernel(x_ptr, w_ptr, w16_ptr, aux_ptr, aux_stride, y_ptr, M, N, K, row_b
 
 
 class Packed:
-    """A weight's storage as the kernels take it: bytes (N, row bytes), a 16-bit view, the aux table (IQ4_XS
-    codebook, FP8 block scales) and its row stride."""
+    """A weight's storage as the kernels take it: bytes (N, row bytes) or a stack of them (S, N, row bytes), a
+    16-bit view, the aux table (IQ4_XS codebook, FP8 block scales) and its row stride; per matrix of a stack,
+    `mat_bytes` bytes and `aux_mat` aux elements."""
 
     def __init__(self, blocks: torch.Tensor, fmt: int, cols: int, scales: torch.Tensor | None = None,
                  name: str = "weight"):
@@ -83,14 +84,17 @@ class Packed:
         self.fmt, self.cols, self.rows = fmt, cols, blocks.shape[-2]
         self.blocks, self.w16 = views(blocks, fmt)
         self.row_bytes = blocks.shape[-1]
+        self.mat_bytes = self.rows * self.row_bytes
+        self.w16_mat = self.mat_bytes if fmt == FP8_BLOCK else self.mat_bytes // 2  # in w16's elements
         if fmt == FP8_BLOCK:
             if scales is None or scales.dtype != torch.float32:
                 raise ValueError(f"{name}: FP8 blocks need float32 scales (ceil(N/128), ceil(K/128))")
             self.aux, self.aux_stride = scales.contiguous(), scales.shape[-1]
+            self.aux_mat = scales.shape[-2] * scales.shape[-1]
         elif fmt == GGMLType.IQ4_XS:
-            self.aux, self.aux_stride = codebook(blocks.device), 0
+            self.aux, self.aux_stride, self.aux_mat = codebook(blocks.device), 0, 0
         else:
-            self.aux, self.aux_stride = self.blocks, 0  # unread
+            self.aux, self.aux_stride, self.aux_mat = self.blocks, 0, 0  # unread
 
 
 def dequant(p: Packed, ids: torch.Tensor | None = None) -> torch.Tensor:
