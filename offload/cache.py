@@ -11,6 +11,7 @@ from offload.errors import RequestError
 
 class GQACache:
     # head-major, so attention reads each KV head's keys as one contiguous (S, d) matrix
+    POS_AXIS = 1  # the position axis of every tensor here (prefix snapshots copy along it)
     def __init__(self, max_len: int, n_kv_heads: int, head_dim: int, device, dtype):
         self.k = torch.zeros(n_kv_heads, max_len, head_dim, device=device, dtype=dtype)  # (kv, S, d)
         self.v = torch.zeros(n_kv_heads, max_len, head_dim, device=device, dtype=dtype)  # (kv, S, d)
@@ -24,6 +25,7 @@ class GQACache:
 
 
 class MLACache:
+    POS_AXIS = 0
     def __init__(self, max_len: int, kv_lora_rank: int, rope_dim: int, device, dtype, index_dim: int = 0):
         self.latent = torch.zeros(max_len, kv_lora_rank, device=device, dtype=dtype)  # (S, kv_lora)
         self.k_rope = torch.zeros(max_len, rope_dim, device=device, dtype=dtype)  # (S, rope)
@@ -42,15 +44,54 @@ class MLACache:
         return self.index_k[:end]
 
 
+def _position_tensors(layer, max_len: int) -> dict[str, torch.Tensor]:
+    """Every per-position tensor of a layer's cache (K/V, latent, rope key, indexer key, ...)."""
+    axis = layer.POS_AXIS
+    return {name: t for name, t in vars(layer).items()
+            if isinstance(t, torch.Tensor) and t.dim() > axis and t.shape[axis] == max_len}
+
+
 class Cache:
-    """One sequence's cache: a per-layer store plus the number of positions filled."""
+    """One sequence's cache: a per-layer store plus the number of positions filled.
+
+    tokens: the ids whose keys the first len(tokens) positions hold (kept by offload.generation), so a
+    prompt that begins with them can resume there (offload.prefix_cache)."""
 
     def __init__(self, layers: list, max_len: int):
         self.layers = layers
         self.max_len = max_len
         self.length = 0
+        self.tokens: list[int] = []
+
+    def resume(self, n: int) -> None:
+        """Continue after the first n cached positions (n <= len(tokens)): the next forward writes at n."""
+        if n > len(self.tokens):
+            raise ValueError(f"resume({n}): the cache holds {len(self.tokens)} known tokens")
+        del self.tokens[n:]
+        self.length = n
+
+    def snapshot(self, n: int, device: str | torch.device = "cpu") -> list[dict[str, torch.Tensor]]:
+        """Copies of the first n positions of every layer's tensors."""
+        out = []
+        for layer in self.layers:
+            axis = layer.POS_AXIS
+            out.append({name: t.narrow(axis, 0, n).to(device, copy=True)
+                        for name, t in _position_tensors(layer, self.max_len).items()})
+        return out
+
+    def restore(self, snap: list[dict[str, torch.Tensor]], tokens: list[int]) -> None:
+        """Write a snapshot's first len(tokens) positions back; the cache then holds exactly `tokens`."""
+        n = len(tokens)
+        for layer, saved in zip(self.layers, snap):
+            axis = layer.POS_AXIS
+            for name, t in saved.items():
+                getattr(layer, name).narrow(axis, 0, n).copy_(t.narrow(axis, 0, n))
+        self.tokens = list(tokens)
+        self.length = n
 
     def check_room(self, n_new: int) -> None:
+        """Called by the runtime before every forward, which overwrites positions from `length` on."""
+        del self.tokens[self.length:]
         if self.length + n_new > self.max_len:
             raise RequestError(f"sequence of {self.length + n_new} tokens exceeds the context length "
                                f"{self.max_len} (load with a larger ctx=)")
