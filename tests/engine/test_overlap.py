@@ -123,3 +123,25 @@ def test_load_takes_overlap(gguf_models):  # noqa: F811
     for flag in (True, False):
         llm = offload.load(path, device="cpu", placement="cpu", progress=False, overlap=flag)
         assert llm.model.runtime.overlap is flag
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_overlap_on_a_gpu_is_exact(arch, tiny_checkpoint, record_runs):
+    """For real: layers on the GPU, half the experts in a CPU group (q8_0 on the native kernels) started on the
+    worker thread, its inputs copied into pinned buffers behind an event."""
+    import offload
+
+    half = {i: ["gpu", "cpu"] * 4 for i in range(8)}
+    llm = offload.load(tiny_checkpoint(arch), device="cuda", dtype="float32", progress=False, placement=half,
+                       expert_quant="q8_0", overlap=False)
+    ids = list(range(5, 30))
+    want = llm.logits(ids)
+    assert set(record_runs) == {"MainThread"}
+    record_runs.clear()
+    llm.model.runtime.overlap = True
+    got = llm.logits(ids)
+    assert torch.equal(got, want)
+    assert record_runs and all(t.startswith("offload-cpu-experts") for t in record_runs)
+    slot = llm.model.runtime.staging.slot(0)
+    assert slot.pin and all(b.is_pinned() for b in slot.bufs.values())
