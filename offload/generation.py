@@ -64,8 +64,12 @@ def stream_chunks(model, tokenizer, cache: Cache, prompt_ids: list[int], max_new
     sampler = Sampler(params, prompt_len=len(prompt_ids))
     decoder = IncrementalDecoder(tokenizer)
     matcher = StopMatcher(stop or [])
-    cache.length = 0
-    logits = prefill(model, cache, prompt_ids)
+    prefix = getattr(model, "prefix_cache", None)  # offload.prefix_cache.enable
+    skip = prefix.prepare(cache, prompt_ids) if prefix is not None else 0
+    if prefix is None:
+        cache.resume(0)
+    logits = prefill(model, cache, prompt_ids[skip:])
+    cache.tokens.extend(prompt_ids[skip:])
     history = list(prompt_ids)
     generated: list[int] = []
     n_prompt = len(prompt_ids)
@@ -88,3 +92,4 @@ def stream_chunks(model, tokenizer, cache: Cache, prompt_ids: list[int], max_new
             return
         yield Chunk(text, [token], None, n_prompt, len(generated))
         logits = model.forward(torch.tensor([token], dtype=torch.long), cache)[-1]
+        cache.tokens.append(token)
