@@ -208,6 +208,10 @@ def run_chat(llm, system: str | None = None, max_new_tokens: int = 1024, tempera
 
     gen_kwargs (top_p, top_k, seed, ...) go to llm.stream_chunks; input_fn / console are for tests."""
     session = ChatSession(system)
+    if hasattr(llm, "model") and getattr(llm.model, "prefix_cache", None) is None:
+        from offload.prefix_cache import enable
+
+        enable(llm, 0)  # each turn resumes after the last one's tokens (one conversation: no snapshots)
     ui = ChatUI(llm, console=console, input_fn=input_fn, max_new_tokens=max_new_tokens,
                 temperature=temperature, **gen_kwargs)
     ui.loop(session)
