@@ -76,11 +76,17 @@ def cpu_read_bw(hw: Hardware, shares: dict[str, float] | str, cpu_eff: float | N
     return _mixed(shares, lambda t: kernels[t]["gemv_gbs"] * GB if t in kernels else hw.dram_bw * CPU_EFFICIENCY)
 
 
-def cpu_flops(hw: Hardware, shares: dict[str, float] | str) -> float:
-    """FLOP/s of the CPU on a prefill chunk of weights in these types: measured by `offload probe`, else
-    estimated (the time splits by bytes, as the FLOPs do for types of one layer's matrices)."""
+def cpu_flops(hw: Hardware, shares: dict[str, float] | str, experts: bool = False) -> float:
+    """FLOP/s of the CPU on a prefill chunk of weights in these types: measured by `offload probe` (experts:
+    the fused expert call's rate, which includes its per-pair gathers and sums), else estimated (the time
+    splits by bytes, as the FLOPs do for types of one layer's matrices)."""
     kernels = hw.calibration.get("kernels", {})
-    return _mixed(shares, lambda t: (kernels[t]["prefill_tflops"] if t in kernels else hw.cpu_tflops) * 1e12)
+
+    def rate(t: str) -> float:
+        k = kernels.get(t, {})
+        return (k.get("moe_prefill_tflops") if experts else None) or k.get("prefill_tflops") or hw.cpu_tflops
+
+    return _mixed(shares, lambda t: rate(t) * 1e12)
 
 
 def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: float | None, gpu_eff: float):
@@ -183,7 +189,7 @@ def _prefill_chunk(layers: list[LayerLayout], hw: Hardware, n_tokens: int, mode:
             n_e = lay.freq * n_tokens  # expected tokens per expert
             touched = 1.0 - (1.0 - np.clip(lay.freq, 0, 1)) ** n_tokens
             flops = 2 * lay.expert_params * n_e
-            f_cpu = cpu_flops(hw, lay.expert_quant)
+            f_cpu = cpu_flops(hw, lay.expert_quant, experts=True)
             if gpu is not None:
                 t += float(flops[lay.on_gpu].sum()) / f_gpu
             cpu_n = n_e[~lay.on_gpu]
@@ -225,9 +231,10 @@ def calibration_notes(hw: Hardware) -> list[str]:
         return [assumed.replace("of other types ", "") + ", and no fixed cost per layer: not measured here "
                 "(run `offload probe` to calibrate)"]
     rates = ", ".join(f"{t} {k['gemv_gbs']:.0f} GB/s / {k['prefill_tflops']:.2f} TFLOP/s"
+                      + (f" / {k['moe_prefill_tflops']:.2f}" if k.get("moe_prefill_tflops") else "")
                       for t, k in sorted(kernels.items()))
     out = [f"measured by {cal.get('source', 'offload probe')} with {cal.get('threads', '?')} threads: CPU "
-           f"kernels at one token / at a {PREFILL_TOKENS_MEASURED}-token chunk: {rates}",
+           f"kernels at one token / at a {PREFILL_TOKENS_MEASURED}-token chunk (/ as fused experts): {rates}",
            f"measured fixed cost of a decode step: {cal.get('layer_s', 0) * 1e6:.0f} us per CPU layer, "
            f"{cal.get('token_s', 0) * 1e6:.0f} us per token", assumed]
     if cal.get("attention_tflops"):

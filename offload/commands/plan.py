@@ -126,8 +126,9 @@ def probe_cmd(
     spread = f" (median of {len(reads)} reads, {min(reads):.0f}-{max(reads):.0f})" if reads else ""
     typer.echo(f"RAM: {H.fmt_bytes(hw.ram_bytes)}, DRAM read {hw.dram_bw / H.GB:.1f} GB/s{spread}")
     for name, k in hw.calibration.get("kernels", {}).items():
+        fused = f", {k['moe_prefill_tflops']:.2f} as fused experts" if k.get("moe_prefill_tflops") else ""
         typer.echo(f"CPU {name:7} {k['gemv_gbs']:6.1f} GB/s at one token, {k['prefill_tflops']:.2f} TFLOP/s at "
-                   f"512 tokens ({k['engine']})")
+                   f"512 tokens{fused} ({k['engine']})")
     if "layer_s" in hw.calibration:
         typer.echo(f"decode fixed cost: {hw.calibration['layer_s'] * 1e6:.0f} us per layer, "
                    f"{hw.calibration['token_s'] * 1e6:.0f} us per token")

@@ -233,6 +233,26 @@ def test_calibrated_rates_and_fixed_costs_by_hand(tmp_path):
     assert "measured by a test" in notes and "BF16 40 GB/s" in notes and "100 us per CPU layer" in notes
 
 
+def test_prefill_uses_the_fused_expert_rate_for_experts():
+    """Experts in prefill go at the measured fused-expert rate (`moe_prefill_tflops`: the expert call's gathers
+    and sums included), the attention and dense matrices at the single-matrix rate; without the figure the
+    experts fall back to the single-matrix rate."""
+    spec = M.from_hf_config(TINY, name="tiny")
+    kernels = {"BF16": {"gemv_gbs": 40.0, "prefill_tflops": 0.5, "engine": "test"}}
+    times = {}
+    for moe_rate in (None, 0.5, 0.25):
+        k = {"BF16": {**kernels["BF16"], **({"moe_prefill_tflops": moe_rate} if moe_rate else {})}}
+        hw = Hardware(gpus=[], ram_bytes=64 * GiB, dram_bw=1e15, pcie_bw=25e9, cpu_cores=8,
+                      calibration={**CALIBRATION, "kernels": k})  # DRAM so fast that every part is compute-bound
+        lays = plan(spec, hw, BF16, options=PlanOptions(context=1024)).layouts()
+        times[moe_rate] = 512 / cost.prefill(lays, hw, 512, "cpu")
+    expert_flops = sum(float((2 * lay.expert_params * lay.freq * 512).sum()) for lay in lays if lay.moe)
+    assert expert_flops > 0
+    assert times[0.5] == pytest.approx(times[None], rel=1e-9)
+    assert times[0.25] - times[0.5] == pytest.approx(expert_flops / 0.25e12 - expert_flops / 0.5e12, rel=1e-6)
+    assert cost.cpu_flops(hw, "BF16", experts=True) == 0.25e12 and cost.cpu_flops(hw, "BF16") == 0.5e12
+
+
 def test_uncalibrated_plan_says_its_cpu_rates_are_assumed():
     p = _tiny_plan([])
     notes = " ".join(p.prediction["assumptions"])
