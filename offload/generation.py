@@ -23,6 +23,7 @@ class Chunk:
     finish_reason: str | None  # None until the last chunk: "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
 
 
 @dataclass
@@ -77,19 +78,19 @@ def stream_chunks(model, tokenizer, cache: Cache, prompt_ids: list[int], max_new
         token = sampler.sample(logits, history)
         if token in stop_ids:
             tail, _ = matcher.push(decoder.flush())
-            yield Chunk(tail + matcher.flush(), [], "stop", n_prompt, len(generated))
+            yield Chunk(tail + matcher.flush(), [], "stop", n_prompt, len(generated), skip)
             return
         generated.append(token)
         history.append(token)
         text, stopped = matcher.push(decoder.push(token))
         if stopped:
-            yield Chunk(text, [token], "stop", n_prompt, len(generated))
+            yield Chunk(text, [token], "stop", n_prompt, len(generated), skip)
             return
         if len(generated) >= max_new_tokens:
             tail, stopped = matcher.push(decoder.flush())
             tail += "" if stopped else matcher.flush()
-            yield Chunk(text + tail, [token], "stop" if stopped else "length", n_prompt, len(generated))
+            yield Chunk(text + tail, [token], "stop" if stopped else "length", n_prompt, len(generated), skip)
             return
-        yield Chunk(text, [token], None, n_prompt, len(generated))
+        yield Chunk(text, [token], None, n_prompt, len(generated), skip)
         logits = model.forward(torch.tensor([token], dtype=torch.long), cache)[-1]
         cache.tokens.append(token)

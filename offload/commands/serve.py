@@ -60,6 +60,8 @@ def register(app: typer.Typer) -> None:
         max_concurrency: int = typer.Option(1, "--max-concurrency", help="generations at once (capped by what the engine supports: 1 today)"),
         max_queue: int = typer.Option(256, "--max-queue", help="requests waiting beyond this get a 503"),
         timeout: float | None = typer.Option(None, "--timeout", help="seconds per request, queue wait included"),
+        cache_mem: str = typer.Option("2GiB", "--cache-mem", help="prefix cache: memory for earlier conversations' "
+                                      "computed prompts (e.g. 8GiB; 0 keeps only the last one, which costs nothing)"),
         max_body: int = typer.Option(8 * 2**20, "--max-body", help="largest request body in bytes (413 past it)"),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level"),
         placement: Placement = "auto",
@@ -76,6 +78,10 @@ def register(app: typer.Typer) -> None:
         if ctx < 1 or max_concurrency < 1 or max_queue < 0 or (timeout is not None and timeout <= 0) or max_body < 1:
             raise ConfigError("--ctx, --max-concurrency and --max-body must be >= 1, --max-queue >= 0, --timeout > 0")
         import uvicorn
+
+        from offload.placement.hardware import parse_size
+
+        cache_bytes = 0 if cache_mem.strip() == "0" else parse_size(cache_mem, "--cache-mem")
 
         import offload
         from offload.server.app import create_app
@@ -107,7 +113,7 @@ def register(app: typer.Typer) -> None:
                         fg="yellow", err=True)
         typer.secho(f"offload: listening on {url}, loading {model} ...", err=True)
         application = create_app(loader=loader, model_name=name, api_key=api_key, max_concurrency=max_concurrency,
-                                 max_queue=max_queue, timeout=timeout, max_body=max_body, on_ready=ready)
+                                 max_queue=max_queue, timeout=timeout, max_body=max_body, cache_mem=cache_bytes, on_ready=ready)
         server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level=log_level,
                                                timeout_graceful_shutdown=3))
         server.run()

@@ -193,7 +193,13 @@ async def messages(request: Request):
     def message(content: list, reason: str | None, seq: str | None, out_tokens: int) -> dict:
         return {"id": mid, "type": "message", "role": "assistant", "model": state.model_name, "content": content,
                 "stop_reason": reason, "stop_sequence": seq,
-                "usage": {"input_tokens": run.outcome.prompt_tokens, "output_tokens": out_tokens}}
+                "usage": usage(out_tokens)}
+
+    def usage(out_tokens: int) -> dict:
+        # Anthropic counts cache reads apart: input_tokens + cache_read_input_tokens is the whole prompt
+        o = run.outcome
+        return {"input_tokens": o.prompt_tokens - o.cached_tokens, "output_tokens": out_tokens,
+                "cache_read_input_tokens": o.cached_tokens}
 
     if not req.stream:
         blocks: list[dict] = []
@@ -254,7 +260,7 @@ async def messages(request: Request):
             yield close_block()
         reason, seq = stop_reason(has_calls)
         yield _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
-                                     "usage": {"output_tokens": run.outcome.completion_tokens}})
+                                     "usage": usage(run.outcome.completion_tokens)})
         yield _sse("message_stop", {"type": "message_stop"})
 
     return EventStream(stream(), on_close=run.close)

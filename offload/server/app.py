@@ -26,12 +26,13 @@ def _render(request: Request, e: APIError) -> JSONResponse:
 
 def create_app(llm: Any = None, *, loader: Callable[[], Any] | None = None, model_name: str | None = None,
                api_key: str | None = None, max_concurrency: int = 1, max_queue: int = 256,
-               timeout: float | None = None, max_body: int = MAX_BODY, on_ready: Callable[[Any], None] | None = None) -> FastAPI:
+               timeout: float | None = None, max_body: int = MAX_BODY, cache_mem: int = 2 * 2**30, on_ready: Callable[[Any], None] | None = None) -> FastAPI:
     """An app serving `llm`, or the model `loader()` returns (loaded in a thread; /health is 503 until then).
 
     model_name: the name clients must send (default llm.model_name). timeout: seconds per request,
     queue wait included; a generation still running then stops with finish_reason "length". max_body: the
-    largest request body accepted, in bytes (413 past it)."""
+    largest request body accepted, in bytes (413 past it). cache_mem: bytes of prefix-cache snapshots kept
+    (earlier conversations; the live one is always reused)."""
     if llm is None and loader is None:
         raise ValueError("create_app needs an llm or a loader")
     if model_name is None:
@@ -39,7 +40,7 @@ def create_app(llm: Any = None, *, loader: Callable[[], Any] | None = None, mode
             raise ValueError("create_app(loader=...) needs model_name")
         model_name = llm.model_name
     state = ServerState(model_name=model_name, api_key=api_key, timeout=timeout,
-                        max_concurrency=max_concurrency, max_queue=max_queue)
+                        max_concurrency=max_concurrency, max_queue=max_queue, cache_mem=cache_mem)
 
     def load() -> None:
         try:
@@ -99,6 +100,6 @@ def create_app(llm: Any = None, *, loader: Callable[[], Any] | None = None, mode
     @app.get("/metrics")
     async def metrics():
         running = state.scheduler.running if state.scheduler else 0
-        return PlainTextResponse(state.metrics.render(running), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(state.metrics.render(running, state.prefix), media_type="text/plain; version=0.0.4")
 
     return app

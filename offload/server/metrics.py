@@ -58,7 +58,8 @@ class Metrics:
                 self.last_tps = (generated - 1) / decode_s
                 self.tps.observe(self.last_tps)
 
-    def render(self, running: int) -> str:
+    def render(self, running: int, prefix=None) -> str:
+        """prefix: the model's offload.prefix_cache.PrefixCache, if any."""
         with self._lock:
             lines = ["# HELP offload_requests_total Requests answered, by endpoint and HTTP status.",
                      "# TYPE offload_requests_total counter"]
@@ -90,4 +91,22 @@ class Metrics:
                 "# TYPE offload_decode_tokens_per_second_hist histogram",
                 *self.tps.lines("offload_decode_tokens_per_second_hist"),
             ]
+            if prefix is not None:
+                lines += [
+                    "# HELP offload_prefix_cache_hits_total Prompts that resumed after a cached prefix.",
+                    "# TYPE offload_prefix_cache_hits_total counter",
+                    f"offload_prefix_cache_hits_total {prefix.hits}",
+                    "# HELP offload_prefix_cache_misses_total Prompts prefilled from their first token.",
+                    "# TYPE offload_prefix_cache_misses_total counter",
+                    f"offload_prefix_cache_misses_total {prefix.misses}",
+                    "# HELP offload_prefix_cache_tokens_reused_total Prompt tokens taken from the cache, not computed.",
+                    "# TYPE offload_prefix_cache_tokens_reused_total counter",
+                    f"offload_prefix_cache_tokens_reused_total {prefix.tokens_reused}",
+                    "# HELP offload_prefix_cache_evictions_total Stored prefixes evicted to stay within --cache-mem.",
+                    "# TYPE offload_prefix_cache_evictions_total counter",
+                    f"offload_prefix_cache_evictions_total {prefix.evictions}",
+                    "# HELP offload_prefix_cache_bytes Bytes of stored prefix snapshots.",
+                    "# TYPE offload_prefix_cache_bytes gauge",
+                    f"offload_prefix_cache_bytes {prefix.stored_bytes}",
+                ]
         return "\n".join(lines) + "\n"

@@ -178,7 +178,8 @@ def _sse(obj: Any) -> str:
 
 def _usage(o) -> dict:
     return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
-            "total_tokens": o.prompt_tokens + o.completion_tokens}
+            "total_tokens": o.prompt_tokens + o.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": o.cached_tokens}}
 
 
 @router.post("/v1/chat/completions")

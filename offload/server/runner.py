@@ -43,6 +43,8 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     scheduler: Scheduler | None = None
     template: str | None = None  # the default chat template's source, for format detection
+    cache_mem: int = 2 * 2**30  # prefix-cache snapshot budget in bytes (0: the live sequence only)
+    prefix: Any = None  # the model's offload.prefix_cache.PrefixCache (None for an engine without one)
 
     @property
     def ready(self) -> bool:
@@ -58,6 +60,10 @@ class ServerState:
         # two generations sharing its cache would corrupt both: never run more than it allows.
         self.max_concurrency = max(1, min(self.max_concurrency, int(getattr(llm, "max_sequences", 1))))
         self.scheduler = Scheduler(llm, self.max_concurrency, self.max_queue, self.metrics)
+        if hasattr(llm, "model"):  # one store for both APIs: a conversation's turns may come through either
+            from offload.prefix_cache import enable
+
+            self.prefix = getattr(llm.model, "prefix_cache", None) or enable(llm, self.cache_mem)
         self.llm = llm
 
     def guard(self, request, model: Any = None) -> None:
@@ -201,6 +207,7 @@ class Outcome:
     stop_sequence: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the prefix cache held
 
 
 def make_parser(state: ServerState, prompt_text: str | None, tools: list | None) -> OutputParser:
@@ -274,6 +281,7 @@ class Run:
                     break
                 if self.gone:
                     raise ClientGone() from None
+                self.outcome.cached_tokens = getattr(chunk, "cached_tokens", 0)
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
                 for ev in self._parse(self.stopper.feed(chunk.text)):
