@@ -53,11 +53,13 @@ class Offload:
         _sync(self.device)
         return len(ids) / (time.perf_counter() - t)
 
-    def decode(self, ids: list[int], steps: int) -> float:
-        """tok/s of `steps` single-token steps after a PROMPT-token prompt."""
+    def decode(self, ids: list[int], steps: int, after_prompt=None) -> float:
+        """tok/s of `steps` single-token steps after a PROMPT-token prompt (then `after_prompt()` is called)."""
         cache = self.model.new_cache(self.n_ctx)
         self.model.forward(torch.tensor(ids[:PROMPT]), cache, last_only=True)
         _sync(self.device)
+        if after_prompt is not None:
+            after_prompt()
         t = time.perf_counter()
         for tok in ids[PROMPT:PROMPT + steps]:
             self.model.forward(torch.tensor([tok]), cache, last_only=True)
@@ -89,12 +91,15 @@ class LayerTimer:
     device around each part. `remove()` puts the parts back."""
 
     def __init__(self, model):
-        from offload.models.moe import MoE
-
         self.model, self.device = model, model.device
         self.parts: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.undo: list = []
         self.lock = threading.Lock()
+
+    def install(self) -> None:
+        from offload.models.moe import MoE
+
+        model = self.model
         for i, layer in enumerate(model.layers):
             if not isinstance(layer.mlp, MoE):
                 continue
@@ -164,7 +169,7 @@ class _Timed:
 def layer_split(engine: Offload, ids: list[int], steps: int) -> dict:
     timer = LayerTimer(engine.model)
     try:
-        engine.decode(ids, steps)
+        engine.decode(ids, steps, after_prompt=timer.install)  # the decode steps only
     finally:
         timer.remove()
     return timer.summary()
