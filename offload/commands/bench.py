@@ -13,6 +13,7 @@ BENCHES = {  # name -> (module with main(argv), what it measures)
     "load": ("offload.bench_load", "start to first token of a GGUF against llama.cpp"),
     "dequant": ("offload.gguf.bench_dequant", "torch dequantisation against the numpy reference"),
     "plan-check": ("offload.bench_plan", "the planner's decode / prefill prediction against the engine's measured"),
+    "prefix": ("offload.bench_prefix", "first-token time of a turn sharing a long prefix: cached vs cold"),
     "hybrid": ("offload.bench_hybrid", "CPU+GPU decode / prefill tok/s of a GGUF against llama.cpp, the time per "
                "layer split, beside the plan's prediction"),
 }
