@@ -40,7 +40,7 @@ def workspace_bytes(attn, s: int, indexer=None, t: int = PREFILL_CHUNK) -> int:
         if indexer is None or s <= indexer.topk:
             return dense
         k, i = indexer.topk, indexer.n_heads
-        chunk = min(s, max(k, glm_moe_dsa.INDEX_SCORE_BYTES // (4 * t * i)))
+        chunk = min(s, glm_moe_dsa.index_chunk(t, i, k))
         index = 2 * t * i * chunk * 4 + 3 * t * (k + chunk) * 8  # (T, i, C) scores, running top-k values / ids
         row = k * ((attn.c + attn.r) * item + 2 * 4 * attn.h)  # mla.attend_selected's gathered rows per query
         gathered = min(t, max(1, mla.SELECTED_WORKSPACE_BYTES // row)) * row + 2 * t * attn.h * attn.c * 4

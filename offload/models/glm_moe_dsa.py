@@ -65,8 +65,10 @@ class ModelArgs(deepseek_v3.ModelArgs):
 
 
 # Bound on one chunk of indexer scores, (T, i, C) float32: a 512-token chunk with 32 heads scores 2048 keys
-# at a time (the running top-k then sorts at most 2 * index_topk per row); decode scores all S at once.
+# at a time (the running top-k then sorts at most 2 * index_topk per row); decode scores up to
+# INDEX_MAX_CHUNK keys at a time (small temporaries: a fresh 32 MB one costs its page faults every token).
 INDEX_SCORE_BYTES = 128 << 20
+INDEX_MAX_CHUNK = 16384
 
 
 class Indexer:
@@ -103,7 +105,12 @@ class Indexer:
         return sel
 
 
-def top_keys(q, weights, k_all, start: int, topk: int, scale: float, budget: int = INDEX_SCORE_BYTES):
+def index_chunk(t: int, n_heads: int, k: int) -> int:
+    """Keys scored at a time for `t` queries (see INDEX_SCORE_BYTES)."""
+    return max(k, min(INDEX_MAX_CHUNK, INDEX_SCORE_BYTES // (4 * t * n_heads)))
+
+
+def top_keys(q, weights, k_all, start: int, topk: int, scale: float, chunk: int | None = None):
     """The `topk` best keys of each query, scored a chunk of keys at a time with a running top-k, so the
     scores take O(T * chunk) memory, not O(T * i * S). q (T, i, D) float32, weights (T, i), k_all (S, D) ->
     indices (T, K) int64 and valid (T, K) bool, K = min(topk, S); a slot is invalid when it holds a future key
@@ -112,7 +119,7 @@ def top_keys(q, weights, k_all, start: int, topk: int, scale: float, budget: int
     t, n_heads, _ = q.shape
     s = k_all.shape[0]
     k = min(topk, s)
-    chunk = max(k, budget // (4 * t * n_heads))
+    chunk = chunk or index_chunk(t, n_heads, k)
     pos = torch.arange(start, start + t, device=q.device)[:, None]  # (T, 1) absolute query positions
     w = weights.unsqueeze(1)  # (T, 1, i)
     best_v = best_i = None

@@ -26,15 +26,15 @@ def full_topk(q, w, k_all, start, topk, scale):
 
 
 @pytest.mark.parametrize("t,start", [(1, 0), (1, 300), (7, 40), (37, 200), (64, 0)])
-@pytest.mark.parametrize("budget", [1 << 10, 1 << 30])  # many small key chunks, or one
-def test_running_topk_equals_full_topk(t, start, budget):
+@pytest.mark.parametrize("chunk", [5, 24, 1 << 30])  # key chunks smaller than top-k, equal, all at once
+def test_running_topk_equals_full_topk(t, start, chunk):
     g = torch.Generator().manual_seed(t * 1000 + start)
     n_heads, d, topk = 4, 16, 24
     s = start + t
     q = torch.randn(t, n_heads, d, generator=g)
     w = torch.randn(t, n_heads, generator=g)
     k_all = torch.randn(s, d, generator=g)
-    idx, valid = top_keys(q, w, k_all, start, topk, d ** -0.5, budget=budget)
+    idx, valid = top_keys(q, w, k_all, start, topk, d ** -0.5, chunk=chunk)
     assert idx.shape == valid.shape == (t, min(topk, s))
     ours = selection_mask((idx, valid), t, s, start, "cpu")
     ref, scores = full_topk(q, w, k_all, start, topk, d ** -0.5)
@@ -67,6 +67,7 @@ def test_long_prompt_in_chunks_matches_transformers(tiny_checkpoint, hf_model, m
     """96 tokens, index_topk 8, prefilled 32 at a time with the indexer scoring 8-key chunks; the shared layers
     read the full layers' indices (never a (T, S) mask)."""
     monkeypatch.setattr(glm_moe_dsa, "INDEX_SCORE_BYTES", 1)  # chunk = index_topk keys
+    assert glm_moe_dsa.index_chunk(32, 16, 8) == 8
     path = tiny_checkpoint("glm_moe_dsa")
     llm = offload.load(path, device="cpu", progress=False, ctx=128)
     ids = torch.randint(0, llm.model.args.vocab_size, (96,), generator=torch.Generator().manual_seed(7))
