@@ -13,6 +13,7 @@ matmul) here; offload.kernels.cpu.experts.CpuExpertGroup (the fused CPU kernel).
 T tokens, K top-k, H hidden, I expert intermediate, n tokens routed to one expert.
 """
 
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -50,6 +51,26 @@ class Pending:
         return self.future.result().to(self.device, non_blocking=True)
 
 
+# A batch of at most this many (token, expert) pairs (decode, small batches) runs sync-free on a GPU: every pair
+# computed with its expert's weights gathered by slot, pairs of experts held elsewhere weighted 0. Above it the
+# pairs are grouped by expert (a host read of which experts were picked; a prefill chunk amortises it).
+STATIC_PAIRS = 64
+
+
+def pair_slots(ids: torch.Tensor, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (T, K), held (E_g,) expert ids of a group -> slot (P,) of each pair's expert in `held` (0 where it is
+    not held) and mine (P,) bool; P = T * K, pair p = (p // K, p % K). Static shapes, no host read."""
+    hit = ids.reshape(-1, 1) == held.view(1, -1)  # (P, E_g)
+    return hit.to(torch.int32).argmax(dim=1), hit.any(dim=1)
+
+
+def _sum_pairs(y: torch.Tensor, weights: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """y (P, H) float32 pair outputs -> (T, H): weighted, pairs held elsewhere 0, summed over k in order."""
+    t, k = weights.shape
+    w = weights.reshape(-1).float() * mine  # (P,)
+    return (y * w[:, None]).view(t, k, -1).sum(dim=1)
+
+
 class TorchExperts:
     """Experts held as float tensors on one device (a GPU, or the CPU for unquantised experts)."""
 
@@ -57,9 +78,27 @@ class TorchExperts:
         self.device = device
         self.experts = experts  # expert id -> (gate (I, H), up (I, H), down (H, I))
         self.ids = sorted(experts)
+        self.sync_free: bool | None = None  # small batches without host reads; None: off the CPU
+        self._stacked = None
+
+    def stacked(self) -> tuple:
+        """(held ids (E_g,), gate (E_g, I, H), up (E_g, I, H), down (E_g, H, I)), made once; the dict's
+        matrices become views of them (one copy in memory)."""
+        if self._stacked is None:
+            mats = tuple(torch.stack([self.experts[e][j] for e in self.ids]) for j in range(3))
+            self.experts = {e: tuple(m[i] for m in mats) for i, e in enumerate(self.ids)}
+            self._stacked = (torch.tensor(self.ids, device=self.device), *mats)
+        return self._stacked
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Ready:
         xd, ids, weights = x.to(self.device), ids.to(self.device), weights.to(self.device)
+        if _static(self, ids) and self.ids:
+            held, gate, up, down = self.stacked()
+            slot, mine = pair_slots(ids, held)  # (P,), (P,)
+            xp = xd.repeat_interleave(ids.shape[1], dim=0).unsqueeze(-1)  # (P, H, 1)
+            h = F.silu(torch.bmm(gate[slot], xp)) * torch.bmm(up[slot], xp)  # (P, I, 1)
+            y = torch.bmm(down[slot], h).squeeze(-1).float()  # (P, H)
+            return Ready(_sum_pairs(y, weights, mine).to(device=x.device, dtype=x.dtype))
         out = torch.zeros_like(xd)
         for e in torch.unique(ids[ids >= 0]).tolist():
             if e not in self.experts:
@@ -92,6 +131,24 @@ class ExpertBlocks:
             return b.view(_FLOAT[self.qtype]).view(b.shape[0], self.cols).to(dtype)
         return dequantize_torch(b, self.qtype, (b.shape[0], self.cols), dtype=torch.float32).to(dtype)
 
+    def pairs_matmul(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """x (P, K), slot (P,) -> (P, N) float32: row p times the matrix of expert slot[p] (each gathered
+        and expanded: static shapes, no host read)."""
+        b = self.blocks
+        if isinstance(b, np.ndarray):
+            with warnings.catch_warnings():  # a read-only mmap: only read
+                warnings.simplefilter("ignore", UserWarning)
+                b = torch.from_numpy(b)
+        b = b[slot.to(b.device)]  # (P, N, row bytes)
+        p, n = b.shape[0], b.shape[1]
+        if self.qtype in _FLOAT:
+            w = b.view(_FLOAT[self.qtype]).view(p, n, self.cols).float()
+        else:
+            from offload.gguf.dequant_torch import dequantize_torch
+
+            w = dequantize_torch(b, self.qtype, (p, n, self.cols), dtype=torch.float32)  # (P, N, K)
+        return torch.bmm(w, x.float().unsqueeze(-1)).squeeze(-1)
+
     def matmul(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """x (n, K) @ W_i.T -> (n, N) float32."""
         if self.act_quant:
@@ -115,9 +172,17 @@ class BlockExperts:
         self.ids = list(expert_ids)
         self.local = {e: i for i, e in enumerate(expert_ids)}
         self.gate, self.up, self.down = gate, up, down
+        self.sync_free: bool | None = None  # small batches without host reads; None: off the CPU
+        self._held = torch.tensor(self.ids, dtype=torch.long, device=device)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Ready:
         xd, ids, weights = x.to(self.device), ids.to(self.device), weights.to(self.device)
+        if _static(self, ids) and self.ids and not self.gate.act_quant:
+            slot, mine = pair_slots(ids, self._held)  # (P,), (P,)
+            xp = xd.repeat_interleave(ids.shape[1], dim=0)  # (P, H)
+            h = F.silu(self.gate.pairs_matmul(xp, slot)) * self.up.pairs_matmul(xp, slot)  # (P, I)
+            y = self.down.pairs_matmul(h, slot)  # (P, H)
+            return Ready(_sum_pairs(y, weights, mine).to(device=x.device, dtype=x.dtype))
         out = torch.zeros(xd.shape, dtype=torch.float32, device=self.device)
         for e in torch.unique(ids[ids >= 0]).tolist():
             i = self.local.get(e)
@@ -129,6 +194,11 @@ class BlockExperts:
             y = self.down.matmul(h, i)  # (n, H)
             out.index_add_(0, tok, y * weights[tok, kpos, None].float())
         return Ready(out.to(device=x.device, dtype=x.dtype))
+
+
+def _static(group, ids: torch.Tensor) -> bool:
+    on = group.sync_free if group.sync_free is not None else group.device.type != "cpu"
+    return on and ids.numel() <= STATIC_PAIRS
 
 
 def expert_blocks(raw: np.ndarray, qtype: int, cols: int, expert_ids: list[int], device: torch.device,
