@@ -89,12 +89,30 @@ def cpu_flops(hw: Hardware, shares: dict[str, float] | str, experts: bool = Fals
     return _mixed(shares, lambda t: rate(t) * 1e12)
 
 
-def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: float | None, gpu_eff: float):
+def gpu_read_bw(hw: Hardware, device: str, gpu_eff: float | None) -> float:
+    """bytes/s a GPU reads weights at in decode: with gpu_eff None, the GEMV rate `offload probe` measured on
+    that GPU when there is one, else GPU_EFFICIENCY of its memory bandwidth; a given gpu_eff scales it."""
+    g = int(device[4:])
+    measured = hw.calibration.get("gpus") or []
+    if gpu_eff is None and g < len(measured) and measured[g].get("gemv_gbs"):
+        return measured[g]["gemv_gbs"] * GB
+    return hw.gpus[g].mem_bw * (GPU_EFFICIENCY if gpu_eff is None else gpu_eff)
+
+
+def sync_s(hw: Hardware) -> float:
+    """Seconds a layer with CPU experts waits on their result: a launch + host sync, measured by `offload probe`
+    on the first GPU, else SYNC_S."""
+    measured = hw.calibration.get("gpus") or []
+    return measured[0].get("launch_sync_s", SYNC_S) if measured else SYNC_S
+
+
+def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: float | None,
+                       gpu_eff: float | None = None):
     """(first, beside, cpu, sync) seconds of one decode step in one layer: `first` runs before the experts
     (attention, norms, router: on the GPU, or the whole layer when it lives on the CPU), `beside` on the GPU
     while the CPU computes its experts (shared expert + GPU-resident experts), `cpu` the CPU experts.
     cpu_eff None: the engine's calibrated rates and fixed costs (cpu_read_bw)."""
-    gpu_bw = hw.gpus[int(lay.device[4:])].mem_bw * gpu_eff if lay.device.startswith("gpu") else 0.0
+    gpu_bw = gpu_read_bw(hw, lay.device, gpu_eff) if lay.device.startswith("gpu") else 0.0
     cpu_bw = cpu_read_bw(hw, lay.expert_quant, cpu_eff)
     fixed = lay.fixed_bytes + lay.kv_read * batch
     if lay.moe:
@@ -109,12 +127,12 @@ def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: floa
         return (lay.fixed_bytes / fixed_bw + lay.kv_read * batch / kv_bw + (gpu_e + cpu_e) / cpu_bw
                 + overhead), 0.0, 0.0, 0.0
     overlap = lay.overlap_bytes if cpu_e > 0 else 0.0  # with no CPU experts nothing runs beside
-    sync = SYNC_S if cpu_e > 0 else 0.0
+    sync = sync_s(hw) if cpu_e > 0 else 0.0
     return (fixed - overlap) / gpu_bw, (overlap + gpu_e) / gpu_bw, cpu_e / cpu_bw, sync
 
 
 def decode(layers: list[LayerLayout], hw: Hardware, head_bytes: float, head_device: str, batch: int = 1,
-           cpu_eff: float | None = None, gpu_eff: float = GPU_EFFICIENCY,
+           cpu_eff: float | None = None, gpu_eff: float | None = None,
            head_quant: dict[str, float] | str = "") -> dict:
     """Decode tokens/s (all sequences together): as the runtime runs a step (exact overlap), with two
     sequences pipelined (max of the GPU and CPU totals per layer), and serial; plus the per-layer parts."""
@@ -127,7 +145,7 @@ def decode(layers: list[LayerLayout], hw: Hardware, head_bytes: float, head_devi
         serial += first + beside + c + s
         gpu_total, cpu_total = gpu_total + first + beside, cpu_total + c
     if head_device.startswith("gpu"):
-        head = head_bytes / (hw.gpus[int(head_device[4:])].mem_bw * gpu_eff)
+        head = head_bytes / gpu_read_bw(hw, head_device, gpu_eff)
     else:
         head = head_bytes / cpu_read_bw(hw, head_quant, cpu_eff)
     if cpu_eff is None:
@@ -245,15 +263,32 @@ def calibration_notes(hw: Hardware) -> list[str]:
     return out
 
 
+def gpu_notes(hw: Hardware) -> list[str]:
+    """Which GPU figures are measured (`offload probe` on a machine with GPUs) and which are assumed."""
+    measured = hw.calibration.get("gpus") or []
+    out = []
+    for i, g in enumerate(hw.gpus):
+        m = measured[i] if i < len(measured) else {}
+        if m.get("gemv_gbs"):
+            out.append(f"gpu:{i} weight reads at {m['gemv_gbs']:.0f} GB/s (measured: a bf16 GEMV, "
+                       f"{m['gemv_gbs'] * GB / g.mem_bw:.0%} of its memory bandwidth)")
+        else:
+            out.append(f"gpu:{i} weight reads assumed at {GPU_EFFICIENCY:.0%} of its memory bandwidth")
+    if hw.gpus:
+        sync = "measured" if measured and "launch_sync_s" in measured[0] else "assumed"
+        out.append(f"a launch + host sync {sync} at {sync_s(hw) * 1e6:.0f} us; prefill GEMMs assumed at "
+                   f"{GPU_PREFILL_EFFICIENCY:.0%} of dense bf16 TFLOP/s")
+    return out
+
+
 def assumptions(hw: Hardware, batch: int, position: int) -> list[str]:
     out = [
         "decode: each layer's time = attention + router, then max(shared expert + GPU experts, CPU experts), "
-        f"+ {SYNC_S * 1e6:.0f} us sync when the layer has CPU experts (the runtime's exact overlap: the next "
+        f"+ {sync_s(hw) * 1e6:.0f} us sync when the layer has CPU experts (the runtime's exact overlap: the next "
         "layer needs this one's output); the pipelined figure (max of the whole GPU and CPU parts, two sequences "
         "alternating) is an upper bound, the serial figure adds every part",
         *calibration_notes(hw),
-        f"GPU weight reads reach {GPU_EFFICIENCY:.0%} of GPU memory bandwidth; prefill GEMMs "
-        f"{GPU_PREFILL_EFFICIENCY:.0%} of dense bf16 TFLOP/s",
+        *gpu_notes(hw),
         f"decode predicted for {batch} concurrent sequence(s) at context position {position}; an expert's weights "
         "are read once per step if any sequence picks it",
         "the embedding table is read one row per token (its bytes do not count toward decode)",

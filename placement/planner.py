@@ -188,13 +188,13 @@ def _place_hot(plan: Plan, usable_left: list[float]) -> None:
     layouts = {lay.index: lay for lay in _layouts(plan)}
     for g in range(len(hw.gpus)):
         heap, state, order, nxt = [], {}, {}, {}
-        gbw = hw.gpus[g].mem_bw * cost.GPU_EFFICIENCY
+        gbw = cost.gpu_read_bw(hw, f"gpu:{g}", None)
         cbw = cost.cpu_read_bw(hw, plan.quant.shares("routed_experts"), None)
         for it in plan.items:
             if it.mtp or not len(it.freq) or plan.homes[it.index] != f"gpu:{g}":
                 continue
             lay = layouts[it.index]
-            _, gt, ct, _ = cost.layer_decode_parts(lay, hw, batch, None, cost.GPU_EFFICIENCY)
+            _, gt, ct, _ = cost.layer_decode_parts(lay, hw, batch, None)
             reads = cost.step_reads(it.freq, batch) * it.expert_bytes
             state[it.index] = [gt, ct, reads, 0]
             order[it.index] = np.argsort(-it.freq, kind="stable")
@@ -224,7 +224,7 @@ def _place_hot(plan: Plan, usable_left: list[float]) -> None:
             if not rest.any() or need > left:
                 continue
             moved = float(st[2][rest].sum())
-            if st[0] + moved / gbw < max(st[0], st[1]) + cost.SYNC_S:
+            if st[0] + moved / gbw < max(st[0], st[1]) + cost.sync_s(hw):
                 plan.gpu_experts[layer][:] = True
                 left -= need
                 st[0], st[1] = st[0] + moved / gbw, 0.0
@@ -426,10 +426,11 @@ def _predict(p: Plan) -> None:
     head_b = head_read_bytes(p)
     d = decode_step(p, lays)
     roof = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency, cpu_eff=1.0, gpu_eff=1.0)
-    roof_tok = roof["step_s"] - sum(cost.SYNC_S for lay in lays if lay.moe and (~lay.on_gpu).any()
+    roof_tok = roof["step_s"] - sum(cost.sync_s(hw) for lay in lays if lay.moe and (~lay.on_gpu).any()
                                     and lay.device.startswith("gpu"))
     roof_tok_s = opts.concurrency / roof_tok
-    llama = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency, cpu_eff=cost.LLAMA_CPP_EFFICIENCY)
+    llama = cost.decode(lays, hw, head_b, p.head_device, opts.concurrency, cpu_eff=cost.LLAMA_CPP_EFFICIENCY,
+                        gpu_eff=cost.GPU_EFFICIENCY)
     moe = [lay for lay in lays if lay.moe]
     ex = moe[0] if moe else None
     usage = p.usage()

@@ -1,6 +1,7 @@
 """Planner properties over every catalog model x a grid of budgets, and hand-computed predictions."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -251,6 +252,24 @@ def test_prefill_uses_the_fused_expert_rate_for_experts():
     assert times[0.5] == pytest.approx(times[None], rel=1e-9)
     assert times[0.25] - times[0.5] == pytest.approx(expert_flops / 0.25e12 - expert_flops / 0.5e12, rel=1e-6)
     assert cost.cpu_flops(hw, "BF16", experts=True) == 0.25e12 and cost.cpu_flops(hw, "BF16") == 0.5e12
+
+
+def test_measured_gpu_figures_replace_the_assumed_ones():
+    """A GPU's measured GEMV rate replaces GPU_EFFICIENCY of its bandwidth for the weights it reads, and the
+    measured launch + sync replaces SYNC_S; the notes say which GPU figures were measured."""
+    spec = M.from_catalog("qwen3-30b-a3b")
+    parts = {}
+    for cal in ({}, {"gpus": [{"gemv_gbs": 350.0, "launch_sync_s": 50e-6}]}):
+        hw = replace(rig(gpus=(8,)), calibration=cal)  # too small for every expert: CPU experts on GPU layers
+        p = plan(spec, hw, options=PlanOptions(context=4096))
+        lay = next(lay for lay in p.layouts() if lay.moe and lay.device == "gpu:0" and (~lay.on_gpu).any())
+        parts[bool(cal)] = cost.layer_decode_parts(lay, hw, 1, None)
+        notes = " ".join(p.prediction["assumptions"])
+    (first0, beside0, cpu0, sync0), (first1, beside1, cpu1, sync1) = parts[False], parts[True]
+    assert first1 == pytest.approx(first0 * 1000e9 * cost.GPU_EFFICIENCY / 350e9, rel=1e-9)
+    assert beside1 == pytest.approx(beside0 * 1000e9 * cost.GPU_EFFICIENCY / 350e9, rel=1e-9)
+    assert cpu1 == cpu0 and sync0 == cost.SYNC_S and sync1 == 50e-6
+    assert "gpu:0 weight reads at 350 GB/s (measured" in notes and "sync measured at 50 us" in notes
 
 
 def test_uncalibrated_plan_says_its_cpu_rates_are_assumed():
