@@ -21,10 +21,13 @@ def interpreting() -> bool:
     return triton.knobs.runtime.interpret
 
 
-def _tiles() -> tuple[int, int, int]:
-    """(GEMV rows, GEMM tokens, GEMM rows) per program: big under the interpreter (numpy per op, few programs),
-    register-sized on a GPU."""
-    return (128, 32, 64) if interpreting() else (32, 32, 64)
+def _tiles(n: int) -> tuple[int, int, int]:
+    """(GEMV rows, GEMM tokens, GEMM rows) per program for a weight of n rows: register-sized on a GPU; under the
+    interpreter (numpy per op) as few programs as fit in memory."""
+    if interpreting():
+        big = min(2048, max(64, triton.next_power_of_2(n) // 4))
+        return big, 32, big
+    return 32, 32, 64
 
 
 @triton.jit
@@ -102,7 +105,7 @@ def dequant(p: Packed, ids: torch.Tensor | None = None) -> torch.Tensor:
     ids = torch.arange(p.rows, device=p.blocks.device) if ids is None else ids.to(p.blocks.device)
     ids = ids.to(torch.int32).contiguous()  # (T,)
     out = torch.empty(ids.shape[0], p.cols, dtype=torch.float32, device=p.blocks.device)
-    bn = _tiles()[0]
+    bn = _tiles(ids.shape[0])[0]
     grid = (triton.cdiv(ids.shape[0], bn), triton.cdiv(p.cols, SLICE))
     _dequant_kernel[grid](p.blocks, p.w16, p.aux, p.aux_stride, ids, out, ids.shape[0], p.row_bytes, p.cols,
                           FMT=p.fmt, BLOCK_N=bn)
@@ -116,7 +119,7 @@ def qmatmul(x: torch.Tensor, p: Packed, block_n: int | None = None) -> torch.Ten
         raise ValueError(f"input has {k} columns, the weight {p.cols}")
     x = x.contiguous()
     y = torch.empty(m, p.rows, dtype=torch.float32, device=x.device)  # (M, N)
-    gemv_n, bm, bn = _tiles()
+    gemv_n, bm, bn = _tiles(p.rows)
     if m < GEMM_MIN_TOKENS:
         bn = block_n or gemv_n
         _gemv_kernel[(triton.cdiv(p.rows, bn), m)](x, p.blocks, p.w16, p.aux, p.aux_stride, y, p.rows, k,

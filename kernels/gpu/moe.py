@@ -127,6 +127,11 @@ def _down_dot(h_ptr, pairs_ptr, bslot_ptr, wt_ptr, out_ptr, H, I,
     tl.store(out_ptr + pr[:, None] * H + rows[None, :], acc * wt[:, None], mask=pm[:, None] & rm[None, :])
 
 
+def _block_n(n: int, gpu: int) -> int:
+    """Rows per program: `gpu` on a GPU; under the interpreter (numpy per op) one tile of up to 1024 rows."""
+    return min(1024, triton.next_power_of_2(n)) if interpreting() else gpu
+
+
 def _args(p: Packed) -> tuple:
     return (p.blocks, p.w16, p.aux, p.aux_stride, p.row_bytes, p.mat_bytes, p.w16_mat, p.aux_mat)
 
@@ -155,11 +160,12 @@ def moe_gemv(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: t
     _check(x, ids, weights, slots, gate, up, down)
     (t, h), k, i = x.shape, ids.shape[1], gate.rows
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
-    bn = block_n or (128 if interpreting() else 32)
+    bn = block_n or _block_n(i, 32)
     hbuf = torch.empty(t * k, i, dtype=torch.float32, device=x.device)  # (P, I)
     _gate_up_gemv[(t * k, triton.cdiv(i, bn))](x, ids, slots, hbuf, h, i, k, *_args(gate), *_args(up),
                                                FMT_G=gate.fmt, FMT_U=up.fmt, BLOCK_N=bn)
     y = torch.empty(t, h, dtype=torch.float32, device=x.device)
+    bn = block_n or _block_n(h, 32)
     _down_gemv[(t, triton.cdiv(h, bn))](hbuf, ids, weights, slots, y, h, i, k, *_args(down), FMT_D=down.fmt,
                                         BLOCK_N=bn)
     return y
@@ -184,7 +190,7 @@ def sort_pairs(ids: torch.Tensor, slots: torch.Tensor, n_slots: int, block_m: in
 
 
 def moe_dot(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
-            gate: Packed, up: Packed, down: Packed, block_n: int = 64) -> torch.Tensor:
+            gate: Packed, up: Packed, down: Packed, block_n: int | None = None) -> torch.Tensor:
     """As moe_gemv, for prefill: pairs sorted by expert, each block of BLOCK_M pairs one tl.dot per tile."""
     _check(x, ids, weights, slots, gate, up, down)
     (t, h), k, i = x.shape, ids.shape[1], gate.rows
@@ -195,11 +201,13 @@ def moe_dot(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: to
     hbuf = torch.empty(t * k, i, dtype=x.dtype, device=x.device)  # (P, I) in the activations' type for tl.dot
     out = torch.zeros(t * k, h, dtype=torch.float32, device=x.device)  # (P, H); skipped pairs stay 0
     if nb:
-        _gate_up_dot[(nb, triton.cdiv(i, block_n))](x, pairs, bslot, hbuf, h, i, k, *_args(gate), *_args(up),
-                                                    FMT_G=gate.fmt, FMT_U=up.fmt, BLOCK_M=BLOCK_M,
-                                                    BLOCK_N=block_n, IEEE=ieee)
-        _down_dot[(nb, triton.cdiv(h, block_n))](hbuf, pairs, bslot, weights, out, h, i, *_args(down),
-                                                 FMT_D=down.fmt, BLOCK_M=BLOCK_M, BLOCK_N=block_n, IEEE=ieee)
+        bn = block_n or _block_n(i, 64)
+        _gate_up_dot[(nb, triton.cdiv(i, bn))](x, pairs, bslot, hbuf, h, i, k, *_args(gate), *_args(up),
+                                               FMT_G=gate.fmt, FMT_U=up.fmt, BLOCK_M=BLOCK_M, BLOCK_N=bn,
+                                               IEEE=ieee)
+        bn = block_n or _block_n(h, 64)
+        _down_dot[(nb, triton.cdiv(h, bn))](hbuf, pairs, bslot, weights, out, h, i, *_args(down),
+                                            FMT_D=down.fmt, BLOCK_M=BLOCK_M, BLOCK_N=bn, IEEE=ieee)
     return out.view(t, k, h).sum(1)  # (T, H): each token's k rows summed in order
 
 

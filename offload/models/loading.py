@@ -40,6 +40,10 @@ class LoadContext:
     # builds the group for CPU-resident experts (quantised kernels); None = plain torch tensors
     cpu_experts_factory: Callable | None = None
     on_tensor: Callable[[], None] | None = None
+    # a GGUF's blocks off the CPU stay blocks on the Triton kernels (offload.kernels.gpu): None = on CUDA
+    # devices (OFFLOAD_TRITON=0 in the environment: expanded), True = on every device (Triton's interpreter on
+    # the CPU: tests), False = expanded to float at load
+    triton: bool | None = None
     home: str = "gpu"  # the home this context reads to
     main: torch.device | None = None  # the main device, the "gpu" home (set from `device`)
 
@@ -90,7 +94,32 @@ class LoadContext:
         w.bias = b
         return w
 
+    def _triton(self, dev: torch.device) -> bool:
+        if getattr(self.source, "act_quant", False) or not hasattr(self.source, "blocks"):
+            return False
+        if self.triton is None:
+            import importlib.util
+            import os
+
+            return (dev.type == "cuda" and os.environ.get("OFFLOAD_TRITON", "1") != "0"
+                    and importlib.util.find_spec("triton") is not None)
+        return self.triton
+
+    def _triton_blocks(self, name: str, shape: tuple[int, int]):
+        """Matrix `name` as its ggml blocks on this device (bf16 and float types stay torch tensors)."""
+        from offload.kernels.gpu.weights import TritonQuantWeight, takes
+
+        found = self.source.blocks(name, shape)
+        if found is None or int(found[1]) == 30 or not takes(found[1], shape[1]):
+            return None
+        w = TritonQuantWeight.from_file(found[0], found[1], shape[1], self.device, dtype=self.dtype, name=name)
+        if self.on_tensor is not None:
+            self.on_tensor()
+        return w
+
     def _blocks(self, name: str, shape: tuple[int, int]):
+        if self._triton(self.device):
+            return self._triton_blocks(name, shape)
         if self.device.type != "cpu" or not hasattr(self.source, "blocks"):
             return None
         found = self.source.blocks(name, shape)  # (N, row bytes) mmapped, and the ggml type; or None
@@ -165,7 +194,13 @@ class LoadContext:
         for name in names:
             dev = self.expert_device(name)
             ids = [e for e in range(n_experts) if homes[e] == name]
-            if dev.type == "cpu" and not act_quant:
+            if self._triton(dev) and self._triton_takes(files, dims):
+                from offload.kernels.gpu.weights import TritonExperts
+
+                eb = [expert_blocks(files[p][0], files[p][1], dims[p][1], ids, dev, False) for p in dims]
+                group = TritonExperts.from_blocks(dev, ids, n_experts, *((b.blocks, b.qtype, b.cols) for b in eb),
+                                                  name=prefix)
+            elif dev.type == "cpu" and not act_quant:
                 from offload.kernels.cpu.experts import from_file_blocks
 
                 group = from_file_blocks(*(files[p][0] for p in dims), tuple(files[p][1] for p in dims), ids,
@@ -180,6 +215,11 @@ class LoadContext:
                 self.on_tensor()
         return groups, shared
 
+    @staticmethod
+    def _triton_takes(files, dims) -> bool:
+        from offload.kernels.gpu.weights import takes
+
+        return all(int(files[p][1]) != 30 and takes(files[p][1], dims[p][1]) for p in dims)
 
 def load_embeddings(ctx: LoadContext, a) -> tuple[object, torch.Tensor, object]:
     """Embedding table, final norm, head, each on its home. A GGUF on the CPU keeps the table and the head as

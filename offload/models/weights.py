@@ -2,8 +2,8 @@
 matmul): the models call `w(x)` (F.linear with the weight's bias) and, for an embedding table, `w.rows(ids)`,
 and never ask what the weight is. Every weight also has `.device` (where its input must be).
 
-Kinds: `Linear`, a float tensor on a device (a GPU's ggml weights are expanded to it at load until the GPU's
-quantised kernels come), and offload.kernels.cpu.weights.QuantWeight, ggml blocks on the native CPU kernels.
+Kinds: `Linear`, a float tensor on a device, offload.kernels.cpu.weights.QuantWeight, ggml blocks on the native
+CPU kernels, and offload.kernels.gpu.weights.TritonQuantWeight, ggml blocks on a GPU's Triton kernels.
 `linears` and `mlp` pick, also at load, the fused forms for weights that share an input.
 
 M rows, K inputs, N outputs.

@@ -1,0 +1,108 @@
+"""Weights that know their matmul on the Triton kernels: a matrix (w(x), w.rows(ids)) against F.linear on the
+reference dequantisation, an expert group against the loop over pairs and BlockExperts (the expand-per-matmul
+group), and a GGUF loaded with its blocks on the Triton kernels against the same file on float-expanded
+weights."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from offload.gguf.types import GGMLType as G
+from offload.kernels.gpu.formats import FP8_BLOCK
+from offload.kernels.gpu.gemm import dequant_ref
+from offload.kernels.gpu.moe import moe_ref
+from offload.kernels.gpu.weights import TritonExperts, TritonQuantWeight
+from tests.kernels.gpu.blocks import weight
+
+
+@pytest.mark.parametrize("fmt", [int(G.Q4_K), FP8_BLOCK], ids=["Q4_K", "FP8_BLOCK"])
+def test_quant_weight_is_a_linear(fmt, rng, device):
+    w, scales = weight(fmt, 255, 512, rng)
+    bias = torch.from_numpy(rng.standard_normal(255, dtype=np.float32))
+    q = TritonQuantWeight.from_file(w.numpy(), fmt, 512, device, bias.to(device), torch.float32, scales)
+    assert q.shape == (255, 512) and q.device.type == device.type
+    x = torch.from_numpy(rng.standard_normal((2, 3, 512), dtype=np.float32))  # (B, T, K)
+    dense = dequant_ref(w, fmt, 512, scales)
+    ref = F.linear(x.double(), dense.double(), bias.double()).float()
+    torch.testing.assert_close(q(x.to(device)).cpu(), ref, atol=1e-4, rtol=1e-5)
+    ids = torch.tensor([[0, 254], [7, 7]])
+    assert torch.equal(q.rows(ids.to(device)).cpu(), dense[ids])
+
+
+def test_embedding_rows_out_of_range_is_one_error(rng):
+    w, _ = weight(G.Q8_0, 7, 64, rng)
+    q = TritonQuantWeight(w, G.Q8_0, 64, name="token_embd.weight")
+    with pytest.raises(IndexError, match="token_embd.weight: token id out of range"):
+        q.rows(torch.tensor([3, 7]))
+
+
+def test_expert_group_matches_the_loop_and_block_experts(rng, device):
+    from offload.models.experts import BlockExperts, ExpertBlocks
+
+    n_experts, held = 8, [1, 4, 6]
+    mats = {part: weight(fmt, rows, cols, rng, (3,))[0] for part, fmt, rows, cols in
+            (("gate", G.Q4_K, 256, 512), ("up", G.Q4_K, 256, 512), ("down", G.Q6_K, 512, 256))}
+    spec = {"gate": (G.Q4_K, 512), "up": (G.Q4_K, 512), "down": (G.Q6_K, 256)}
+    group = TritonExperts.from_blocks(device, held, n_experts, *((mats[p], int(spec[p][0]), spec[p][1])
+                                                                 for p in ("gate", "up", "down")))
+    other = BlockExperts(torch.device("cpu"), held, *(ExpertBlocks(mats[p], int(spec[p][0]), spec[p][1])
+                                                      for p in ("gate", "up", "down")))
+    for t in (3, 17):  # the decode GEMV and the sorted tl.dot path
+        x = torch.from_numpy(rng.standard_normal((t, 512), dtype=np.float32))
+        ids = torch.from_numpy(np.stack([rng.permutation(n_experts)[:4] for _ in range(t)]))
+        weights = torch.from_numpy(rng.uniform(0.1, 1, (t, 4)).astype(np.float32))
+        with warnings.catch_warnings():  # sigmoid of a very negative gate overflows exp in the interpreter: -> 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            y = group.submit(x, ids, weights).wait()
+        assert y.dtype == x.dtype and y.device == x.device
+        ref = moe_ref(x, ids, weights, group.slots.cpu(), group.gate, group.up, group.down)
+        scale = float(ref.abs().max())  # float32 sums of large products: errors relative to the largest output
+        torch.testing.assert_close(y, ref, atol=1e-5 * scale, rtol=0)
+        torch.testing.assert_close(y, other.submit(x, ids, weights).wait(), atol=1e-5 * scale, rtol=0)
+
+
+def _build(path, triton: bool):
+    from offload.gguf.names import hf_config
+    from offload.gguf.reader import GGUFFile
+    from offload.gguf.source import GGUFSource
+    from offload.models import architecture
+    from offload.models.loading import LoadContext
+
+    gguf = GGUFFile(path)
+    config = hf_config(gguf.metadata, gguf.tensors, str(path))
+    arch = architecture(config["model_type"])
+    ctx = LoadContext(GGUFSource(gguf), torch.device("cpu"), torch.float32, triton=triton)
+    model = arch.build(ctx, arch.ModelArgs.from_config(config))
+    model.gguf = gguf
+    return model
+
+
+def test_gguf_blocks_stay_blocks_on_the_triton_kernels(monkeypatch):
+    """qwen3_moe Q4_K_M (Q4_K, Q6_K, Q8_0 tensors) loaded with every block on the Triton kernels (the path a GPU
+    takes) against the same file on float-expanded weights (the native CPU kernels switched off): the same
+    model to float32 summation order."""
+    from offload.kernels.cpu import native
+    from offload.models.weights import Linear
+    from tests.gguf.fixtures_models import Fixtures
+
+    pytest.importorskip("llama_cpp")
+    path = Fixtures().path("qwen3_moe", "Q4_K_M")
+    model = _build(path, triton=True)
+    assert isinstance(model.lm_head, TritonQuantWeight) and isinstance(model.embed, TritonQuantWeight)
+    assert isinstance(model.layers[0].attn.wq, TritonQuantWeight)
+    assert all(isinstance(g, TritonExperts) for moe in model.moe_layers() for g in moe.groups)
+    monkeypatch.setattr(native, "SIMD_TYPES", set())
+    ref_model = _build(path, triton=False)
+    assert isinstance(ref_model.lm_head, Linear)
+    # the 151936-row head alone would take the interpreter ~10 s a pass: both models share the float one here
+    # (TritonQuantWeight's matmul is checked above and in test_gemm)
+    model.lm_head = ref_model.lm_head
+    ids = torch.randint(0, 1000, (18,), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for m in (model, ref_model):
+        cache = m.new_cache(18)
+        outs.append(torch.cat([m.forward(ids[:17], cache), m.forward(ids[17:], cache)]))  # prefill, decode
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=1e-4)
