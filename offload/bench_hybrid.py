@@ -207,14 +207,20 @@ def llama_bench(binary: str, path: str, threads: int, prefills: list[int], steps
     return out
 
 
-def predictions(path: str, engine: Offload, n_ctx: int, prefills: list[int], hardware: str | None) -> dict:
+def predictions(path: str, engine: Offload, n_ctx: int, prefills: list[int], hardware: str | None,
+                calibrate: bool = False) -> dict:
     """The plan's decode tok/s, prefill tok/s per prompt and mean per-MoE-layer parts, for the placement the
-    engine was loaded with (routed experts on the CPU where its groups are)."""
+    engine was loaded with (routed experts on the CPU where its groups are); `calibrate`: with this machine's
+    figures measured now (bench plan-check's quick calibration of the file's own types)."""
     from offload.placement import cost
     from offload.placement.planner import decode_step
     from offload.planning import make_plan
 
     p = make_plan(path, context=n_ctx, hardware=hardware, use_gpus=engine.device.type == "cuda")
+    if calibrate:
+        from offload.bench_plan import calibrated
+
+        p = calibrated(p, sorted({t for shares in p.quant.mix.values() for t in shares} | set(p.quant.types.values())))
     p = replace(p, options=replace(p.options, decode_position=PROMPT))
     lays = p.layouts()
     on_gpu = {i: [e for g in layer.mlp.groups if g.device.type != "cpu" for e in g.ids]
@@ -233,7 +239,7 @@ def predictions(path: str, engine: Offload, n_ctx: int, prefills: list[int], har
     return {"decode": decode_step(p, lays)["tok_s"],
             # "cpu": the CPU experts computed on the CPU in prefill too, as the runtime does today
             "prefill": {n: cost.prefill(lays, p.hw, n, "cpu") for n in prefills},
-            "layer": layer, "hardware": p.hw.source,
+            "layer": layer, "hardware": p.hw.source + (", calibrated now" if calibrate else ""),
             "gpu_bytes": sum(sum(v.values()) for k, v in usage.items() if k != "cpu") or None}
 
 
@@ -255,7 +261,7 @@ def _fmt(v, spec=".1f") -> str:
 def report(r: dict) -> str:
     lines = [f"## hybrid, {r['file']}, device {r['device']}, {r['threads']} threads, median of {r['repeat']}", "",
              f"offload placement: {r['placement']}; baseline: {r['baseline_name']}; plan hardware: "
-             f"{r['plan']['hardware']}", "",
+             f"{r['plan']['hardware']}" + (f" ({r['gpu']})" if r.get("gpu") else ""), "",
              "| | offload | llama.cpp | offload / llama.cpp | plan | offload / plan |", "|---|---|---|---|---|---|"]
     rows = [("decode tok/s", r["offload"]["decode"], r["baseline"]["decode"], r["plan"]["decode"])]
     rows += [(f"prefill tok/s, {n} tokens", r["offload"]["prefill"][n], r["baseline"]["prefill"].get(n),
@@ -292,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--placement", default="cpu", help="cpu: every routed expert on the CPU (-ot exps=CPU); auto")
     ap.add_argument("--hardware", default=None, help="hardware profile for the plan (default: the saved one)")
+    ap.add_argument("--calibrate", action="store_true", help="calibrate the plan's CPU figures first (~10 s)")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
     prefills = [int(n) for n in a.prefill.split(",") if n]
@@ -338,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
          "offload": {"decode": med["offload"]["decode"], "prefill": {n: med["offload"][n] for n in prefills}},
          "baseline": baseline, "gpu_idle": _try(engine.gpu_idle, ids, a.tokens),
          "layers": layer_split(engine, ids, a.tokens),
-         "plan": predictions(a.gguf, engine, n_ctx, prefills, a.hardware)}
+         "plan": predictions(a.gguf, engine, n_ctx, prefills, a.hardware, a.calibrate)}
     if torch.cuda.is_available() and engine.device.type == "cuda":
         r["gpu"] = torch.cuda.get_device_name(engine.device)
         r["gpu_mem_peak_bytes"] = torch.cuda.max_memory_allocated(engine.device)

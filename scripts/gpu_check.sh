@@ -199,7 +199,7 @@ fi
 # --- the benchmark (alone on the machine: nothing else runs now)
 if [ -n "$SLICE" ]; then
     args=("$SLICE" --device "$DEVICE" --threads "$THREADS" --prefill "$PREFILL" --tokens "$TOKENS" --repeat "$REPEAT"
-          --json "$OUT_DIR/bench_hybrid.json")
+          --calibrate --json "$OUT_DIR/bench_hybrid.json")
     [ -n "$LLAMA_BENCH" ] && args+=(--llama-bench "$LLAMA_BENCH")
     [ -z "$LLAMA_BENCH" ] && [ "$DEVICE" = cuda ] && args+=(--no-baseline)
     step "bench hybrid ${args[*]}"
