@@ -13,6 +13,7 @@ BENCHES = {  # name -> (module with main(argv), what it measures)
     "load": ("offload.bench_load", "start to first token of a GGUF against llama.cpp"),
     "dequant": ("offload.gguf.bench_dequant", "torch dequantisation against the numpy reference"),
     "plan-check": ("offload.bench_plan", "the planner's decode / prefill prediction against the engine's measured"),
+    "triton-gemv": ("offload.kernels.gpu.bench", "Triton GEMV / MoE decode on ggml blocks, GB/s vs torch.sum"),
     "prefix": ("offload.bench_prefix", "first-token time of a turn sharing a long prefix: cached vs cold"),
     "long-context": ("offload.bench_long", "DSA decode ms/token, prefill tok/s and peak RSS at 1k-128k tokens"),
     "hybrid": ("offload.bench_hybrid", "CPU+GPU decode / prefill tok/s of a GGUF against llama.cpp, the time per "
