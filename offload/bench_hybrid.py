@@ -268,8 +268,8 @@ def report(r: dict) -> str:
               r["plan"]["prefill"][n]) for n in r["prefills"]]
     for label, ours, base, plan in rows:
         ratio = None if base is None else ours / base
-        lines.append(f"| {label} | {ours:.1f} | {_fmt(base)} | {_fmt(ratio, '.2f')} | {plan:.1f} | "
-                     f"{ours / plan:.2f} |")
+        lines.append(f"| {label} | {ours:.1f} | {_fmt(base)} | {_fmt(ratio, '.2f')} | {_fmt(plan)} | "
+                     f"{_fmt(None if plan is None else ours / plan, '.2f')} |")
     idle = r["gpu_idle"]
     lines += ["", f"GPU idle during decode: {_fmt(None if idle is None else 100 * idle)} %"]
     if r.get("gpu_mem_peak_bytes"):
@@ -319,8 +319,10 @@ def main(argv: list[str] | None = None) -> None:
 
     baseline, base_name, base_cmd = {"prefill": {}, "decode": None}, "none", None
     if a.llama_bench:
-        baseline = llama_bench(a.llama_bench, a.gguf, threads, prefills, a.tokens, a.repeat)
-        base_name, base_cmd = "llama-bench", baseline["cmd"]
+        base_name = "llama-bench (failed: see stderr)"
+        found = _try(llama_bench, a.llama_bench, a.gguf, threads, prefills, a.tokens, a.repeat)
+        if found is not None:
+            baseline, base_name, base_cmd = found, "llama-bench", found["cmd"]
     elif not a.no_baseline and engine.device.type == "cpu":
         lcpp = LlamaCppPython(a.gguf, n_ctx, max(prefills), threads)
         base_name = lcpp.name
@@ -344,15 +346,17 @@ def main(argv: list[str] | None = None) -> None:
          "placement": a.placement, "prefills": prefills, "baseline_name": base_name, "baseline_cmd": base_cmd,
          "offload": {"decode": med["offload"]["decode"], "prefill": {n: med["offload"][n] for n in prefills}},
          "baseline": baseline, "gpu_idle": _try(engine.gpu_idle, ids, a.tokens),
-         "layers": layer_split(engine, ids, a.tokens),
-         "plan": predictions(a.gguf, engine, n_ctx, prefills, a.hardware, a.calibrate)}
+         "layers": _try(layer_split, engine, ids, a.tokens) or {},
+         "plan": _try(predictions, a.gguf, engine, n_ctx, prefills, a.hardware, a.calibrate) or {
+             "decode": None, "prefill": dict.fromkeys(prefills), "hardware": "none (the plan failed: see stderr)",
+             "gpu_bytes": None, "layer": dict.fromkeys(("attention", "gpu_experts", "cpu_experts", "sync", "total"))}}
     if torch.cuda.is_available() and engine.device.type == "cuda":
         r["gpu"] = torch.cuda.get_device_name(engine.device)
         r["gpu_mem_peak_bytes"] = torch.cuda.max_memory_allocated(engine.device)
-    print(report(r))
-    if a.json:
+    if a.json:  # first: the numbers survive a failing report
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1, default=str)
+    print(report(r))
 
 
 if __name__ == "__main__":

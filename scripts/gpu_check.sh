@@ -205,10 +205,12 @@ if [ -n "$SLICE" ]; then
     step "bench hybrid ${args[*]}"
     echo >> "$RES"
     if ! timeout 300 "$PY" -P -c 'import sys; from offload.bench_hybrid import main; main(sys.argv[1:])' "${args[@]}" \
-            > "$WORK/bench.log" 2>> "$LOG"; then
-        say "bench hybrid: FAILED or timed out (see log)"
+            > "$WORK/bench.log" 2> "$WORK/bench.err"; then
+        say "bench hybrid: FAILED or timed out; its last words:"; tail -5 "$WORK/bench.err" >> "$RES"
     fi
     cat "$WORK/bench.log" >> "$RES"
+    grep "^bench hybrid:" "$WORK/bench.err" >> "$RES"  # the parts that failed while the rest ran
+    cat "$WORK/bench.err" >> "$LOG"
     echo >> "$RES"; echo "command: offload bench hybrid ${args[*]}" >> "$RES"
 fi
 say ""; say "total $(( $(date +%s) - T0 )) s"
