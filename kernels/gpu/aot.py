@@ -55,8 +55,9 @@ def jobs(formats=FORMATS_ALL) -> list[tuple[str, object, dict, dict]]:
     return out
 
 
-def compile_all(formats=FORMATS_ALL, arch: int = 90, verbose: bool = True) -> dict[str, float]:
-    """Compile every job for sm_`arch`; {label: seconds}. Raises on the first kernel that does not compile."""
+def compile_all(formats=FORMATS_ALL, arch: int = 90, verbose: bool = True, only: tuple = ()) -> dict[str, float]:
+    """Compile every job (those whose label starts with one of `only`, when given) for sm_`arch`;
+    {label: seconds}. Raises on the first kernel that does not compile."""
     os.environ["TRITON_INTERPRET"] = "0"  # before the kernel modules' @triton.jit (the package chose "1")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -71,6 +72,8 @@ def compile_all(formats=FORMATS_ALL, arch: int = 90, verbose: bool = True) -> di
     target = GPUTarget("cuda", arch, 32)
     times = {}
     for label, fn, sig, const in jobs(formats):
+        if only and not label.startswith(tuple(only)):
+            continue
         t0 = time.perf_counter()
         try:
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=target)
