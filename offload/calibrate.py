@@ -134,6 +134,40 @@ def step_overheads(tokens: int = 48) -> dict[str, float]:
     return {"layer_s": per_layer, "token_s": max(step[2] - 2 * per_layer, 0.0)}
 
 
+def prefill_overheads(cal: dict, tokens: int = 256, hidden: int = 1024, reps: int = 3) -> float:
+    """Seconds per token per unit of hidden width that a CPU layer's prefill spends outside what the planner
+    counts (matrices at the measured kernel rates, attention scores at the measured rate): norms, rotations,
+    the router, residual adds, copies, Python. A small Q8_0 model is timed at two depths on a `tokens`-token
+    prompt and the planner's own prediction for the same file, with `cal`'s rates, is taken off."""
+    import torch
+
+    import offload
+    from offload.placement import cost, planner
+    from offload.placement.hardware import GB, Hardware
+    from offload.planning import model_spec
+    from offload.synthetic import write_qwen3moe
+
+    measured, predicted = {}, {}
+    with tempfile.TemporaryDirectory(prefix="offload-probe.") as d:
+        for layers in (2, 8):
+            path = write_qwen3moe(Path(d) / f"prefill-{layers}.gguf", layers, hidden=hidden, heads=8, kv_heads=2)
+            llm = offload.load(path, device="cpu", ctx=tokens + 8, placement="cpu", progress=False)
+            ids = torch.arange(tokens) % 16
+
+            def prefill():
+                llm.model.forward(ids, llm.model.new_cache(tokens + 8), last_only=True)
+
+            measured[layers] = _median_time(prefill, reps)
+            spec, quant = model_spec(str(path))
+            hw = Hardware(gpus=[], ram_bytes=2**40, dram_bw=cal["dram_gbs"] * GB, pcie_bw=GB, cpu_cores=1,
+                          calibration=cal)
+            lays = planner.plan(spec, hw, quant, None, planner.PlanOptions(context=tokens + 8)).layouts()
+            predicted[layers] = tokens / cost.prefill(lays, hw, tokens, "cpu")
+            del llm
+    per_layer = (measured[8] - measured[2] - predicted[8] + predicted[2]) / 6
+    return max(per_layer, 0.0) / (tokens * hidden)
+
+
 def attention_tflops(tokens: int = 1024, heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> float:
     """TFLOP/s of the engine's CPU prefill attention (models.base.grouped_attention, float32) on a causal
     `tokens`-token chunk, counted as the planner counts it: 4 * heads * head_dim per (query, key) pair kept."""
@@ -181,10 +215,11 @@ def calibrate(types=DEFAULT_TYPES, quick: bool = False, gpus: int = 0) -> dict:
         "threads": torch.get_num_threads(),
         "dram_reads_gbs": [round(r / 1e9, 2) for r in reads],
         "dram_gbs": round(statistics.median(reads) / 1e9, 2),
-        "kernels": kernel_rates(types, mb=64 if quick else 256),
+        "kernels": kernel_rates(sorted(set(types) | {"Q8_0"}), mb=64 if quick else 256),  # Q8_0: the probe models
         **step_overheads(24 if quick else 48),
         "attention_tflops": attention_tflops(512 if quick else 1024),
         "gpus": [gpu_rates(i) for i in range(gpus)],
-        "source": f"offload probe, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} logical CPUs",
     }
+    cal["prefill_s_per_token_hidden"] = prefill_overheads(cal, reps=2 if quick else 3)
+    cal["source"] = f"offload probe, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} logical CPUs"
     return cal

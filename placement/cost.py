@@ -44,6 +44,7 @@ class LayerLayout:
     on_gpu: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     expert_quant: dict[str, float] = field(default_factory=dict)  # storage type -> share of the bytes, for the
     fixed_quant: dict[str, float] = field(default_factory=dict)  # calibrated CPU kernel rates
+    hidden: int = 0  # activation width: the norms, rotations, residual adds and copies of prefill scale with it
 
     @property
     def moe(self) -> bool:
@@ -203,6 +204,7 @@ def _prefill_chunk(layers: list[LayerLayout], hw: Hardware, n_tokens: int, mode:
         else:
             f_gpu, gpu = 0.0, None
             t = max(dense_flops / cpu_flops(hw, lay.fixed_quant), lay.fixed_bytes / hw.dram_bw)
+            t += n_tokens * lay.hidden * hw.calibration.get("prefill_s_per_token_hidden", 0.0)
         if lay.moe:
             n_e = lay.freq * n_tokens  # expected tokens per expert
             touched = 1.0 - (1.0 - np.clip(lay.freq, 0, 1)) ** n_tokens
@@ -257,6 +259,9 @@ def calibration_notes(hw: Hardware) -> list[str]:
            f"{cal.get('token_s', 0) * 1e6:.0f} us per token", assumed]
     if cal.get("attention_tflops"):
         out.append(f"measured CPU prefill attention: {cal['attention_tflops']:.3f} TFLOP/s")
+    if "prefill_s_per_token_hidden" in cal:
+        out.append(f"measured prefill cost of a CPU layer beside its matrices and scores (norms, rotations, "
+                   f"copies): {cal['prefill_s_per_token_hidden'] * 4096 * 1e6:.1f} us per token at hidden 4096")
     if cal.get("dram_reads_gbs"):
         out.append(f"DRAM: median of {len(cal['dram_reads_gbs'])} reads, {min(cal['dram_reads_gbs']):.0f}-"
                    f"{max(cal['dram_reads_gbs']):.0f} GB/s")

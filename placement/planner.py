@@ -256,7 +256,7 @@ def _layouts(plan: Plan) -> list[cost.LayerLayout]:
             kv_read=kv_read_bytes(spec, it.index, pos, opts.kv_dtype_bytes),
             **_attn_costs(spec, it.index),
             expert_bytes=it.expert_bytes, expert_params=it.expert_params, freq=it.freq,
-            on_gpu=plan.gpu_experts.get(it.index, np.zeros(len(it.freq), bool))))
+            on_gpu=plan.gpu_experts.get(it.index, np.zeros(len(it.freq), bool)), hidden=spec.hidden))
     return out
 
 

@@ -129,6 +129,9 @@ def probe_cmd(
         fused = f", {k['moe_prefill_tflops']:.2f} as fused experts" if k.get("moe_prefill_tflops") else ""
         typer.echo(f"CPU {name:7} {k['gemv_gbs']:6.1f} GB/s at one token, {k['prefill_tflops']:.2f} TFLOP/s at "
                    f"512 tokens{fused} ({k['engine']})")
+    if "prefill_s_per_token_hidden" in hw.calibration:
+        typer.echo(f"prefill cost beside the matrices: {hw.calibration['prefill_s_per_token_hidden'] * 4096 * 1e6:.1f} "
+                   "us per token per layer at hidden 4096")
     if "layer_s" in hw.calibration:
         typer.echo(f"decode fixed cost: {hw.calibration['layer_s'] * 1e6:.0f} us per layer, "
                    f"{hw.calibration['token_s'] * 1e6:.0f} us per token")

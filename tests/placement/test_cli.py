@@ -100,7 +100,8 @@ def test_probe_calibrates_this_engine(tmp_path):
     cal = json.loads(out.read_text())["calibration"]
     assert {"Q4_K", "Q8_0"} <= set(cal["kernels"]) and all(k["gemv_gbs"] > 0 for k in cal["kernels"].values())
     assert all(k["moe_prefill_tflops"] > 0 for k in cal["kernels"].values())
-    assert "as fused experts" in r.output
+    assert "as fused experts" in r.output and "prefill cost beside the matrices" in r.output
+    assert cal["prefill_s_per_token_hidden"] >= 0
     assert cal["layer_s"] >= 0 and cal["token_s"] >= 0 and len(cal["dram_reads_gbs"]) >= 3
     assert "GB/s at one token" in r.output and "per layer" in r.output
     r = runner.invoke(app, ["plan", "qwen3-30b-a3b", "--hardware", str(out), "--format", "json"])

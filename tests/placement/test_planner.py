@@ -254,6 +254,19 @@ def test_prefill_uses_the_fused_expert_rate_for_experts():
     assert cost.cpu_flops(hw, "BF16", experts=True) == 0.25e12 and cost.cpu_flops(hw, "BF16") == 0.5e12
 
 
+def test_prefill_adds_the_measured_per_token_cost_of_each_cpu_layer():
+    """`prefill_s_per_token_hidden` (norms, rotations, copies: what the matrices and scores leave out) adds
+    tokens x hidden x it per CPU layer to a prefill chunk."""
+    spec = M.from_hf_config(TINY, name="tiny")
+    chunk = {}
+    for c in (0.0, 1e-9):
+        hw = Hardware(gpus=[], ram_bytes=64 * GiB, dram_bw=100e9, pcie_bw=25e9, cpu_cores=8,
+                      calibration={**CALIBRATION, "prefill_s_per_token_hidden": c})
+        lays = plan(spec, hw, BF16, options=PlanOptions(context=1024)).layouts()
+        chunk[c] = 512 / cost.prefill(lays, hw, 512, "cpu")
+    assert chunk[1e-9] - chunk[0.0] == pytest.approx(len(lays) * 512 * spec.hidden * 1e-9, rel=1e-6)
+
+
 def test_measured_gpu_figures_replace_the_assumed_ones():
     """A GPU's measured GEMV rate replaces GPU_EFFICIENCY of its bandwidth for the weights it reads, and the
     measured launch + sync replaces SYNC_S; the notes say which GPU figures were measured."""
