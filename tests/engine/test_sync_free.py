@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import offload
 from offload.kernels.cpu.experts import cpu_experts_factory
 from offload.models.experts import STATIC_PAIRS, BlockExperts, ExpertBlocks, TorchExperts
 from tests.engine.conftest import ARCHS
@@ -18,7 +19,8 @@ from tests.engine.test_homes import build
 
 HOST_READS = {"_local_scalar_dense", "nonzero", "_unique", "_unique2", "unique_dim", "unique_consecutive",
               "masked_select"}
-OFFLOAD = str(Path(__file__).resolve().parents[2])
+# where offload's files are: this checkout, or wherever the package was installed or copied (gpu_check.sh)
+ROOTS = (Path(__file__).resolve().parents[2], Path(offload.__file__).resolve().parent.parent)
 MOE_FILES = ("offload/models/moe.py", "offload/models/experts.py", "offload/runtime.py", "offload/staging.py",
              "kernels/cpu/experts.py")
 
@@ -35,12 +37,22 @@ class HostReads(TorchDispatchMode):
         name = func._schema.name.split("::")[-1]
         d2h = name in ("_to_copy", "copy_") and _d2h(func, args, kwargs)
         if name in HOST_READS or d2h:
-            where = next((f"{Path(f.filename).relative_to(OFFLOAD)}:{f.lineno}"
-                          for f in reversed(traceback.extract_stack())
-                          if f.filename.startswith(OFFLOAD) and not any(
-                              d in f.filename for d in ("/tests/", "site-packages"))), "?")
+            where = next((f"{w}:{f.lineno}" for f in reversed(traceback.extract_stack())
+                          if (w := _offload_file(f.filename))), "?")
             self.found.append((name, where))
         return func(*args, **kwargs)
+
+
+def _offload_file(filename: str) -> str | None:
+    """"offload/models/moe.py", "kernels/cpu/experts.py", ... for a file of offload's; None for torch's, tests'."""
+    for root in ROOTS:
+        try:
+            rel = Path(filename).relative_to(root)
+        except ValueError:
+            continue
+        if rel.parts and rel.parts[0] in ("offload", "kernels", "gguf", "placement"):
+            return str(rel).replace("offload/kernels/", "kernels/")
+    return None
 
 
 def _d2h(func, args, kwargs) -> bool:
