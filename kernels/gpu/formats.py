@@ -150,3 +150,84 @@ def dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, k
         v = tl.where(e == 0, sub, normal.to(tl.float32, bitcast=True))
         w = v * tl.load(aux_ptr + (r // 128) * aux_stride + col // 128, mask=m, other=0)
     return w
+
+
+@triton.jit
+def dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, kb, K, x_ptr,
+              FMT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W[rows, 256*kb : 256*kb + 256] @ x[same columns] -> (BN,) float32, for the GEMVs. A slice of a block
+    format is G groups of L columns sharing a scale A and an offset B (w = A*q - B): the integer quants are
+    dotted with x per group and scaled once per group, as llama.cpp's vec_dot does, so a weight costs a few
+    operations instead of the ~20 of expanding it (a GEMV must stream, not compute). Plain formats expand."""
+    if FMT == 30 or FMT == 1000:
+        w = dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, kb, K, FMT)  # (BN, 256)
+        col = kb * 256 + tl.arange(0, 256)
+        xv = tl.load(x_ptr + col, mask=col < K, other=0).to(tl.float32)  # (256,)
+        return tl.sum(w * xv[None, :], axis=1)
+    G: tl.constexpr = 8 if (FMT == 8 or FMT == 12 or FMT == 13 or FMT == 23) else 16
+    L: tl.constexpr = 256 // G
+    r2 = rows.to(tl.int64)[:, None]  # (BN, 1)
+    rm2 = rmask[:, None]
+    s2 = tl.arange(0, G)[None, :]  # (1, G) group
+    s3 = s2[:, :, None]  # (1, G, 1)
+    l3 = tl.arange(0, L)[None, None, :]  # (1, 1, L) column within the group
+    col3 = kb * 256 + s3 * L + l3  # (1, G, L)
+    m3 = rm2[:, :, None] & (col3 < K)  # (BN, G, L)
+    m2 = rm2 & (kb * 256 + s2 * L < K)  # (BN, G)
+    B = tl.zeros((BLOCK_N, G), tl.float32)
+    if FMT == 8:  # Q8_0: groups are the blocks
+        off2 = r2 * row_bytes + kb * 272 + s2 * 34
+        q = tl.load(w_ptr + off2[:, :, None] + 2 + l3, mask=m3, other=0).to(tl.int8, bitcast=True)
+        A = tl.load(w16_ptr + off2 // 2, mask=m2, other=0).to(tl.float32)
+    elif FMT == 12 or FMT == 13:  # Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins
+        sb: tl.constexpr = 144 if FMT == 12 else 176
+        base2 = r2 * row_bytes + kb * sb
+        base3 = base2[:, :, None]
+        qs: tl.constexpr = 16 if FMT == 12 else 48
+        q = (_b(w_ptr + base3 + qs + (s3 // 2) * 32 + l3, m3) >> (4 * (s3 & 1))) & 0xF
+        if FMT == 13:
+            q = q | (((_b(w_ptr + base3 + 16 + l3, m3) >> s3) & 1) << 4)
+        d = tl.load(w16_ptr + base2 // 2, mask=rm2, other=0).to(tl.float32)
+        dmin = tl.load(w16_ptr + base2 // 2 + 1, mask=rm2, other=0).to(tl.float32)
+        sc, mn = _k4_scale_min(w_ptr, base2, s2, m2)
+        A = d * sc
+        B = dmin * mn
+    elif FMT == 23:  # IQ4_XS: 8 blocks of 32, codebook values (aux) with 6-bit scales
+        base2 = r2 * row_bytes + kb * 136
+        idx = (_b(w_ptr + base2[:, :, None] + 8 + 16 * s3 + l3 % 16, m3) >> (4 * (l3 // 16))) & 0xF
+        q = tl.load(aux_ptr + idx)
+        sh = _b(w_ptr + base2 + 2, rm2) | (_b(w_ptr + base2 + 3, rm2) << 8)  # (BN, 1)
+        ls = ((_b(w_ptr + base2 + 4 + s2 // 2, m2) >> (4 * (s2 % 2))) & 0xF) | (((sh >> (2 * s2)) & 3) << 4)
+        A = tl.load(w16_ptr + base2 // 2, mask=rm2, other=0).to(tl.float32) * (ls - 32).to(tl.float32)
+    else:  # Q2_K / Q3_K / Q6_K: 16 groups of 16; group s is half s // 8, 32-column group g, 16-column half
+        h3 = s3 // 8
+        g3 = (s3 % 8) // 2
+        lf = (s3 % 2) * 16 + l3  # (1, G, L) column within the 32-column group
+        if FMT == 10:
+            base2 = r2 * row_bytes + kb * 84
+            base3 = base2[:, :, None]
+            q = (_b(w_ptr + base3 + 16 + 32 * h3 + lf, m3) >> (2 * g3)) & 3
+            sc = _b(w_ptr + base2 + s2, m2)
+            A = tl.load(w16_ptr + base2 // 2 + 40, mask=rm2, other=0).to(tl.float32) * (sc & 0xF).to(tl.float32)
+            B = tl.load(w16_ptr + base2 // 2 + 41, mask=rm2, other=0).to(tl.float32) * (sc >> 4).to(tl.float32)
+        elif FMT == 11:
+            base2 = r2 * row_bytes + kb * 110
+            base3 = base2[:, :, None]
+            q = (_b(w_ptr + base3 + 32 + 32 * h3 + lf, m3) >> (2 * g3)) & 3
+            q = q - 4 + 4 * ((_b(w_ptr + base3 + lf, m3) >> (4 * h3 + g3)) & 1)
+            lo = (_b(w_ptr + base2 + 96 + s2 % 8, m2) >> (4 * (s2 // 8))) & 0xF
+            hi = (_b(w_ptr + base2 + 104 + s2 % 4, m2) >> (2 * (s2 // 4))) & 3
+            A = tl.load(w16_ptr + base2 // 2 + 54, mask=rm2, other=0).to(tl.float32) * \
+                ((lo | (hi << 4)) - 32).to(tl.float32)
+        else:  # Q6_K
+            base2 = r2 * row_bytes + kb * 210
+            base3 = base2[:, :, None]
+            ql = (_b(w_ptr + base3 + 64 * h3 + lf + 32 * (g3 & 1), m3) >> (4 * (g3 >> 1))) & 0xF
+            qh = (_b(w_ptr + base3 + 128 + 32 * h3 + lf, m3) >> (2 * g3)) & 3
+            q = (ql | (qh << 4)) - 32
+            sc = tl.load(w_ptr + base2 + 192 + s2, mask=m2, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            A = tl.load(w16_ptr + base2 // 2 + 104, mask=rm2, other=0).to(tl.float32) * sc
+    xv = tl.load(x_ptr + col3, mask=col3 < K, other=0).to(tl.float32)  # (1, G, L)
+    dots = tl.sum(q.to(tl.float32) * xv, axis=2)  # (BN, G)
+    xsum = tl.sum(xv, axis=2)  # (1, G)
+    return tl.sum(A * dots - B * xsum, axis=1)

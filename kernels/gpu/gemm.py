@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from offload.kernels.gpu.formats import FP8_BLOCK, SLICE, check_format, codebook, dequant_slice, views
+from offload.kernels.gpu.formats import FP8_BLOCK, SLICE, check_format, codebook, dequant_slice, dot_slice, views
 from offload.gguf.types import GGMLType
 
 GEMM_MIN_TOKENS = 16  # tl.dot needs 16 rows; below, the GEMV per token reads the weight once (from L2 after)
@@ -48,13 +48,11 @@ def _gemv_kernel(x_ptr, w_ptr, w16_ptr, aux_ptr, aux_stride, y_ptr, N, K, row_by
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     t = tl.program_id(1).to(tl.int64)  # token
     rm = rows < N
-    acc = tl.zeros((BLOCK_N, 256), tl.float32)  # products summed per lane, reduced once after the loop
+    acc = tl.zeros((BLOCK_N,), tl.float32)
     for kb in range(0, tl.cdiv(K, 256)):
-        w = dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, kb, K, FMT)  # (BN, 256)
-        col = kb * 256 + tl.arange(0, 256)
-        xs = tl.load(x_ptr + t * K + col, mask=col < K, other=0).to(tl.float32)  # (256,)
-        acc += w * xs[None, :]
-    tl.store(y_ptr + t * N + rows, tl.sum(acc, axis=1), mask=rm)
+        acc += dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, kb, K, x_ptr + t * K, FMT,
+                         BLOCK_N)
+    tl.store(y_ptr + t * N + rows, acc, mask=rm)
 
 
 @triton.jit

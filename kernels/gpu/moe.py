@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from offload.kernels.gpu.formats import dequant_slice
+from offload.kernels.gpu.formats import dequant_slice, dot_slice
 from offload.kernels.gpu.gemm import GEMM_MIN_TOKENS, Packed, dequant_ref, interpreting
 
 BLOCK_M = 16  # pairs per tl.dot block: tl.dot's minimum, so an expert with few tokens pads little
@@ -27,12 +27,10 @@ BLOCK_M = 16  # pairs per tl.dot block: tl.dot's minimum, so an expert with few 
 def _rows_dot_vec(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, K, v_ptr,
                   FMT: tl.constexpr, BLOCK_N: tl.constexpr):
     """W[rows] (BN, K) @ v (K,) -> (BN,) float32."""
-    acc = tl.zeros((BLOCK_N, 256), tl.float32)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
     for kb in range(0, tl.cdiv(K, 256)):
-        w = dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, kb, K, FMT)  # (BN, 256)
-        col = kb * 256 + tl.arange(0, 256)
-        acc += w * tl.load(v_ptr + col, mask=col < K, other=0).to(tl.float32)[None, :]
-    return tl.sum(acc, axis=1)
+        acc += dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, kb, K, v_ptr, FMT, BLOCK_N)
+    return acc
 
 
 @triton.jit
