@@ -1,6 +1,6 @@
-"""Memory a context needs, known before it is allocated: each device's KV cache (MLA latent + rope key, the DSA
-indexer keys, GQA K/V) and the largest attention workspace of a prefill chunk, checked against what the device
-has free, so a context that does not fit stops with the numbers instead of failing mid-prompt.
+"""Memory a context needs, known before it is allocated: each device's KV cache (MLA latent + rope key, the
+DSA indexer keys, GQA K/V) and the largest attention workspace of a prefill chunk, checked against what the
+device has free, so a context that does not fit stops with the numbers instead of failing mid-prompt.
 
 S context length, T prefill chunk, h heads.
 """
@@ -41,7 +41,7 @@ def workspace_bytes(attn, s: int, indexer=None, t: int = PREFILL_CHUNK) -> int:
             return dense
         k, i = indexer.topk, indexer.n_heads
         chunk = min(s, glm_moe_dsa.index_chunk(t, i, k))
-        index = 2 * t * i * chunk * 4 + 3 * t * (k + chunk) * 8  # (T, i, C) scores, running top-k values / ids
+        index = 2 * t * i * chunk * 4 + 3 * t * (k + chunk) * 8  # (T, i, C) scores, running top-k, ids
         row = k * ((attn.c + attn.r) * item + 2 * 4 * attn.h)  # mla.attend_selected's gathered rows per query
         gathered = min(t, max(1, mla.SELECTED_WORKSPACE_BYTES // row)) * row + 2 * t * attn.h * attn.c * 4
         return max(dense, index + gathered)

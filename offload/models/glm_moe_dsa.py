@@ -79,7 +79,7 @@ class Indexer:
         self.weights_proj = weights_proj  # (i, H) float32 weight, as transformers keeps it
         self.n_heads, self.head_dim, self.topk, self.rope = n_heads, head_dim, topk, rope
 
-    def keys_and_queries(self, x, q_resid, start: int, cache: MLACache, state: dict):
+    def queries_and_keys(self, x, q_resid, start: int, cache: MLACache, state: dict):
         """-> q (T, i, D) float32, head weights (T, i) float32, all cached keys (S, D)."""
         t = x.shape[0]
         r = self.rope.inv_freq.shape[0] * 2
@@ -97,7 +97,7 @@ class Indexer:
 
     def __call__(self, x: torch.Tensor, q_resid: torch.Tensor, start: int, cache: MLACache, state: dict):
         """-> None when all causal keys fit in index_topk (plain causal attention), else (indices, valid)."""
-        q, weights, k_all = self.keys_and_queries(x, q_resid, start, cache, state)
+        q, weights, k_all = self.queries_and_keys(x, q_resid, start, cache, state)
         sel = None
         if k_all.shape[0] > self.topk:
             sel = top_keys(q, weights, k_all, start, self.topk, self.head_dim ** -0.5)

@@ -2,9 +2,12 @@
 
 The cache holds only the normalised KV latent and the rotated rope key. kv_b_proj is split into W_UK and
 W_UV, and queries are multiplied into the latent space, so no per-head K/V is ever materialised (the same
-split llama.cpp stores as attn_k_b / attn_v_b).
+split llama.cpp stores as attn_k_b / attn_v_b). With DSA (GLM-5), past index_topk cached tokens each query
+reads only the K rows its indexer picked, gathered from the cache (attend_selected): the cost stops growing
+with S.
 
-T new tokens, S cached + new tokens, H hidden, h heads, n nope dim, r rope dim, v value dim, c kv_lora_rank.
+T new tokens, S cached + new tokens, H hidden, h heads, n nope dim, r rope dim, v value dim, c kv_lora_rank,
+K keys selected per query.
 """
 
 from collections.abc import Callable
@@ -118,9 +121,10 @@ class MLAAttention:
         for q0 in range(0, t, tq):
             i = idx[q0:q0 + tq].reshape(-1)  # (tq * K,)
             n = i.shape[0]
-            lat = torch.index_select(latent_all, 0, i, out=buf[: n * self.c].view(n, self.c)).view(-1, k, self.c)
-            k_rot = torch.index_select(k_rot_all, 0, i, out=buf[n * self.c: n * (self.c + self.r)].view(n, self.r))
-            k_rot = k_rot.view(-1, k, self.r)  # lat (tq, K, c), k_rot (tq, K, r)
+            lat_out, rot_out = buf[: n * self.c].view(n, self.c), buf[n * self.c: n * (self.c + self.r)]
+            lat = torch.index_select(latent_all, 0, i, out=lat_out).view(-1, k, self.c)  # (tq, K, c)
+            k_rot = torch.index_select(k_rot_all, 0, i, out=rot_out.view(n, self.r))
+            k_rot = k_rot.view(-1, k, self.r)  # (tq, K, r)
             scores = torch.bmm(q_lat[q0:q0 + tq], lat.transpose(1, 2))  # (tq, h, K)
             scores = scores + torch.bmm(q_rot[q0:q0 + tq], k_rot.transpose(1, 2))
             hidden = ~valid[q0:q0 + tq, None]  # (tq, 1, K)

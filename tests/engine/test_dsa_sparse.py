@@ -1,6 +1,7 @@
-"""DSA sparse attention: the bounded indexer's running top-k against one full top-k over (T, i, S) scores (the
-reference it replaced, written as transformers' indexer computes it), the gathered attention against the masked
-one, and a long prompt prefilled in chunks against transformers (fp32)."""
+"""DSA sparse attention: the bounded indexer's running top-k against one full top-k over (T, i, S) scores
+(the reference it replaced, written as transformers' indexer computes it), the gathered attention against
+the masked one, a long prompt prefilled in chunks against transformers (fp32), and the context's memory
+checked before the cache is allocated."""
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from offload.models.mla import MLAAttention
 
 
 def full_topk(q, w, k_all, start, topk, scale):
-    """transformers' GlmMoeDsaIndexer: all (T, i, S) scores, -inf on the future, one top-k -> the mask it makes
-    and the scores (T, S)."""
+    """transformers' GlmMoeDsaIndexer: all (T, i, S) scores, -inf on the future, one top-k -> the mask it
+    makes and the scores (T, S)."""
     t, s = q.shape[0], k_all.shape[0]
     scores = F.relu(torch.matmul(q, k_all.T) * scale)  # (T, i, S)
     index_scores = torch.matmul(w.unsqueeze(1), scores).squeeze(1)  # (T, S)
@@ -59,13 +60,14 @@ def test_gathered_attention_equals_masked(tiny_checkpoint, t):
     sel = top_keys(torch.randn(t, 4, 16, generator=g), torch.randn(t, 4, generator=g),
                    torch.randn(s, 16, generator=g), start, topk, 0.25)
     ours = attn.attend_selected(q_nope, q_rot, latent, k_rot, *sel)
-    ref = attn.attend_causal(q_nope, q_rot, latent, k_rot, start, mask=selection_mask(sel, t, s, start, "cpu"))
+    mask = selection_mask(sel, t, s, start, "cpu")  # (T, S)
+    ref = attn.attend_causal(q_nope, q_rot, latent, k_rot, start, mask=mask)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
 def test_long_prompt_in_chunks_matches_transformers(tiny_checkpoint, hf_model, monkeypatch):
-    """96 tokens, index_topk 8, prefilled 32 at a time with the indexer scoring 8-key chunks; the shared layers
-    read the full layers' indices (never a (T, S) mask)."""
+    """96 tokens, index_topk 8, prefilled 32 at a time with the indexer scoring 8-key chunks; the shared
+    layers read the full layers' indices (never a (T, S) mask)."""
     monkeypatch.setattr(glm_moe_dsa, "INDEX_SCORE_BYTES", 1)  # chunk = index_topk keys
     assert glm_moe_dsa.index_chunk(32, 16, 8) == 8
     path = tiny_checkpoint("glm_moe_dsa")
@@ -99,7 +101,7 @@ def test_context_memory_is_checked_before_allocating(tiny_checkpoint, monkeypatc
     assert ws > 0
     monkeypatch.setattr(kv_memory, "free_bytes", lambda dev: ws + kv)  # room for 100 positions
     kv_memory.check_context_fits(llm.model, 100)
-    with pytest.raises(PlacementError, match=r"a context of 100000 tokens needs .* on cpu \(KV cache .*; about"):
+    with pytest.raises(PlacementError, match=r"a context of 100000 tokens needs .* on cpu \(KV cache"):
         kv_memory.check_context_fits(llm.model, 100_000)
     with pytest.raises(PlacementError, match="a context of 120 tokens"):
         llm.logits(list(range(120)))  # more than ctx: a new cache, checked first
