@@ -52,8 +52,9 @@ class Pending:
 
 
 # A batch of at most this many (token, expert) pairs (decode, small batches) runs sync-free on a GPU: every pair
-# computed with its expert's weights gathered by slot, pairs of experts held elsewhere weighted 0. Above it the
-# pairs are grouped by expert (a host read of which experts were picked; a prefill chunk amortises it).
+# computed with its expert's weights gathered by slot (ggml blocks: the same expansion the grouped path does),
+# pairs of experts held elsewhere weighted 0. Above it the pairs are grouped by expert (a host read of which
+# experts were picked; a prefill chunk amortises it).
 STATIC_PAIRS = 64
 
 
@@ -78,7 +79,9 @@ class TorchExperts:
         self.device = device
         self.experts = experts  # expert id -> (gate (I, H), up (I, H), down (H, I))
         self.ids = sorted(experts)
-        self.sync_free: bool | None = None  # small batches without host reads; None: off the CPU
+        # small batches without host reads: off by default, since gathering float matrices by slot moves 3x the
+        # bytes of reading the picked experts in place (a grouped GEMV kernel will do both); tests turn it on
+        self.sync_free: bool | None = False
         self._stacked = None
 
     def stacked(self) -> tuple:
