@@ -1,10 +1,13 @@
 """Prefill, then decode one token at a time with the cache; text streamed in complete UTF-8 pieces.
 
 The loop is a generator: closing it (`gen.close()`) stops generation between two tokens, which is how
-the server cancels a request whose client went away.
+the server cancels a request whose client went away. A long prefill cannot be closed from outside while it
+runs, so inside `cancel_on(event)` it also stops between two chunks once the event is set.
 """
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +17,22 @@ from offload.errors import RequestError
 from offload.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the (T, S) attention scores in memory
+_cancel = threading.local()
+
+
+class Cancelled(Exception):
+    """A prefill stopped by its cancel_on event."""
+
+
+@contextmanager
+def cancel_on(event: threading.Event):
+    """In this thread, a prefill running inside the block stops between chunks once `event` is set."""
+    before = getattr(_cancel, "event", None)
+    _cancel.event = event
+    try:
+        yield
+    finally:
+        _cancel.event = before
 
 
 @dataclass
@@ -37,7 +56,10 @@ class GenerationResult:
 def prefill(model, cache: Cache, ids: list[int]) -> torch.Tensor:
     """Run the prompt through the model in chunks; returns the last position's logits (V,)."""
     logits = None
+    event = getattr(_cancel, "event", None)
     for i in range(0, len(ids), PREFILL_CHUNK):
+        if event is not None and event.is_set():
+            raise Cancelled(f"prefill cancelled after {i} of {len(ids)} tokens")
         chunk = torch.tensor(ids[i:i + PREFILL_CHUNK], dtype=torch.long)
         logits = model.forward(chunk, cache, last_only=True)[-1]
     return logits

@@ -93,15 +93,21 @@ class Generation:
         put = self.queue.put_nowait
 
         def work() -> None:
+            from offload.generation import Cancelled, cancel_on
+
             try:
-                stream = self.sched.llm.stream_chunks(self.prompt, **self.kwargs)
-                try:
-                    for chunk in stream:
-                        loop.call_soon_threadsafe(put, chunk)
-                        if self.cancel_event.is_set():
-                            break
-                finally:
-                    stream.close()  # frees the engine's sequence at once
+                # cancel_on: a long prefill stops between chunks too, not only decode between tokens
+                with cancel_on(self.cancel_event):
+                    stream = self.sched.llm.stream_chunks(self.prompt, **self.kwargs)
+                    try:
+                        for chunk in stream:
+                            loop.call_soon_threadsafe(put, chunk)
+                            if self.cancel_event.is_set():
+                                break
+                    except Cancelled:
+                        pass
+                    finally:
+                        stream.close()  # frees the engine's sequence at once
                 loop.call_soon_threadsafe(put, _DONE)
             except BaseException as exc:  # handed to the request, which turns it into an error reply
                 loop.call_soon_threadsafe(put, exc)

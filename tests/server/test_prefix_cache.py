@@ -126,3 +126,31 @@ def test_generation_uses_it_and_greedy_text_is_unchanged(checkpoints):
     again = [llm.chat(msgs, max_new_tokens=8, temperature=0.0) for _ in range(2)]
     assert all(r.token_ids == first.token_ids for r in again)
     assert store.hits == 2 and store.tokens_reused == 2 * (first.prompt_tokens - 1)
+
+
+def test_a_cancelled_prefill_stops_between_chunks_and_leaves_the_cache_consistent(checkpoints, monkeypatch):
+    import threading
+
+    from offload import generation
+
+    llm = offload.load(checkpoints("qwen3_moe"), device="cpu", progress=False, ctx=CTX, dtype="float32")
+    model, vocab = llm.model, llm.model.args.vocab_size
+    store = enable(llm, 1 << 30)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 8)
+    ids = tokens(vocab, 60, seed=7)
+    llm.generate(ids[:20], max_new_tokens=2, temperature=0.0)  # the cache now holds these 20 (+1) tokens
+    event, counter = threading.Event(), Counting(model)
+
+    def forward(toks, cache, last_only=False):
+        event.set()  # the client leaves during the first chunk
+        return counter(toks, cache, last_only)
+
+    monkeypatch.setattr(model, "forward", forward)
+    with generation.cancel_on(event), pytest.raises(generation.Cancelled):
+        next(llm.stream_chunks(ids, max_new_tokens=2, temperature=0.0))
+    assert counter.computed == 8  # one chunk of the 40 new tokens, then it stopped
+    monkeypatch.setattr(model, "forward", counter)
+    # the positions written before the stop are not claimed: the next request reuses only the 20 known tokens
+    first = next(llm.stream_chunks(ids, max_new_tokens=1, temperature=0.0))
+    assert first.cached_tokens == 20 and store.tokens_reused == 20 + 20  # the cancelled request's, this one's
+    assert first.token_ids == [int(cold(model, ids, 0)[0].argmax())]
