@@ -51,10 +51,9 @@ class Pending:
         return self.future.result().to(self.device, non_blocking=True)
 
 
-# A batch of at most this many (token, expert) pairs (decode, small batches) runs sync-free on a GPU: every pair
-# computed with its expert's weights gathered by slot (ggml blocks: the same expansion the grouped path does),
-# pairs of experts held elsewhere weighted 0. Above it the pairs are grouped by expert (a host read of which
-# experts were picked; a prefill chunk amortises it).
+# With `sync_free`, a batch of at most this many (token, expert) pairs (decode, small batches) runs without host
+# reads: every pair computed with its expert's weights gathered by slot, pairs of experts held elsewhere weighted
+# 0. Otherwise, and above it, the pairs are grouped by expert (a host read of which experts were picked).
 STATIC_PAIRS = 64
 
 
@@ -79,8 +78,9 @@ class TorchExperts:
         self.device = device
         self.experts = experts  # expert id -> (gate (I, H), up (I, H), down (H, I))
         self.ids = sorted(experts)
-        # small batches without host reads: off by default, since gathering float matrices by slot moves 3x the
-        # bytes of reading the picked experts in place (a grouped GEMV kernel will do both); tests turn it on
+        # small batches without host reads (None: off the CPU): off by default, since gathering float matrices by
+        # slot moves 3x the bytes of reading the picked experts in place (kernels/gpu's grouped GEMV does
+        # neither); tests turn it on
         self.sync_free: bool | None = False
         self._stacked = None
 
@@ -175,7 +175,10 @@ class BlockExperts:
         self.ids = list(expert_ids)
         self.local = {e: i for i, e in enumerate(expert_ids)}
         self.gate, self.up, self.down = gate, up, down
-        self.sync_free: bool | None = None  # small batches without host reads; None: off the CPU
+        # small batches without host reads: off by default, since the pair path expands every pair's expert,
+        # those held elsewhere too (weighted 0): with few of a layer's experts here that is several times the
+        # work (kernels/gpu's grouped GEMV skips them); tests turn it on
+        self.sync_free: bool | None = False
         self._held = torch.tensor(self.ids, dtype=torch.long, device=device)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Ready:
