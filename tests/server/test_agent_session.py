@@ -101,3 +101,19 @@ def test_five_turns_resume_after_the_last(server):
         # all of the previous prompt is reused; only what the last turn added is computed
         assert reused[k] >= prompts[k - 1] - 1
         assert computed[k] <= prompts[k] - prompts[k - 1] + 1
+
+
+def test_openai_and_anthropic_share_the_cache(server):
+    import openai
+
+    question = "Which file defines the server's routes?"
+    oai = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
+    r = oai.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
+        {"role": "system", "content": SYSTEM + " (shared)"}, {"role": "user", "content": question}])
+    before = metrics(server)
+    ant = anthropic.Anthropic(base_url=server, api_key="none", max_retries=0, timeout=120)
+    m = ant.messages.create(model="tiny", max_tokens=4, system=SYSTEM + " (shared)",
+                            messages=[{"role": "user", "content": question}])
+    # the same conversation rendered by the same template: all of it but the last token comes from the cache
+    assert m.usage.cache_read_input_tokens >= r.usage.prompt_tokens - 1 and m.usage.input_tokens <= 1
+    assert metrics(server)["offload_prefix_cache_hits_total"] == before["offload_prefix_cache_hits_total"] + 1
