@@ -10,13 +10,13 @@ import time
 FORMATS_ALL = (8, 10, 11, 12, 13, 14, 23, 30, 1000)  # Q8_0, Q2_K..Q6_K, IQ4_XS, BF16, FP8_BLOCK
 
 
-def _sig(fn, act: str, ints: tuple = ()) -> dict:
+def _sig(fn, act: str, ints: tuple = (), acts: tuple = ("x_ptr",)) -> dict:
     """Pointer arguments as the loaders pass them: activations `act`, fp32 outputs, uint8 blocks, 16-bit views."""
     sig = {}
     for n in fn.arg_names:
         if n in ("FMT", "FMT_G", "FMT_U", "FMT_D", "BLOCK_N", "BLOCK_M", "IEEE"):
             sig[n] = "constexpr"
-        elif n in ("x_ptr",):
+        elif n in acts:
             sig[n] = act
         elif n in ("w_ptr", "g_ptr", "u_ptr", "d_ptr"):
             sig[n] = "*u8"
@@ -24,7 +24,7 @@ def _sig(fn, act: str, ints: tuple = ()) -> dict:
             sig[n] = "*fp16"
         elif n in ints:
             sig[n] = "*i32"
-        elif n.endswith("_ptr") or n.endswith("aux"):
+        elif n.endswith(("_ptr", "aux")):
             sig[n] = "*fp32"
         else:
             sig[n] = "i32"
@@ -47,9 +47,9 @@ def jobs(formats=FORMATS_ALL) -> list[tuple[str, object, dict, dict]]:
         ("moe gate_up gemv", moe._gate_up_gemv, _sig(moe._gate_up_gemv, "*bf16", ints),
          {"FMT_G": f0, "FMT_U": f0, "BLOCK_N": 32}),
         ("moe down gemv", moe._down_gemv, _sig(moe._down_gemv, "*bf16", ints), {"FMT_D": f0, "BLOCK_N": 32}),
-        ("moe gate_up dot", moe._gate_up_dot, _sig(moe._gate_up_dot, "*bf16", ints),
+        ("moe gate_up dot", moe._gate_up_dot, _sig(moe._gate_up_dot, "*bf16", ints, ("x_ptr", "h_ptr")),
          {"FMT_G": f0, "FMT_U": f0, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False}),
-        ("moe down dot", moe._down_dot, _sig(moe._down_dot, "*bf16", ints),
+        ("moe down dot", moe._down_dot, _sig(moe._down_dot, "*bf16", ints, ("h_ptr",)),
          {"FMT_D": f0, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False}),
     ]
     return out

@@ -49,7 +49,7 @@ def _gemv_kernel(x_ptr, w_ptr, w16_ptr, aux_ptr, aux_stride, y_ptr, N, K, row_by
     t = tl.program_id(1).to(tl.int64)  # token
     rm = rows < N
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for kb in range(0, tl.cdiv(K, 256)):
+    for kb in range(tl.cdiv(K, 256)):
         acc += dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, kb, K, x_ptr + t * K, FMT,
                          BLOCK_N)
     tl.store(y_ptr + t * N + rows, acc, mask=rm)
@@ -62,7 +62,7 @@ def _mm_kernel(x_ptr, w_ptr, w16_ptr, aux_ptr, aux_stride, y_ptr, M, N, K, row_b
     on = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) rows
     mm, nm = om < M, on < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for kb in range(0, tl.cdiv(K, 256)):
+    for kb in range(tl.cdiv(K, 256)):
         col = kb * 256 + tl.arange(0, 256)[None, :]
         xs = tl.load(x_ptr + om.to(tl.int64)[:, None] * K + col, mask=mm[:, None] & (col < K), other=0)  # (BM, 256)
         w = dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, on, nm, row_bytes, kb, K, FMT)  # (BN, 256)

@@ -28,7 +28,7 @@ def _rows_dot_vec(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, K, v
                   FMT: tl.constexpr, BLOCK_N: tl.constexpr):
     """W[rows] (BN, K) @ v (K,) -> (BN,) float32."""
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for kb in range(0, tl.cdiv(K, 256)):
+    for kb in range(tl.cdiv(K, 256)):
         acc += dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, kb, K, v_ptr, FMT, BLOCK_N)
     return acc
 
@@ -38,7 +38,7 @@ def _rows_dot_mat(a_ptr, arow, am, w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm
                   FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """A[arow] (BM, K) @ W[rows].T -> (BM, BN) float32 with tl.dot."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for kb in range(0, tl.cdiv(K, 256)):
+    for kb in range(tl.cdiv(K, 256)):
         col = kb * 256 + tl.arange(0, 256)[None, :]
         a = tl.load(a_ptr + arow[:, None] * K + col, mask=am[:, None] & (col < K), other=0)  # (BM, 256)
         w = dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, kb, K, FMT)  # (BN, 256)
@@ -76,7 +76,7 @@ def _down_gemv(h_ptr, ids_ptr, wt_ptr, slot_ptr, y_ptr, H, I, TOPK,
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) of H
     rm = rows < H
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for j in range(0, TOPK):  # the token's pairs in order: a fixed summation order
+    for j in range(TOPK):  # the token's pairs in order: a fixed summation order
         p = t * TOPK + j
         e = tl.load(ids_ptr + p)
         s = tl.load(slot_ptr + tl.maximum(e, 0)).to(tl.int64)

@@ -80,3 +80,21 @@ def test_bad_inputs_name_the_problem():
         Packed(w, FP8_BLOCK, 144)
     with pytest.raises(ValueError, match="columns"):
         qmatmul(torch.zeros(1, 128), Packed(w, GGMLType.Q4_K, 256))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 runs wrong in the interpreter (triton#11584): "
+                                                          "checked on a GPU only")
+@pytest.mark.parametrize("fmt", ALL, ids=fmt_name)
+def test_bf16_activations_on_a_gpu(fmt, rng):
+    """The GPU's own dtype: the GEMV multiplies bf16 inputs by float32 weights (products exact), the tl.dot path
+    rounds the weights to bf16 for the tensor cores (2^-9 relative per product)."""
+    k = 1024
+    for m, tol in ((1, 1e-5), (GEMM_MIN_TOKENS + 17, 4e-3)):
+        w, scales = weight(fmt, 371, k, rng)
+        x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).bfloat16()
+        p = Packed(w.cuda(), fmt, k, None if scales is None else scales.cuda())
+        y = qmatmul(x.cuda(), p).cpu()
+        ref = qmatmul_ref(x.float(), w, fmt, k, scales)
+        mag = (x.double().abs() @ dequant_ref(w, fmt, k, scales).double().abs().T).float()
+        err = (y - ref).abs()
+        assert bool((err <= tol * mag + 1e-30).all()), f"{fmt_name(fmt)} M={m}: worst {float((err / mag).max()):.2e}"

@@ -10,7 +10,7 @@ import torch
 from offload.gguf.types import GGMLType as G
 from offload.kernels.gpu.formats import FP8_BLOCK
 from offload.kernels.gpu.gemm import GEMM_MIN_TOKENS, Packed
-from offload.kernels.gpu.moe import BLOCK_M, moe, moe_dot, moe_gemv, moe_ref, sort_pairs
+from offload.kernels.gpu.moe import BLOCK_M, moe, moe_gemv, moe_ref, sort_pairs
 from tests.kernels.gpu.blocks import fmt_name, weight
 
 E, K_TOP = 8, 4  # experts, experts per token
@@ -102,3 +102,20 @@ def test_bad_shapes_name_the_problem(rng):
         moe_gemv(torch.zeros(2, 256), ids, weights[:, :2], slots, gate, up, down)
     with pytest.raises(ValueError, match="slot map"):
         moe_gemv(torch.zeros(2, 256), ids, weights, slots.float(), gate, up, down)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 runs wrong in the interpreter (triton#11584): "
+                                                          "checked on a GPU only")
+def test_bf16_activations_on_a_gpu(rng):
+    """Decode and prefill with bf16 activations (the prefill's tl.dot rounds weights and the gate/up output to
+    bf16): within bf16 rounding of the float64 loop."""
+    device = torch.device("cuda")
+    w = experts(rng, device, int(G.Q4_K), int(G.Q6_K), hidden=512)
+    for t, tol in ((3, 1e-4), (GEMM_MIN_TOKENS + 9, 2e-2)):
+        x = torch.from_numpy(rng.standard_normal((t, 512), dtype=np.float32)).bfloat16()
+        ids, weights, slots = routing(rng, t)
+        ref = moe_ref(x.float(), ids, weights, slots, *w)
+        y = run(moe, x, ids, weights, slots, device, *w)
+        assert y.dtype == torch.float32
+        err = float((y.cpu() - ref).abs().max() / ref.abs().max())
+        assert err < tol, f"T={t}: max error {err:.2e} of the largest output"
