@@ -14,7 +14,7 @@ import pytest
 
 from offload.server.app import create_app
 from tests.server.conftest import LiveServer
-from tests.server.test_errors import anthropic_shape, openai_shape, still_serving
+from tests.server.test_errors import openai_shape, still_serving
 from tests.server.test_operations import wait_for
 
 USER = [{"role": "user", "content": "hi"}]
