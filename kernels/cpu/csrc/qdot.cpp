@@ -12,7 +12,8 @@
 // 64 weights at a time, decoding each weight block once for up to 8 tokens; without it, plain C++.
 //
 // The parts, in one translation unit: common.h (types, blocks), act_quant.h, dots_plain.h, dots_vnni.h,
-// pool.h; this file holds the type table, the GEMV and fused-MoE drivers and the exported C API.
+// pool.h, repack.h, repack_k.h; this file holds the type table, the GEMV and fused-MoE drivers and the
+// exported C API.
 
 #include <memory>
 
@@ -22,6 +23,7 @@
 #include "dots_vnni.h"
 #include "pool.h"
 #include "repack.h"
+#include "repack_k.h"
 
 namespace {
 
@@ -73,6 +75,8 @@ const Type TYPES[] = {
     {R16 | Q5_0, 32, 22, false, multi<Q50K>, one_by_one<dot_q32_plain<Q32_5_0>>, multi<R50, 16>, true},
     {R16 | Q5_1, 32, 24, false, multi<Q51K>, one_by_one<dot_q32_plain<Q32_5_1>>, multi<R51, 16>, true},
     {R16 | Q4_K, QK, 144, true, multi<Q4KK>, one_by_one<dot_k4_plain<false>>, multi<R4K, 16>, true},
+    {R16 | Q6_K, QK, 210, true, multi<Q6KK>, one_by_one<dot_q6_k_plain>, multi<R6K, 16>, true},
+    {R16 | IQ4_XS, QK, 136, true, multi<IQ4XSK>, one_by_one<dot_iq4_xs_plain>, multi<RIQ4XS, 16>, true},
 #else
     {Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>},
     {Q4_0, 32, 18, false, one_by_one<dot_q32_plain<Q32_4_0>>, one_by_one<dot_q32_plain<Q32_4_0>>},
@@ -91,6 +95,8 @@ const Type TYPES[] = {
     {R16 | Q5_0, 32, 22, false, one_by_one<dot_q32_plain<Q32_5_0>>, one_by_one<dot_q32_plain<Q32_5_0>>, nullptr, true},
     {R16 | Q5_1, 32, 24, false, one_by_one<dot_q32_plain<Q32_5_1>>, one_by_one<dot_q32_plain<Q32_5_1>>, nullptr, true},
     {R16 | Q4_K, QK, 144, true, one_by_one<dot_k4_plain<false>>, one_by_one<dot_k4_plain<false>>, nullptr, true},
+    {R16 | Q6_K, QK, 210, true, one_by_one<dot_q6_k_plain>, one_by_one<dot_q6_k_plain>, nullptr, true},
+    {R16 | IQ4_XS, QK, 136, true, one_by_one<dot_iq4_xs_plain>, one_by_one<dot_iq4_xs_plain>, nullptr, true},
 #endif
 };
 

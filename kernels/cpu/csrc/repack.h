@@ -1,4 +1,5 @@
-// Interleaved ("R16") layouts of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K, and their kernels.
+// Interleaved ("R16") layouts of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K and IQ4_XS, and their kernels
+// (Q6_K's and IQ4_XS's in repack_k.h).
 // Part of qdot.cpp (one translation unit): included there, in this order.
 //
 // A row-by-row dot product spends ~10 instructions on every 32 weights of the 32-value types (a 256-bit
@@ -19,6 +20,11 @@
 //   Q4_K            d at 0, dmin at 32, scale bytes 0-3 / 4-7 / 8-11 at 64 / 128 / 192, then 32 vectors
 //                   of quants: vector 8c + t holds plain qs bytes 32c + 4t..+3 (low nibbles: values
 //                   4t.. of sub-block 2c, high: of sub-block 2c + 1)
+//   Q6_K            d at 0, scale bytes 4i..4i+3 at 32 + 64 i (i < 4), then 4 chunks of 12 vectors at
+//                   288 + 768c (n = c / 2, u = 4 (c % 2) + t): at +64t qh bytes 32n + 4u..+3, at +256 + 64t
+//                   ql bytes 64n + 4u..+3, at +512 + 64t ql bytes 64n + 32 + 4u..+3 (the order they are read)
+//   IQ4_XS          d at 0, scales_h at 32, scales_l at 64, 32 vectors of qs at 128 (vector v: plain qs
+//                   bytes 4v..4v+3: low nibbles values 32 (v / 4) + 4 (v % 4).., high nibbles 16 further)
 // The N % 16 tail rows stay plain. Repacking is lossless (unpack gives the file's bytes back, tested) and
 // keeps the size: 16 * block bytes per group block in every type.
 
@@ -42,7 +48,7 @@ struct Field {
 
 struct R16Layout {
     int bytes = 0;  // of a plain block
-    Field fields[40];
+    Field fields[64];
     int n = 0;
     int qh_plain = -1, qh_packed = -1;  // Q5_0 / Q5_1: the bit-moved field
     void add(int p, int q, int w, uint32_t flip = 0) { fields[n++] = {p, q, w, flip}; }
@@ -66,10 +72,34 @@ R16Layout q4_k_layout() {
     return L;
 }
 
+R16Layout q6_k_layout() {
+    R16Layout L;
+    L.bytes = 210;
+    L.add(208, 0, 2);
+    for (int i = 0; i < 4; i++) L.add(192 + 4 * i, 32 + 64 * i, 4);
+    for (int c = 0; c < 4; c++)  // chunk c = 2n + h: the 12 vectors the kernel reads together, in order
+        for (int t = 0; t < 4; t++) {
+            const int n = c / 2, u = 4 * (c % 2) + t, q = 288 + 768 * c + 64 * t;
+            L.add(128 + 4 * (8 * n + u), q, 4);             // qh bytes of values 128n + 4u.. (+ 32r)
+            L.add(4 * (16 * n + u), q + 256, 4);            // ql: values 128n + 4u.. and 64 further
+            L.add(4 * (16 * n + 8 + u), q + 512, 4);        // ql: values 128n + 32 + 4u.. and 64 further
+        }
+    return L;
+}
+
+R16Layout iq4_xs_layout() {
+    R16Layout L;
+    L.bytes = 136;
+    L.add(0, 0, 2), L.add(2, 32, 2), L.add(4, 64, 4);
+    for (int v = 0; v < 32; v++) L.add(8 + 4 * v, 128 + 64 * v, 4);
+    return L;
+}
+
 // the layout of a plain type that has an interleaved form, else null
 const R16Layout* r16_layout(int type) {
     static const R16Layout q80 = q32_layout(Q32_8_0), q40 = q32_layout(Q32_4_0), q41 = q32_layout(Q32_4_1),
-                           q50 = q32_layout(Q32_5_0), q51 = q32_layout(Q32_5_1), q4k = q4_k_layout();
+                           q50 = q32_layout(Q32_5_0), q51 = q32_layout(Q32_5_1), q4k = q4_k_layout(),
+                           q6k = q6_k_layout(), iq4xs = iq4_xs_layout();
     switch (type) {
         case Q8_0: return &q80;
         case Q4_0: return &q40;
@@ -77,6 +107,8 @@ const R16Layout* r16_layout(int type) {
         case Q5_0: return &q50;
         case Q5_1: return &q51;
         case Q4_K: return &q4k;
+        case Q6_K: return &q6k;
+        case IQ4_XS: return &iq4xs;
         default: return nullptr;
     }
 }

@@ -49,7 +49,7 @@ def test_gemv_matches_reference(qt, rows, rng):
 
 
 @pytest.mark.parametrize("qt", native.REPACKABLE, ids=[native.TYPES[t] for t in native.REPACKABLE])
-@pytest.mark.parametrize("rows", [1, 16, 48, 255, 371])
+@pytest.mark.parametrize("rows", [1, 7, 16, 48, 255, 371])
 def test_interleaved_rows_are_lossless_and_multiply_the_same(qt, rows, rng):
     """repack -> unpack gives the file's bytes back; the interleaved kernels (SIMD and plain) match the
     reference of the plain blocks, full 16-row groups and plain tail rows alike."""

@@ -1,0 +1,129 @@
+// Group kernels of the interleaved ("R16") K-quant layouts beyond Q4_K: Q6_K and IQ4_XS (layouts in
+// repack.h). Part of qdot.cpp (one translation unit): included there, after repack.h.
+//
+// As in repack.h, one vpdpbusd takes 4 weights of each of 16 rows (int32 lane j = row j) against 4
+// broadcast activations, each group block is decoded once for up to 8 tokens, and every row's integer
+// sum over a block is exactly the row kernel's (dots_vnni.h); only the float summation order differs.
+// Unlike repack.h's kernels these issue no software prefetch: on the 2-core Zen 5 box it cut Q6_K's
+// one-token GEMV from DRAM to about half (15 -> 8 GB/s at 9 KB ahead, 9 at 3.4 KB; IQ4_XS 12 -> 7), the
+// hardware prefetchers keep up with a block read front to back.
+
+#pragma once
+
+#include "repack.h"
+
+namespace {
+
+#if QDOT_VNNI
+// Q6_K: the qh vector and the two ql vectors of u (chunk 2n + h, u = 4h + t) give the unsigned 6-bit values (q + 32)
+// 128n + 32r + 4u.. for r = 0..3 (ql low nibbles: r = 0, 1; high: r = 2, 3; qh bit pair r). A 16-value
+// sub-block 8n + 2r + h is u = 4h..4h+3: its four vpdpbusd start from -32 x its activation sum and
+// reach |.| <= 16 * 32 * 127 (too wide for vpdpwssd), so the int8 scale multiplies by vpmulld.
+template <int NT>
+void r16_q6_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), zero = _mm512_setzero_si512();
+    __m512 acc[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, g += 16 * 210) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
+        alignas(64) int32_t off[NT][16];  // -32 x each 16-value activation sum
+        __m512i sumi[NT];
+        for (int m = 0; m < NT; m++) {
+            const A8K& a = ((const A8K*)(act + m * astride))[b];
+            const __m512i bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)a.bsums));
+            _mm512_store_si512(off[m], _mm512_sub_epi32(zero, _mm512_slli_epi32(bs, 5)));
+            sumi[m] = zero;
+        }
+        for (int n = 0; n < 2; n++)
+            for (int h = 0; h < 2; h++)
+                for (int p = 0; p < 2; p++) {  // r = p (low nibbles) and r = p + 2 (high) share ql vectors
+                    __m512i qlo[4], qhi[4];
+                    for (int t = 0; t < 4; t++) {
+                        const uint8_t* chunk = g + 288 + 768 * (2 * n + h) + 64 * t;
+                        const __m512i H = _mm512_loadu_si512(chunk), L = _mm512_loadu_si512(chunk + 256 + 256 * p);
+                        const __m512i hl = p ? _mm512_slli_epi16(H, 2) : _mm512_slli_epi16(H, 4);  // pair r to bits 4-5
+                        const __m512i hh = p ? _mm512_srli_epi16(H, 2) : H;                       // pair r + 2
+                        qlo[t] = _mm512_or_si512(_mm512_and_si512(L, m4), _mm512_and_si512(hl, m30));
+                        qhi[t] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4), _mm512_and_si512(hh, m30));
+                    }
+                    const int slo = 8 * n + 2 * p + h, shi = slo + 4;  // the two sub-blocks
+                    // int8 scale s of the 16 rows: byte s % 4 of scale vector s / 4, sign-extended
+                    const __m512i vlo = _mm512_loadu_si512(g + 32 + 64 * (slo / 4)), vhi = _mm512_loadu_si512(g + 32 + 64 * (shi / 4));
+                    const __m512i sclo = _mm512_srai_epi32(_mm512_slli_epi32(vlo, 24 - 8 * (slo % 4)), 24);
+                    const __m512i schi = _mm512_srai_epi32(_mm512_slli_epi32(vhi, 24 - 8 * (shi % 4)), 24);
+                    for (int m = 0; m < NT; m++) {
+                        const int8_t* av = ((const A8K*)(act + m * astride))[b].qs + 128 * n + 16 * h;
+                        __m512i s0 = _mm512_set1_epi32(off[m][slo]), s1 = _mm512_set1_epi32(off[m][shi]);
+                        for (int t = 0; t < 4; t++) {
+                            s0 = _mm512_dpbusd_epi32(s0, qlo[t], bcast4(av + 32 * p + 4 * t));
+                            s1 = _mm512_dpbusd_epi32(s1, qhi[t], bcast4(av + 32 * (p + 2) + 4 * t));
+                        }
+                        sumi[m] = _mm512_add_epi32(sumi[m], _mm512_add_epi32(_mm512_mullo_epi32(s0, sclo),
+                                                                             _mm512_mullo_epi32(s1, schi)));
+                    }
+                }
+        for (int m = 0; m < NT; m++) {
+            const float ad = ((const A8K*)(act + m * astride))[b].d;
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[m]), _mm512_mul_ps(d, _mm512_set1_ps(ad)), acc[m]);
+        }
+    }
+    for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
+}
+
+// IQ4_XS: the grid by vpshufb into unsigned bytes (value + 128, as dots_vnni.h's unpack_iq4_xs); a
+// 32-value sub-block ib is qs vectors 4ib..4ib+3, its eight vpdpbusd start from -128 x its activation
+// sum, and the 6-bit scale (- 32) multiplies by vpmulld (the sums reach 32 * 127 * 127).
+template <int NT>
+void r16_iq4_xs(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_setr_epi8((char)1, 24, 45, 63, 79, 93, 106, 118, (char)129,
+                                                              (char)141, (char)153, (char)166, (char)181, (char)197,
+                                                              (char)217, (char)241));
+    const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    __m512 acc[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, g += 16 * 136) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
+        const __m512i sh = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(g + 32)));
+        const __m512i sl = _mm512_loadu_si512(g + 64);
+        alignas(64) int32_t off[NT][8];  // -128 x each 32-value activation sum
+        __m512i sumi[NT];
+        for (int m = 0; m < NT; m++) {
+            const A8K& a = ((const A8K*)(act + m * astride))[b];
+            const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)a.bsums), _mm256_set1_epi16(1));
+            _mm256_store_si256((__m256i*)off[m], _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(bs, 7)));
+            sumi[m] = zero;
+        }
+        for (int ib = 0; ib < 8; ib++) {
+            const __m512i sc = _mm512_sub_epi32(
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(sl, 4 * ib), _mm512_set1_epi32(0xF)),
+                                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(sh, 2 * ib), _mm512_set1_epi32(3)), 4)),
+                _mm512_set1_epi32(32));
+            __m512i lo[4], hi[4];  // values 32ib + 4t.. and 32ib + 16 + 4t.., + 128
+            for (int t = 0; t < 4; t++) {
+                const __m512i raw = _mm512_loadu_si512(g + 128 + 64 * (4 * ib + t));
+                lo[t] = _mm512_shuffle_epi8(grid, _mm512_and_si512(raw, m4));
+                hi[t] = _mm512_shuffle_epi8(grid, _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4));
+            }
+            for (int m = 0; m < NT; m++) {
+                const int8_t* av = ((const A8K*)(act + m * astride))[b].qs + 32 * ib;
+                __m512i s0 = _mm512_set1_epi32(off[m][ib]), s1 = zero;
+                for (int t = 0; t < 4; t++) {
+                    s0 = _mm512_dpbusd_epi32(s0, lo[t], bcast4(av + 4 * t));
+                    s1 = _mm512_dpbusd_epi32(s1, hi[t], bcast4(av + 16 + 4 * t));
+                }
+                sumi[m] = _mm512_add_epi32(sumi[m], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc));
+            }
+        }
+        for (int m = 0; m < NT; m++) {
+            const float ad = ((const A8K*)(act + m * astride))[b].d;
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[m]), _mm512_mul_ps(d, _mm512_set1_ps(ad)), acc[m]);
+        }
+    }
+    for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
+}
+
+template <int NT> struct R6K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q6_k<NT>(w, a, s, nb, o); } };
+template <int NT> struct RIQ4XS { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_iq4_xs<NT>(w, a, s, nb, o); } };
+#endif
+
+}  // namespace
