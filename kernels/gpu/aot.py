@@ -40,7 +40,7 @@ def jobs(formats=FORMATS_ALL) -> list[tuple[str, object, dict, dict]]:
     f0 = formats[0]
     ints = ("ids_ptr", "slot_ptr", "pairs_ptr", "bslot_ptr")
     out += [
-        ("dequant", gemm._dequant_kernel, _sig(gemm._dequant_kernel, "*bf16", ("ids_ptr",)),
+        ("dequant", gemm._dequant_kernel, _sig(gemm._dequant_kernel, "*bf16", ("ids_ptr",), ("out_ptr",)),
          {"FMT": f0, "BLOCK_N": 32}),
         ("mm bf16", gemm._mm_kernel, _sig(gemm._mm_kernel, "*bf16"),
          {"FMT": f0, "BLOCK_M": 32, "BLOCK_N": 64, "IEEE": False}),

@@ -15,6 +15,11 @@ from offload.kernels.gpu.formats import FP8_BLOCK, SLICE, check_format, codebook
 from offload.gguf.types import GGMLType
 
 GEMM_MIN_TOKENS = 16  # tl.dot needs 16 rows; below, the GEMV per token reads the weight once (from L2 after)
+# From here on a weight is expanded once per call (chunks of EXPAND_CHUNK elements) for torch's matmul: the tl.dot
+# kernel expands each tile again for every 32 tokens, which costs more than the matmul itself for long prompts
+# (estimated, not yet measured on a GPU: ~20 instructions a weight x M/32 vs one expansion)
+EXPAND_MM_TOKENS = 256
+EXPAND_CHUNK = 1 << 24
 
 
 def interpreting() -> bool:
@@ -98,11 +103,11 @@ class Packed:
             self.aux, self.aux_stride, self.aux_mat = self.blocks, 0, 0  # unread
 
 
-def dequant(p: Packed, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows `ids` (T,) of the weight (all rows when None) as float32 (T, K)."""
+def dequant(p: Packed, ids: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows `ids` (T,) of the weight (all rows when None) as `dtype` (T, K)."""
     ids = torch.arange(p.rows, device=p.blocks.device) if ids is None else ids.to(p.blocks.device)
     ids = ids.to(torch.int32).contiguous()  # (T,)
-    out = torch.empty(ids.shape[0], p.cols, dtype=torch.float32, device=p.blocks.device)
+    out = torch.empty(ids.shape[0], p.cols, dtype=dtype, device=p.blocks.device)
     bn = _tiles(ids.shape[0])[0]
     grid = (triton.cdiv(ids.shape[0], bn), triton.cdiv(p.cols, SLICE))
     _dequant_kernel[grid](p.blocks, p.w16, p.aux, p.aux_stride, ids, out, ids.shape[0], p.row_bytes, p.cols,
@@ -111,14 +116,20 @@ def dequant(p: Packed, ids: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def qmatmul(x: torch.Tensor, p: Packed, block_n: int | None = None) -> torch.Tensor:
-    """x (M, K) @ W.T -> (M, N) float32: the GEMV below GEMM_MIN_TOKENS tokens, tl.dot from there on."""
+    """x (M, K) @ W.T -> (M, N) float32: the GEMV below GEMM_MIN_TOKENS tokens, tl.dot from there on, and from
+    EXPAND_MM_TOKENS on the rows expanded once, a chunk at a time, for torch's matmul."""
     m, k = x.shape
     if k != p.cols:
         raise ValueError(f"input has {k} columns, the weight {p.cols}")
     x = x.contiguous()
     y = torch.empty(m, p.rows, dtype=torch.float32, device=x.device)  # (M, N)
     gemv_n, bm, bn = _tiles(p.rows)
-    if m < GEMM_MIN_TOKENS:
+    if m >= EXPAND_MM_TOKENS:
+        step = max(1, EXPAND_CHUNK // p.cols)
+        for r0 in range(0, p.rows, step):
+            rows = torch.arange(r0, min(r0 + step, p.rows), device=x.device)
+            y[:, r0:r0 + rows.shape[0]] = x @ dequant(p, rows, x.dtype).T  # (M, n) from a (n, K) chunk
+    elif m < GEMM_MIN_TOKENS:
         bn = block_n or gemv_n
         _gemv_kernel[(triton.cdiv(p.rows, bn), m)](x, p.blocks, p.w16, p.aux, p.aux_stride, y, p.rows, k,
                                                    p.row_bytes, FMT=p.fmt, BLOCK_N=bn)

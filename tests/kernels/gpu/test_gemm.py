@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from offload.kernels.gpu.formats import FP8_BLOCK
+from offload.kernels.gpu import gemm
 from offload.kernels.gpu.gemm import GEMM_MIN_TOKENS, Packed, dequant, dequant_ref, qmatmul, qmatmul_ref
 from offload.gguf.testing import random_blocks
 from offload.gguf.types import GGMLType, block_format
@@ -60,6 +61,14 @@ def test_q4_k_gemv_awkward_rows(rows, rng, device):
     x = torch.from_numpy(rng.standard_normal((1, 768), dtype=np.float32))
     assert_matmul_close(qmatmul(x.to(device), Packed(w.to(device), GGMLType.Q4_K, 768)), x, w, GGMLType.Q4_K,
                         768, None)
+
+
+def test_long_prompts_expand_chunks_for_torch_matmul(rng, device, monkeypatch):
+    """From EXPAND_MM_TOKENS tokens the rows are expanded a chunk at a time (3 chunks of 128 rows here)."""
+    monkeypatch.setattr(gemm, "EXPAND_CHUNK", 128 * 512)
+    w, _ = weight(GGMLType.Q5_K, 371, 512, rng)
+    x = torch.from_numpy(rng.standard_normal((gemm.EXPAND_MM_TOKENS, 512), dtype=np.float32))
+    assert_matmul_close(qmatmul(x.to(device), Packed(w.to(device), GGMLType.Q5_K, 512)), x, w, GGMLType.Q5_K, 512, None)
 
 
 def test_q8_0_width_not_a_multiple_of_256(rng, device):
