@@ -82,6 +82,30 @@ def test_overlap_of_a_gguf_with_the_shared_expert_in_the_cpu_call(gguf_models, r
     assert overlap_threads and all(t.startswith("offload-cpu-experts") for t in overlap_threads)
 
 
+def test_the_shared_expert_runs_while_the_cpu_group_is_in_flight(tiny_checkpoint):
+    """A handshake, no clock: the CPU group (worker) waits until the shared expert (runtime thread) has
+    started, and the shared expert until the CPU group has; run one after the other, either would time out."""
+    model = build(tiny_checkpoint("glm4_moe"), cpu_experts_factory=cpu_experts_factory("q8_0"), **mixed())
+    moe = model.moe_layers()[0]
+    group = next(g for g in moe.groups if isinstance(g, CpuExpertGroup))
+    worker_in, shared_in = threading.Event(), threading.Event()
+    run_, shared = group._run, moe.shared
+
+    def cpu_part(x, ids, weights):
+        worker_in.set()
+        assert shared_in.wait(10), "the shared expert did not start while the CPU group ran"
+        return run_(x, ids, weights)
+
+    def shared_part(x):
+        shared_in.set()
+        assert worker_in.wait(10), "the CPU group was not running while the shared expert ran"
+        return shared(x)
+
+    want = run(model, [1, 2, 3], 2)
+    group._run, moe.shared = cpu_part, shared_part
+    assert torch.equal(run(model, [1, 2, 3], 2), want)
+
+
 def test_a_failure_on_the_worker_surfaces_at_wait_naming_the_layer(tiny_checkpoint):
     model = build(tiny_checkpoint("glm4_moe"), cpu_experts_factory=cpu_experts_factory("q8_0"), **mixed())
     moe = model.moe_layers()[-1]
