@@ -243,6 +243,13 @@ def predictions(path: str, engine: Offload, n_ctx: int, prefills: list[int], har
             "gpu_bytes": sum(sum(v.values()) for k, v in usage.items() if k != "cpu") or None}
 
 
+def _log(msg: str) -> None:
+    """Progress on stderr (a run cut short by a time limit still says how far it got)."""
+    import sys
+
+    print(f"bench hybrid [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def _try(fn, *args):
     """A figure the profiler gives, or None with the reason on stderr (the rest of the run still counts)."""
     try:
@@ -312,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(threads)
     n_ctx = max(max(prefills), PROMPT + a.tokens) + 8
     engine = Offload(a.gguf, a.device, n_ctx, a.placement)
+    _log(f"offload loaded on {engine.device}")
     vocab = engine.model.args.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = {n: torch.randint(0, vocab, (n,), generator=g).tolist() for n in prefills}
@@ -319,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
 
     baseline, base_name, base_cmd = {"prefill": {}, "decode": None}, "none", None
     if a.llama_bench:
+        _log("llama-bench")
         base_name = "llama-bench (failed: see stderr)"
         found = _try(llama_bench, a.llama_bench, a.gguf, threads, prefills, a.tokens, a.repeat)
         if found is not None:
@@ -334,11 +343,12 @@ def main(argv: list[str] | None = None) -> None:
         e.prefill(prompts[min(prefills)])
         e.decode(ids, min(4, a.tokens))
     runs: dict = {name: defaultdict(list) for name in engines}
-    for _ in range(a.repeat):  # in turns: a shared machine's noise falls on both
+    for i in range(a.repeat):  # in turns: a shared machine's noise falls on both
         for name, e in engines.items():
             for n in prefills:
                 runs[name][n].append(e.prefill(prompts[n]))
             runs[name]["decode"].append(e.decode(ids, a.tokens))
+            _log(f"round {i + 1}, {name}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs[name].items()))
     med = {name: {k: statistics.median(v) for k, v in rs.items()} for name, rs in runs.items()}
     if "base" in med:
         baseline = {"prefill": {n: med["base"][n] for n in prefills}, "decode": med["base"]["decode"]}

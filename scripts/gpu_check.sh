@@ -27,7 +27,7 @@ LAYERS=8
 EXPERTS=16
 PREFILL="512,2048"
 TOKENS=32
-REPEAT=3
+REPEAT=2
 THREADS=""
 PY="${PYTHON:-python3}"
 TEST_ARGS="tests/engine/test_cuda.py tests/kernels/gpu tests/engine/test_overlap.py::test_overlap_on_a_gpu_is_exact"
@@ -37,7 +37,7 @@ usage() {
     cat <<EOF
 options: --out DIR  --carried DIR  --src PATH (llama.cpp source dir or tarball)  --llama-bench BIN (skip the build)
          --cpu (dry run: no CUDA build, device cpu)  --skip-build  --skip-tests  --tests "PYTEST ARGS"
-         --layers N (8)  --experts N (16)  --prefill LIST (512,2048)  --tokens N (32)  --repeat N (3)
+         --layers N (8)  --experts N (16)  --prefill LIST (512,2048)  --tokens N (32)  --repeat N (2)
          --threads N (physical cores)  --pack DIR
 EOF
 }
