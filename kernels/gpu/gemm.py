@@ -6,6 +6,8 @@ plain reference (`*_ref`: gguf-py's dequantize, then torch).
 M tokens, N rows (outputs), K columns (inputs).
 """
 
+import os
+
 import numpy as np
 import torch
 import triton
@@ -23,7 +25,9 @@ EXPAND_CHUNK = 1 << 24
 
 
 def interpreting() -> bool:
-    return triton.knobs.runtime.interpret
+    """True when the kernels run in Triton's interpreter (triton < 3.4 has no `knobs`: the variable decides)."""
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _tiles(n: int) -> tuple[int, int, int]:
