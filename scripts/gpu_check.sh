@@ -150,12 +150,36 @@ if [ "$BUILD" = 1 ]; then
     fi
     ARCH="$("$PY" -P -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')"
     GEN=""; command -v ninja >/dev/null && GEN="-G Ninja"
+    # a CUDA made of pip wheels may lack cuBLAS, which ggml-cuda links: take torch's (nvidia/cu13/{lib,include})
+    CUBLAS=()
+    if ! ls /usr/local/cuda/lib64/libcublas.so* >/dev/null 2>&1; then
+        roots="$("$PY" -P -c 'import site; print(" ".join(site.getsitepackages()))') ${CUBLAS_ROOTS:-}"
+        lib="$(find $roots -name 'libcublas.so*' 2>/dev/null | sort | head -1)"
+        lt="$(find $roots -name 'libcublasLt.so*' 2>/dev/null | sort | head -1)"
+        inc="$(find $roots -name cublas_v2.h 2>/dev/null | head -1)"
+        if [ -n "$lib" ] && [ -n "$lt" ] && [ -n "$inc" ]; then
+            inc="$(dirname "$inc")"
+            CUBLAS=(-DCUDA_cublas_LIBRARY="$lib" -DCUDA_cublasLt_LIBRARY="$lt" -DCMAKE_CUDA_FLAGS="-I$inc"
+                    -DCMAKE_CXX_FLAGS="-I$inc" -DCMAKE_C_FLAGS="-I$inc")
+            export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            say ""; say "cuBLAS: not in /usr/local/cuda; using $lib"
+        fi
+    fi
+    # ggml-cuda links the driver (libcuda) for its VMM pool; without an unversioned libcuda.so CMake finds none
+    drv="$(ls /usr/local/cuda/lib64/stubs/libcuda.so /usr/lib/x86_64-linux-gnu/libcuda.so 2>/dev/null | head -1)"
+    [ -z "$drv" ] && drv="$( (ldconfig -p 2>/dev/null | awk '/libcuda\.so/ {print $NF}'; \
+                               ls /usr/local/nvidia/lib64/libcuda.so* 2>/dev/null) | head -1)"
+    if [ -n "$drv" ]; then
+        CUBLAS+=(-DCUDA_cuda_driver_LIBRARY="$drv")
+    else
+        CUBLAS+=(-DGGML_CUDA_NO_VMM=ON); say "libcuda: not found; llama.cpp built with GGML_CUDA_NO_VMM"
+    fi
     step "building llama-bench (CUDA arch $ARCH) from $src"
     (
         timeout 360 cmake -S "$LSRC" -B "$WORK/build" $GEN -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
             -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
             -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF \
-            -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF &&
+            -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF "${CUBLAS[@]}" &&
         timeout 360 cmake --build "$WORK/build" --target llama-bench -j "$(nproc)"
     ) > "$WORK/build.log" 2>&1 &
     BUILD_PID=$!
