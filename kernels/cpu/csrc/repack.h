@@ -1,5 +1,5 @@
-// Interleaved ("R16") layouts of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K and IQ4_XS, and their kernels
-// (Q6_K's and IQ4_XS's in repack_k.h).
+// Interleaved ("R16") layouts of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K, IQ4_XS, Q2_K and Q3_K, and
+// their kernels (those of Q6_K and after in repack_k.h).
 // Part of qdot.cpp (one translation unit): included there, in this order.
 //
 // A row-by-row dot product spends ~10 instructions on every 32 weights of the 32-value types (a 256-bit
@@ -25,6 +25,11 @@
 //                   ql bytes 64n + 4u..+3, at +512 + 64t ql bytes 64n + 32 + 4u..+3 (the order they are read)
 //   IQ4_XS          d at 0, scales_h at 32, scales_l at 64, 32 vectors of qs at 128 (vector v: plain qs
 //                   bytes 4v..4v+3: low nibbles values 32 (v / 4) + 4 (v % 4).., high nibbles 16 further)
+//   Q2_K            d at 0, dmin at 32, scale bytes 4i..4i+3 at 64 + 64 i, 16 vectors of qs at 320 (vector v:
+//                   plain qs bytes 4v..4v+3)
+//   Q3_K            d at 0, scale bytes 4i..4i+3 at 32 + 64 i (i < 3), then in the order they are read
+//                   (vector t < 4 of a run: bytes 4t..4t+3 of it): hmask bytes 0-15 at 224, qs bytes 0-15
+//                   at 480, hmask 16-31 at 736, qs 16-31 at 992, qs 32-47 at 1248, qs 48-63 at 1504
 // The N % 16 tail rows stay plain. Repacking is lossless (unpack gives the file's bytes back, tested) and
 // keeps the size: 16 * block bytes per group block in every type.
 
@@ -95,11 +100,31 @@ R16Layout iq4_xs_layout() {
     return L;
 }
 
+R16Layout q2_k_layout() {
+    R16Layout L;
+    L.bytes = 84;
+    L.add(80, 0, 2), L.add(82, 32, 2);
+    for (int i = 0; i < 4; i++) L.add(4 * i, 64 + 64 * i, 4);
+    for (int v = 0; v < 16; v++) L.add(16 + 4 * v, 320 + 64 * v, 4);
+    return L;
+}
+
+R16Layout q3_k_layout() {
+    R16Layout L;
+    L.bytes = 110;
+    L.add(108, 0, 2);
+    for (int i = 0; i < 3; i++) L.add(96 + 4 * i, 32 + 64 * i, 4);
+    const int run[6][2] = {{0, 224}, {32, 480}, {16, 736}, {48, 992}, {64, 1248}, {80, 1504}};  // plain -> packed
+    for (const auto& r : run)
+        for (int t = 0; t < 4; t++) L.add(r[0] + 4 * t, r[1] + 64 * t, 4);
+    return L;
+}
+
 // the layout of a plain type that has an interleaved form, else null
 const R16Layout* r16_layout(int type) {
     static const R16Layout q80 = q32_layout(Q32_8_0), q40 = q32_layout(Q32_4_0), q41 = q32_layout(Q32_4_1),
                            q50 = q32_layout(Q32_5_0), q51 = q32_layout(Q32_5_1), q4k = q4_k_layout(),
-                           q6k = q6_k_layout(), iq4xs = iq4_xs_layout();
+                           q6k = q6_k_layout(), iq4xs = iq4_xs_layout(), q2k = q2_k_layout(), q3k = q3_k_layout();
     switch (type) {
         case Q8_0: return &q80;
         case Q4_0: return &q40;
@@ -109,6 +134,8 @@ const R16Layout* r16_layout(int type) {
         case Q4_K: return &q4k;
         case Q6_K: return &q6k;
         case IQ4_XS: return &iq4xs;
+        case Q2_K: return &q2k;
+        case Q3_K: return &q3k;
         default: return nullptr;
     }
 }

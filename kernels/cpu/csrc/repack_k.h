@@ -1,4 +1,4 @@
-// Group kernels of the interleaved ("R16") K-quant layouts beyond Q4_K: Q6_K and IQ4_XS (layouts in
+// Group kernels of the interleaved ("R16") K-quant layouts beyond Q4_K: Q6_K, IQ4_XS, Q2_K, Q3_K (layouts in
 // repack.h). Part of qdot.cpp (one translation unit): included there, after repack.h.
 //
 // As in repack.h, one vpdpbusd takes 4 weights of each of 16 rows (int32 lane j = row j) against 4
@@ -122,8 +122,117 @@ void r16_iq4_xs(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t n
     for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
 }
 
+// Q2_K: qs vector 8n + 4h + t holds, at bit pair j, the values 128n + 32j + 16h + 4t..: sub-block
+// s = 8n + 2j + h is four vectors' pair j. Its four vpdpbusd stay below 16 * 3 * 127 and take the 4-bit
+// scale by vpdpwssd; the mins (high nibbles) meet the activation sums as int16 pairs (s, s + 2) by vpdpwssd.
+template <int NT>
+void r16_q2_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+    const __m512i m3 = _mm512_set1_epi8(3), lo4 = _mm512_set1_epi32(0xF), n16 = _mm512_set1_epi16(0xF);
+    const __m512i zero = _mm512_setzero_si512();
+    const __m256i pairs = _mm256_setr_epi16(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
+    __m512 acc[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, g += 16 * 84) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 32)));
+        __m512i sumi[NT], summ[NT];
+        for (int m = 0; m < NT; m++) {
+            const A8K& a = ((const A8K*)(act + m * astride))[b];
+            alignas(32) int32_t bp[8];  // dword 2i: activation sums (4i, 4i + 2), 2i + 1: (4i + 1, 4i + 3)
+            _mm256_store_si256((__m256i*)bp, _mm256_permutexvar_epi16(pairs, _mm256_loadu_si256((const __m256i*)a.bsums)));
+            summ[m] = zero, sumi[m] = zero;
+            for (int i = 0; i < 4; i++) {
+                const __m512i v = _mm512_loadu_si512(g + 64 + 64 * i);
+                summ[m] = _mm512_dpwssd_epi32(summ[m], _mm512_and_si512(_mm512_srli_epi16(v, 4), n16), _mm512_set1_epi32(bp[2 * i]));
+                summ[m] = _mm512_dpwssd_epi32(summ[m], _mm512_srli_epi16(v, 12), _mm512_set1_epi32(bp[2 * i + 1]));
+            }
+        }
+        for (int n = 0; n < 2; n++)
+            for (int h = 0; h < 2; h++) {
+                __m512i raw[4];
+                for (int t = 0; t < 4; t++) raw[t] = _mm512_loadu_si512(g + 320 + 64 * (8 * n + 4 * h + t));
+                for (int j = 0; j < 4; j++) {
+                    const int s = 8 * n + 2 * j + h;
+                    const __m512i sc = _mm512_and_si512(_mm512_srli_epi32(_mm512_loadu_si512(g + 64 + 64 * (s / 4)), 8 * (s % 4)), lo4);
+                    __m512i q[4];
+                    for (int t = 0; t < 4; t++) q[t] = _mm512_and_si512(_mm512_srli_epi16(raw[t], 2 * j), m3);
+                    for (int m = 0; m < NT; m++) {
+                        const int8_t* av = ((const A8K*)(act + m * astride))[b].qs + 128 * n + 32 * j + 16 * h;
+                        __m512i s0 = zero;
+                        for (int t = 0; t < 4; t++) s0 = _mm512_dpbusd_epi32(s0, q[t], bcast4(av + 4 * t));
+                        sumi[m] = _mm512_dpwssd_epi32(sumi[m], s0, sc);
+                    }
+                }
+            }
+        for (int m = 0; m < NT; m++) {
+            const __m512 ad = _mm512_set1_ps(((const A8K*)(act + m * astride))[b].d);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[m]), _mm512_mul_ps(d, ad), acc[m]);
+            acc[m] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ[m]), _mm512_mul_ps(dmin, ad), acc[m]);
+        }
+    }
+    for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
+}
+
+// Q3_K: as Q2_K, the value + 4 being pair j | the hmask bit 4n + j at bit 2; a sub-block's four vpdpbusd
+// start from -4 x its activation sum (|.| stays below 2^15) and take the 6-bit scale - 32 by vpdpwssd.
+template <int NT>
+void r16_q3_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+    const __m512i m3 = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4), zero = _mm512_setzero_si512();
+    const int qs_at[2][2] = {{480, 992}, {1248, 1504}}, hm_at[2] = {224, 736};  // repack.h's order
+    __m512 acc[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, g += 16 * 110) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
+        alignas(64) int32_t off[NT][16];  // -4 x each 16-value activation sum
+        __m512i sumi[NT];
+        for (int m = 0; m < NT; m++) {
+            const A8K& a = ((const A8K*)(act + m * astride))[b];
+            const __m512i bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)a.bsums));
+            _mm512_store_si512(off[m], _mm512_sub_epi32(zero, _mm512_slli_epi32(bs, 2)));
+            sumi[m] = zero;
+        }
+        for (int n = 0; n < 2; n++)
+            for (int h = 0; h < 2; h++) {
+                __m512i raw[4], hm[4];
+                for (int t = 0; t < 4; t++) {
+                    raw[t] = _mm512_loadu_si512(g + qs_at[n][h] + 64 * t);
+                    hm[t] = _mm512_loadu_si512(g + hm_at[h] + 64 * t);
+                }
+                for (int j = 0; j < 4; j++) {
+                    const int s = 8 * n + 2 * j + h, sh = 4 * n + j - 2;  // hmask bit 4n + j to bit 2
+                    // scale s: low 4 bits at bit 4 (s / 8) of byte s % 8, high 2 at bit 2 (s / 4) of byte 8 + s % 4
+                    const __m512i lo = _mm512_srli_epi32(_mm512_loadu_si512(g + 32 + 64 * ((s % 8) / 4)), 8 * (s % 4) + 4 * (s / 8));
+                    const __m512i hi = _mm512_srli_epi32(_mm512_loadu_si512(g + 160), 8 * (s % 4) + 2 * (s / 4));
+                    const __m512i sc = _mm512_and_si512(
+                        _mm512_sub_epi32(_mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xF)),
+                                                         _mm512_slli_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(3)), 4)),
+                                         _mm512_set1_epi32(32)),
+                        _mm512_set1_epi32(0xFFFF));  // int16, high half 0: vpdpwssd exact
+                    __m512i q[4];
+                    for (int t = 0; t < 4; t++) {
+                        const __m512i hb = sh > 0 ? _mm512_srli_epi16(hm[t], sh) : sh < 0 ? _mm512_slli_epi16(hm[t], -sh) : hm[t];
+                        q[t] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw[t], 2 * j), m3), _mm512_and_si512(hb, four));
+                    }
+                    for (int m = 0; m < NT; m++) {
+                        const int8_t* av = ((const A8K*)(act + m * astride))[b].qs + 128 * n + 32 * j + 16 * h;
+                        __m512i s0 = _mm512_set1_epi32(off[m][s]);
+                        for (int t = 0; t < 4; t++) s0 = _mm512_dpbusd_epi32(s0, q[t], bcast4(av + 4 * t));
+                        sumi[m] = _mm512_dpwssd_epi32(sumi[m], s0, sc);
+                    }
+                }
+            }
+        for (int m = 0; m < NT; m++) {
+            const float ad = ((const A8K*)(act + m * astride))[b].d;
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[m]), _mm512_mul_ps(d, _mm512_set1_ps(ad)), acc[m]);
+        }
+    }
+    for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
+}
+
 template <int NT> struct R6K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q6_k<NT>(w, a, s, nb, o); } };
 template <int NT> struct RIQ4XS { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_iq4_xs<NT>(w, a, s, nb, o); } };
+template <int NT> struct R2K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q2_k<NT>(w, a, s, nb, o); } };
+template <int NT> struct R3K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q3_k<NT>(w, a, s, nb, o); } };
 #endif
 
 }  // namespace
