@@ -30,7 +30,7 @@ TOKENS=32
 REPEAT=2
 THREADS=""
 PY="${PYTHON:-python3}"
-TEST_ARGS="tests/engine/test_cuda.py tests/kernels/gpu tests/engine/test_overlap.py::test_overlap_on_a_gpu_is_exact"
+TEST_ARGS="tests/engine/test_cuda.py tests/kernels/gpu tests/gguf/test_dequant_torch.py tests/engine/test_overlap.py::test_overlap_on_a_gpu_is_exact"
 
 usage() {
     sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
