@@ -24,6 +24,7 @@ CPU=0
 BUILD=1
 TESTS=1
 LAYERS=8
+SMALL=()
 EXPERTS=16
 PREFILL="512,2048"
 TOKENS=32
@@ -38,7 +39,7 @@ usage() {
 options: --out DIR  --carried DIR  --src PATH (llama.cpp source dir or tarball)  --llama-bench BIN (skip the build)
          --cpu (dry run: no CUDA build, device cpu)  --skip-build  --skip-tests  --tests "PYTEST ARGS"
          --layers N (8)  --experts N (16)  --prefill LIST (512,2048)  --tokens N (32)  --repeat N (2)
-         --threads N (physical cores)  --pack DIR
+         --threads N (physical cores)  --small (the slice's small shapes: a quick dry run)  --pack DIR
 EOF
 }
 
@@ -56,6 +57,7 @@ while [ $# -gt 0 ]; do
         --cpu) CPU=1; BUILD=0; shift ;;
         --skip-build) BUILD=0; shift ;;
         --skip-tests) TESTS=0; shift ;;
+        --small) SMALL=(--small); shift ;;
         --tests) need "$@"; TEST_ARGS="$2"; shift 2 ;;
         --layers) need "$@"; posint "$1" "$2"; LAYERS="$2"; shift 2 ;;
         --experts) need "$@"; posint "$1" "$2"; EXPERTS="$2"; shift 2 ;;
@@ -190,7 +192,7 @@ SLICE="$WORK/glm52-slice-${LAYERS}x${EXPERTS}.gguf"
 step "writing $SLICE"
 t=$(date +%s)
 if timeout 240 "$PY" -P "$REPO/scripts/make_slice_gguf.py" "$SLICE" --layers "$LAYERS" --experts "$EXPERTS" \
-        >> "$LOG" 2>&1; then
+        "${SMALL[@]}" >> "$LOG" 2>&1; then
     say ""; say "slice: $(basename "$SLICE"), $(du -h "$SLICE" | cut -f1), written in $(( $(date +%s) - t )) s"
 else
     say "slice: FAILED (see log)"; SLICE=""
