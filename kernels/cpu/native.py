@@ -40,7 +40,7 @@ _BLOCK = block_sizes(TYPES)  # id -> (block_size, bytes_per_block)
 R16 = 0x100  # type id flag: the matrix's full 16-row groups are interleaved (csrc/repack.h)
 REPACKABLE = tuple(int(t) for t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
                                     GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.IQ4_XS, GGMLType.Q2_K,
-                                    GGMLType.Q3_K))  # csrc/repack.h
+                                    GGMLType.Q3_K, GGMLType.Q5_K))  # every type here (csrc/repack.h)
 TYPES.update({R16 | q: TYPES[q] + "_r16" for q in REPACKABLE})
 _BLOCK.update({R16 | q: _BLOCK[q] for q in REPACKABLE})
 

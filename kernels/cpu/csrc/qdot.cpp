@@ -79,6 +79,7 @@ const Type TYPES[] = {
     {R16 | IQ4_XS, QK, 136, true, multi<IQ4XSK>, one_by_one<dot_iq4_xs_plain>, multi<RIQ4XS, 16>, true},
     {R16 | Q2_K, QK, 84, true, multi<Q2KK>, one_by_one<dot_q2_k_plain>, multi<R2K, 16>, true},
     {R16 | Q3_K, QK, 110, true, multi<Q3KK>, one_by_one<dot_q3_k_plain>, multi<R3K, 16>, true},
+    {R16 | Q5_K, QK, 176, true, multi<Q5KK>, one_by_one<dot_k4_plain<true>>, multi<R5K, 16>, true},
 #else
     {Q8_0, 32, 34, false, one_by_one<dot_q8_0_plain>, one_by_one<dot_q8_0_plain>},
     {Q4_0, 32, 18, false, one_by_one<dot_q32_plain<Q32_4_0>>, one_by_one<dot_q32_plain<Q32_4_0>>},
@@ -101,6 +102,7 @@ const Type TYPES[] = {
     {R16 | IQ4_XS, QK, 136, true, one_by_one<dot_iq4_xs_plain>, one_by_one<dot_iq4_xs_plain>, nullptr, true},
     {R16 | Q2_K, QK, 84, true, one_by_one<dot_q2_k_plain>, one_by_one<dot_q2_k_plain>, nullptr, true},
     {R16 | Q3_K, QK, 110, true, one_by_one<dot_q3_k_plain>, one_by_one<dot_q3_k_plain>, nullptr, true},
+    {R16 | Q5_K, QK, 176, true, one_by_one<dot_k4_plain<true>>, one_by_one<dot_k4_plain<true>>, nullptr, true},
 #endif
 };
 

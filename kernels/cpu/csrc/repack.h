@@ -1,5 +1,5 @@
-// Interleaved ("R16") layouts of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K, IQ4_XS, Q2_K and Q3_K, and
-// their kernels (those of Q6_K and after in repack_k.h).
+// Interleaved ("R16") layouts of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and of the K-quants and IQ4_XS, and their
+// kernels (those of Q6_K and after in repack_k.h).
 // Part of qdot.cpp (one translation unit): included there, in this order.
 //
 // A row-by-row dot product spends ~10 instructions on every 32 weights of the 32-value types (a 256-bit
@@ -30,6 +30,8 @@
 //   Q3_K            d at 0, scale bytes 4i..4i+3 at 32 + 64 i (i < 3), then in the order they are read
 //                   (vector t < 4 of a run: bytes 4t..4t+3 of it): hmask bytes 0-15 at 224, qs bytes 0-15
 //                   at 480, hmask 16-31 at 736, qs 16-31 at 992, qs 32-47 at 1248, qs 48-63 at 1504
+//   Q5_K            as Q4_K up to 256, then 8 vectors of qh (vector t: qh bytes 4t..4t+3), then Q4_K's 32
+//                   vectors of qs at 768
 // The N % 16 tail rows stay plain. Repacking is lossless (unpack gives the file's bytes back, tested) and
 // keeps the size: 16 * block bytes per group block in every type.
 
@@ -120,11 +122,21 @@ R16Layout q3_k_layout() {
     return L;
 }
 
+R16Layout q5_k_layout() {
+    R16Layout L;
+    L.bytes = 176;
+    L.add(0, 0, 2), L.add(2, 32, 2), L.add(4, 64, 4), L.add(8, 128, 4), L.add(12, 192, 4);
+    for (int v = 0; v < 8; v++) L.add(16 + 4 * v, 256 + 64 * v, 4);
+    for (int v = 0; v < 32; v++) L.add(48 + 4 * v, 768 + 64 * v, 4);
+    return L;
+}
+
 // the layout of a plain type that has an interleaved form, else null
 const R16Layout* r16_layout(int type) {
     static const R16Layout q80 = q32_layout(Q32_8_0), q40 = q32_layout(Q32_4_0), q41 = q32_layout(Q32_4_1),
                            q50 = q32_layout(Q32_5_0), q51 = q32_layout(Q32_5_1), q4k = q4_k_layout(),
-                           q6k = q6_k_layout(), iq4xs = iq4_xs_layout(), q2k = q2_k_layout(), q3k = q3_k_layout();
+                           q6k = q6_k_layout(), iq4xs = iq4_xs_layout(), q2k = q2_k_layout(), q3k = q3_k_layout(),
+                           q5k = q5_k_layout();
     switch (type) {
         case Q8_0: return &q80;
         case Q4_0: return &q40;
@@ -136,6 +148,7 @@ const R16Layout* r16_layout(int type) {
         case IQ4_XS: return &iq4xs;
         case Q2_K: return &q2k;
         case Q3_K: return &q3k;
+        case Q5_K: return &q5k;
         default: return nullptr;
     }
 }

@@ -1,4 +1,4 @@
-// Group kernels of the interleaved ("R16") K-quant layouts beyond Q4_K: Q6_K, IQ4_XS, Q2_K, Q3_K (layouts in
+// Group kernels of the interleaved ("R16") layouts of Q6_K, IQ4_XS, Q2_K, Q3_K and Q5_K (layouts in
 // repack.h). Part of qdot.cpp (one translation unit): included there, after repack.h.
 //
 // As in repack.h, one vpdpbusd takes 4 weights of each of 16 rows (int32 lane j = row j) against 4
@@ -229,10 +229,71 @@ void r16_q3_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb,
     for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
 }
 
+// Q5_K: repack.h's Q4_K kernel with the fifth bits (qh vector t, bits 2c and 2c + 1 for chunk c) added
+// as 16; values reach 31, so two vpdpbusd (8 values, < 2^15) before each vpdpwssd by the int16 scale.
+template <int NT>
+void r16_q5_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m6 = _mm512_set1_epi32(63), lo4 = _mm512_set1_epi32(0xF);
+    const __m512i three = _mm512_set1_epi32(3), zero = _mm512_setzero_si512(), sixteen = _mm512_set1_epi8(16);
+    __m512 acc[NT];
+    for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, g += 16 * 176) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 32)));
+        const __m512i u0 = _mm512_loadu_si512(g + 64), u1 = _mm512_loadu_si512(g + 128), u2 = _mm512_loadu_si512(g + 192);
+        __m512i sc[8], mn[8];  // per sub-block, the 16 rows' 6-bit scale and min (int32 lanes, high half 0)
+        for (int s = 0; s < 4; s++) {
+            sc[s] = _mm512_and_si512(_mm512_srli_epi32(u0, 8 * s), m6);
+            mn[s] = _mm512_and_si512(_mm512_srli_epi32(u1, 8 * s), m6);
+            sc[s + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 8 * s), lo4),
+                                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 8 * s + 6), three), 4));
+            mn[s + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 8 * s + 4), lo4),
+                                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 8 * s + 6), three), 4));
+        }
+        __m512i sumi[NT], summ[NT];
+        for (int m = 0; m < NT; m++) {
+            const A8K& a = ((const A8K*)(act + m * astride))[b];
+            summ[m] = zero, sumi[m] = zero;
+            for (int s = 0; s < 8; s++)  // the 32-value sum in an int16 (|.| <= 4064) against int16 mins
+                summ[m] = _mm512_dpwssd_epi32(summ[m], mn[s], _mm512_set1_epi32(a.bsums[2 * s] + a.bsums[2 * s + 1]));
+        }
+        const uint8_t* qh = g + 256;
+        const uint8_t* qs = g + 768;
+        for (int c = 0; c < 4; c++) {
+            const __m512i blo = _mm512_set1_epi8((char)(1 << (2 * c))), bhi = _mm512_set1_epi8((char)(2 << (2 * c)));
+            __m512i lo[8], hi[8];
+            for (int t = 0; t < 8; t++) {
+                const __m512i raw = _mm512_loadu_si512(qs + 64 * (8 * c + t)), h = _mm512_loadu_si512(qh + 64 * t);
+                lo[t] = _mm512_and_si512(raw, m4);
+                hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                lo[t] = _mm512_mask_add_epi8(lo[t], _mm512_test_epi8_mask(h, blo), lo[t], sixteen);
+                hi[t] = _mm512_mask_add_epi8(hi[t], _mm512_test_epi8_mask(h, bhi), hi[t], sixteen);
+            }
+            for (int m = 0; m < NT; m++) {
+                const int8_t* av = ((const A8K*)(act + m * astride))[b].qs + 64 * c;  // sub-block 2c, then 2c + 1
+                for (int p = 0; p < 4; p++) {  // values 8p..8p+7 of each sub-block
+                    __m512i sl = _mm512_dpbusd_epi32(zero, lo[2 * p], bcast4(av + 8 * p));
+                    __m512i sh = _mm512_dpbusd_epi32(zero, hi[2 * p], bcast4(av + 32 + 8 * p));
+                    sl = _mm512_dpbusd_epi32(sl, lo[2 * p + 1], bcast4(av + 8 * p + 4));
+                    sh = _mm512_dpbusd_epi32(sh, hi[2 * p + 1], bcast4(av + 32 + 8 * p + 4));
+                    sumi[m] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(sumi[m], sl, sc[2 * c]), sh, sc[2 * c + 1]);
+                }
+            }
+        }
+        for (int m = 0; m < NT; m++) {
+            const float ad = ((const A8K*)(act + m * astride))[b].d;
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[m]), _mm512_mul_ps(d, _mm512_set1_ps(ad)), acc[m]);
+            acc[m] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ[m]), _mm512_mul_ps(dmin, _mm512_set1_ps(ad)), acc[m]);
+        }
+    }
+    for (int m = 0; m < NT; m++) _mm512_storeu_ps(out + 16 * m, acc[m]);
+}
+
 template <int NT> struct R6K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q6_k<NT>(w, a, s, nb, o); } };
 template <int NT> struct RIQ4XS { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_iq4_xs<NT>(w, a, s, nb, o); } };
 template <int NT> struct R2K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q2_k<NT>(w, a, s, nb, o); } };
 template <int NT> struct R3K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q3_k<NT>(w, a, s, nb, o); } };
+template <int NT> struct R5K { static void run(const uint8_t* w, const uint8_t* a, int64_t s, int64_t nb, float* o) { r16_q5_k<NT>(w, a, s, nb, o); } };
 #endif
 
 }  // namespace
