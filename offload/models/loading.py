@@ -85,17 +85,20 @@ class LoadContext:
 
     def linear(self, name: str, shape: tuple[int, int], bias: str | None = None):
         """Matrix `name` (N, K) and optional bias `bias` (N,) as a weight that knows its matmul: a file's ggml
-        blocks stay blocks on the CPU where the native kernels multiply their type (as llama.cpp), anything
-        else is a float tensor on this context's device (a GPU's blocks too, until its quantised kernels come)."""
+        blocks stay blocks on the CPU where the native kernels multiply their type (as llama.cpp) and on a GPU
+        where the Triton kernels do (`triton`), as do an HF checkpoint's FP8 blocks on a GPU; anything else is a
+        float tensor on this context's device."""
         w = self._blocks(name, shape)
+        if w is None:
+            w = self._fp8_triton(name, shape)
         b = self.get(bias, (shape[0],)) if bias else None
         if w is None:
             return Linear(self.get(name, shape), b)
         w.bias = b
         return w
 
-    def _triton(self, dev: torch.device) -> bool:
-        if getattr(self.source, "act_quant", False) or not hasattr(self.source, "blocks"):
+    def _triton(self, dev: torch.device, blocks: bool = True) -> bool:
+        if getattr(self.source, "act_quant", False) or (blocks and not hasattr(self.source, "blocks")):
             return False
         if self.triton is None:
             import importlib.util
@@ -113,6 +116,25 @@ class LoadContext:
         if found is None or int(found[1]) == 30 or not takes(found[1], shape[1]):
             return None
         w = TritonQuantWeight.from_file(found[0], found[1], shape[1], self.device, dtype=self.dtype, name=name)
+        if self.on_tensor is not None:
+            self.on_tensor()
+        return w
+
+    def _fp8_triton(self, name: str, shape: tuple[int, int]):
+        """An HF checkpoint's FP8 matrix (e4m3 with 128x128 float32 `weight_scale_inv`) kept as its bytes on the
+        Triton kernels; None where it is not one (or its scales do not fit: `get` names what is wrong)."""
+        src, scale = self.source, name.removesuffix(".weight") + ".weight_scale_inv"
+        if getattr(src, "fp8_block", None) != (128, 128) or not (src.has(name) and src.has(scale)) or \
+                not self._triton(self.device, blocks=False) or src.shape(name) != tuple(shape):
+            return None
+        raw, s = src._raw(name), src._raw(scale)  # as stored: e4m3 (N, K), float32 (ceil(N/128), ceil(K/128))
+        if raw.dtype != torch.float8_e4m3fn or tuple(s.shape) != (-(-shape[0] // 128), -(-shape[1] // 128)):
+            return None
+        from offload.kernels.gpu.formats import FP8_BLOCK
+        from offload.kernels.gpu.weights import TritonQuantWeight
+
+        w = TritonQuantWeight.from_file(raw.view(torch.uint8), FP8_BLOCK, shape[1], self.device, dtype=self.dtype,
+                                        scales=s.float(), name=name)
         if self.on_tensor is not None:
             self.on_tensor()
         return w

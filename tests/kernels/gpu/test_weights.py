@@ -106,3 +106,53 @@ def test_gguf_blocks_stay_blocks_on_the_triton_kernels(monkeypatch):
         cache = m.new_cache(18)
         outs.append(torch.cat([m.forward(ids[:17], cache), m.forward(ids[17:], cache)]))  # prefill, decode
     torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=1e-4)
+
+
+def test_fp8_checkpoint_blocks_stay_fp8_on_the_triton_kernels(tmp_path):
+    """A tiny deepseek_v3 whose projections are FP8 e4m3 with 128x128 scales (as DeepSeek-V3 / GLM-5-FP8 ship):
+    with `triton` its dense projections stay FP8 bytes on the kernels; the logits equal the dequantise-on-read
+    path's (offload.checkpoint) to float32 summation order."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from offload.checkpoint import Checkpoint
+    from offload.models import architecture
+    from offload.models.loading import LoadContext
+    from offload.testing import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint("deepseek_v3", tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    out = {}
+    for name, t in state.items():
+        if t.ndim == 2 and name.endswith("proj.weight") and "experts." not in name:
+            n, k = t.shape
+            bn, bk = -(-n // 128), -(-k // 128)
+            padded = torch.zeros(bn * 128, bk * 128)
+            padded[:n, :k] = t
+            scale = padded.view(bn, 128, bk, 128).abs().amax(dim=(1, 3)) / 448.0  # (bn, bk)
+            q = (padded.view(bn, 128, bk, 128) / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+            out[name] = q.view(bn * 128, bk * 128)[:n, :k].contiguous()
+            out[name.removesuffix(".weight") + ".weight_scale_inv"] = scale
+        else:
+            out[name] = t
+    save_file(out, str(src / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(config))
+
+    def build(triton):
+        ckpt = Checkpoint(src)
+        arch = architecture(ckpt.config["model_type"])
+        return arch.build(LoadContext(ckpt, torch.device("cpu"), torch.float32, triton=triton),
+                          arch.ModelArgs.from_config(ckpt.config))
+
+    model, ref_model = build(True), build(False)
+    fp8 = [w for layer in model.layers for w in vars(layer.attn).values() if isinstance(w, TritonQuantWeight)]
+    assert fp8 and all(w.qtype == FP8_BLOCK for w in fp8)
+    ids = torch.randint(0, 200, (5,), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for m in (model, ref_model):
+        cache = m.new_cache(5)
+        outs.append(torch.cat([m.forward(ids[:4], cache), m.forward(ids[4:], cache)]))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
