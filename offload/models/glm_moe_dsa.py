@@ -19,6 +19,7 @@ from offload.models.base import Rope, build_rope, causal_mask, yarn_softmax_scal
 from offload.models.decoder import Decoder
 from offload.models.loading import LoadContext, finish_decoder, load_layer, load_noaux_moe
 from offload.models.mla import load_mla
+from offload.models.workspace import workspace
 from offload.models.weights import Linear
 
 
@@ -116,16 +117,22 @@ def top_keys(q, weights, k_all, start: int, topk: int, scale: float, chunk: int 
     indices (T, K) int64 and valid (T, K) bool, K = min(topk, S); a slot is invalid when it holds a future key
     (a query with fewer than K keys before it). Exact ties may pick a different one of the tied keys than one
     full top-k."""
-    t, n_heads, _ = q.shape
+    t, n_heads, d = q.shape
     s = k_all.shape[0]
     k = min(topk, s)
-    chunk = chunk or index_chunk(t, n_heads, k)
+    chunk = min(s, chunk or index_chunk(t, n_heads, k))
+    # kept buffers for the float32 keys and the scores of one chunk (fresh ones fault their pages in each time)
+    k_buf = workspace("dsa.keys", chunk * d, q.device, torch.float32)
+    s_buf = workspace("dsa.scores", t * n_heads * chunk, q.device, torch.float32)
     pos = torch.arange(start, start + t, device=q.device)[:, None]  # (T, 1) absolute query positions
     w = weights.unsqueeze(1)  # (T, 1, i)
     best_v = best_i = None
     for c0 in range(0, s, chunk):
         c1 = min(s, c0 + chunk)
-        scores = F.relu(torch.matmul(q, k_all[c0:c1].float().T) * scale)  # (T, i, C)
+        n = c1 - c0
+        keys = k_buf[: n * d].view(n, d).copy_(k_all[c0:c1])  # (C, D) float32, exactly the cached values
+        scores = torch.matmul(q, keys.T, out=s_buf[: t * n_heads * n].view(t, n_heads, n))  # (T, i, C)
+        scores = scores.mul_(scale).relu_()
         v = torch.matmul(w, scores).squeeze(1)  # (T, C)
         ids = torch.arange(c0, c1, device=q.device).expand(t, -1)  # (T, C)
         if c1 - 1 > start:  # the chunk holds keys after the first query: hide each query's future

@@ -17,25 +17,16 @@ import torch
 from offload.cache import MLACache
 from offload.models.base import Rope, causal_mask, rms_norm
 from offload.models.loading import LoadContext
+from offload.models.workspace import workspace
 from offload.models.weights import linears
 
 # Query chunks of at least this many tokens use the expanded form (keys and values per head): per
 # (query, key) pair it costs n + r + v multiply-adds against the absorbed form's 2c + r (DeepSeek-V3:
 # 320 vs 1088), plus S·c·(n + v) per head to expand, which a long chunk amortises; decode stays absorbed.
 EXPANDED_MIN_TOKENS = 16
-# DSA sparse attention gathers the selected rows for a block of queries at a time: about this many bytes
+# DSA sparse attention gathers the selected rows for a block of queries at a time (into a kept workspace):
+# about this many bytes
 SELECTED_WORKSPACE_BYTES = 32 << 20
-# ... into one buffer per (device, dtype), kept: a fresh 100 MB tensor per layer costs its page faults again
-# (gathering into a fresh tensor ran at 0.7 GB/s on the 2-core box, into a reused one at 2.6 GB/s)
-_gather_buffers: dict = {}
-
-
-def gather_buffer(n: int, device, dtype) -> torch.Tensor:
-    key = (str(device), dtype)
-    buf = _gather_buffers.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _gather_buffers[key] = torch.empty(n, device=device, dtype=dtype)
-    return buf[:n]
 
 
 class MLAAttention:
@@ -117,7 +108,7 @@ class MLAAttention:
         # query blocks bound the gathered rows: tq * K * (c + r) values (bf16, K 2048: tq 12, 28 MB)
         row = k * ((self.c + self.r) * latent_all.element_size() + 2 * 4 * self.h)
         tq = min(t, max(1, SELECTED_WORKSPACE_BYTES // row))
-        buf = gather_buffer(tq * k * (self.c + self.r), latent_all.device, latent_all.dtype)
+        buf = workspace("mla.gathered", tq * k * (self.c + self.r), latent_all.device, latent_all.dtype)
         for q0 in range(0, t, tq):
             i = idx[q0:q0 + tq].reshape(-1)  # (tq * K,)
             n = i.shape[0]
