@@ -30,6 +30,7 @@ PREFILL="512,2048"
 TOKENS=32
 REPEAT=2
 THREADS=""
+BUDGET=470  # seconds for the whole run: the benchmark gets what the build and the tests left
 PY="${PYTHON:-python3}"
 TEST_ARGS="tests/engine/test_cuda.py tests/kernels/gpu tests/gguf/test_dequant_torch.py tests/engine/test_overlap.py::test_overlap_on_a_gpu_is_exact"
 
@@ -39,7 +40,8 @@ usage() {
 options: --out DIR  --carried DIR  --src PATH (llama.cpp source dir or tarball)  --llama-bench BIN (skip the build)
          --cpu (dry run: no CUDA build, device cpu)  --skip-build  --skip-tests  --tests "PYTEST ARGS"
          --layers N (8)  --experts N (16)  --prefill LIST (512,2048)  --tokens N (32)  --repeat N (2)
-         --threads N (physical cores)  --small (the slice's small shapes: a quick dry run)  --pack DIR
+         --threads N (physical cores)  --small (the slice's small shapes: a quick dry run)
+         --budget SECONDS (470: the benchmark gets what is left, at least 90 s)  --pack DIR
 EOF
 }
 
@@ -58,6 +60,7 @@ while [ $# -gt 0 ]; do
         --skip-build) BUILD=0; shift ;;
         --skip-tests) TESTS=0; shift ;;
         --small) SMALL=(--small); shift ;;
+        --budget) need "$@"; posint "$1" "$2"; BUDGET="$2"; shift 2 ;;
         --tests) need "$@"; TEST_ARGS="$2"; shift 2 ;;
         --layers) need "$@"; posint "$1" "$2"; LAYERS="$2"; shift 2 ;;
         --experts) need "$@"; posint "$1" "$2"; EXPERTS="$2"; shift 2 ;;
@@ -178,11 +181,11 @@ if [ "$BUILD" = 1 ]; then
     fi
     step "building llama-bench (CUDA arch $ARCH) from $src"
     (
-        timeout 360 cmake -S "$LSRC" -B "$WORK/build" $GEN -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+        timeout 330 cmake -S "$LSRC" -B "$WORK/build" $GEN -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
             -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
             -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF \
             -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF "${CUBLAS[@]}" &&
-        timeout 360 cmake --build "$WORK/build" --target llama-bench -j "$(nproc)"
+        timeout 330 cmake --build "$WORK/build" --target llama-bench -j "$(nproc)"
     ) > "$WORK/build.log" 2>&1 &
     BUILD_PID=$!
 fi
@@ -201,7 +204,7 @@ fi
 # --- the GPU tests (beside the build: they time nothing)
 if [ "$TESTS" = 1 ]; then
     step "pytest $TEST_ARGS"
-    (cd "$REPO" && timeout 300 "$PY" -P -m pytest -q -rfEsx -p no:cacheprovider $TEST_ARGS) > "$WORK/tests.log" 2>&1
+    (cd "$REPO" && timeout 270 "$PY" -P -m pytest -q -rfEsx -p no:cacheprovider $TEST_ARGS) > "$WORK/tests.log" 2>&1
     rc=$?
     # the summary lines (triton's nanobind prints leak notes after pytest's own last line)
     { echo; echo "## tests (exit $rc): pytest $TEST_ARGS"; echo; echo '```'
@@ -228,9 +231,10 @@ if [ -n "$SLICE" ]; then
           --calibrate --json "$OUT_DIR/bench_hybrid.json")
     [ -n "$LLAMA_BENCH" ] && args+=(--llama-bench "$LLAMA_BENCH")
     [ -z "$LLAMA_BENCH" ] && [ "$DEVICE" = cuda ] && args+=(--no-baseline)
-    step "bench hybrid ${args[*]}"
+    left=$(( BUDGET - ($(date +%s) - T0) )); [ "$left" -lt 90 ] && left=90
+    step "bench hybrid ${args[*]} (limit $left s)"
     echo >> "$RES"
-    if ! timeout 300 "$PY" -P -c 'import sys; from offload.bench_hybrid import main; main(sys.argv[1:])' "${args[@]}" \
+    if ! timeout "$left" "$PY" -P -c 'import sys; from offload.bench_hybrid import main; main(sys.argv[1:])' "${args[@]}" \
             > "$WORK/bench.log" 2> "$WORK/bench.err"; then
         say "bench hybrid: FAILED or timed out; its last words:"; tail -5 "$WORK/bench.err" >> "$RES"
     fi
