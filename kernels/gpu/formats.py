@@ -153,17 +153,25 @@ def dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, k
 
 
 @triton.jit
+def dot_acc(FMT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The GEMVs' accumulator (BN, G, L) for `dot_slice`: G groups of L columns a slice (one for plain formats)."""
+    G: tl.constexpr = 1 if (FMT == 30 or FMT == 1000) else 8 if (FMT == 8 or FMT == 12 or FMT == 13 or
+                                                                    FMT == 23) else 16
+    return tl.zeros((BLOCK_N, G, 256 // G), tl.float32)
+
+
+@triton.jit
 def dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, kb, K, x_ptr,
               FMT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """W[rows, 256*kb : 256*kb + 256] @ x[same columns] -> (BN,) float32, for the GEMVs. A slice of a block
-    format is G groups of L columns sharing a scale A and an offset B (w = A*q - B): the integer quants are
-    dotted with x per group and scaled once per group, as llama.cpp's vec_dot does, so a weight costs a few
-    operations instead of the ~20 of expanding it (a GEMV must stream, not compute). Plain formats expand."""
+    """W[rows, 256*kb : 256*kb + 256] * x[same columns] -> (BN, G, L) float32 products for the GEMVs, which add
+    them up lane by lane over the slices and reduce once at the end (a reduction per slice cost more than the
+    products: warp shuffles). A slice of a block format is G groups of L columns sharing a scale A and an offset
+    B (w = A*q - B), read with one vector load per row and group instead of a byte gather per weight."""
     if FMT == 30 or FMT == 1000:
         w = dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, kb, K, FMT)  # (BN, 256)
         col = kb * 256 + tl.arange(0, 256)
         xv = tl.load(x_ptr + col, mask=col < K, other=0).to(tl.float32)  # (256,)
-        return tl.sum(w * xv[None, :], axis=1)
+        return (w * xv[None, :])[:, None, :]
     G: tl.constexpr = 8 if (FMT == 8 or FMT == 12 or FMT == 13 or FMT == 23) else 16
     L: tl.constexpr = 256 // G
     r2 = rows.to(tl.int64)[:, None]  # (BN, 1)
@@ -228,6 +236,4 @@ def dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, kb, K
             sc = tl.load(w_ptr + base2 + 192 + s2, mask=m2, other=0).to(tl.int8, bitcast=True).to(tl.float32)
             A = tl.load(w16_ptr + base2 // 2 + 104, mask=rm2, other=0).to(tl.float32) * sc
     xv = tl.load(x_ptr + col3, mask=col3 < K, other=0).to(tl.float32)  # (1, G, L)
-    dots = tl.sum(q.to(tl.float32) * xv, axis=2)  # (BN, G)
-    xsum = tl.sum(xv, axis=2)  # (1, G)
-    return tl.sum(A * dots - B * xsum, axis=1)
+    return (A[:, :, None] * q.to(tl.float32) - B[:, :, None]) * xv

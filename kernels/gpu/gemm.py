@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from offload.kernels.gpu.formats import FP8_BLOCK, SLICE, check_format, codebook, dequant_slice, dot_slice, views
+from offload.kernels.gpu.formats import FP8_BLOCK, SLICE, check_format, codebook, dequant_slice, dot_acc, dot_slice, views
 from offload.gguf.types import GGMLType
 
 GEMM_MIN_TOKENS = 16  # tl.dot needs 16 rows; below, the GEMV per token reads the weight once (from L2 after)
@@ -57,11 +57,11 @@ def _gemv_kernel(x_ptr, w_ptr, w16_ptr, aux_ptr, aux_stride, y_ptr, N, K, row_by
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     t = tl.program_id(1).to(tl.int64)  # token
     rm = rows < N
-    acc = tl.zeros((BLOCK_N,), tl.float32)
+    acc = dot_acc(FMT, BLOCK_N)  # (BN, G, L)
     for kb in range(tl.cdiv(K, 256)):
         acc += dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, kb, K, x_ptr + t * K, FMT,
                          BLOCK_N)
-    tl.store(y_ptr + t * N + rows, acc, mask=rm)
+    tl.store(y_ptr + t * N + rows, tl.sum(tl.sum(acc, axis=2), axis=1), mask=rm)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from offload.kernels.gpu.formats import dequant_slice, dot_slice
+from offload.kernels.gpu.formats import dequant_slice, dot_acc, dot_slice
 from offload.kernels.gpu.gemm import GEMM_MIN_TOKENS, Packed, dequant_ref, interpreting
 
 BLOCK_M = 16  # pairs per tl.dot block: tl.dot's minimum, so an expert with few tokens pads little
@@ -27,10 +27,10 @@ BLOCK_M = 16  # pairs per tl.dot block: tl.dot's minimum, so an expert with few 
 def _rows_dot_vec(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, K, v_ptr,
                   FMT: tl.constexpr, BLOCK_N: tl.constexpr):
     """W[rows] (BN, K) @ v (K,) -> (BN,) float32."""
-    acc = tl.zeros((BLOCK_N,), tl.float32)
+    acc = dot_acc(FMT, BLOCK_N)  # (BN, G, L)
     for kb in range(tl.cdiv(K, 256)):
         acc += dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rm, row_bytes, kb, K, v_ptr, FMT, BLOCK_N)
-    return acc
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
