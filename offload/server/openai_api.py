@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from offload.server.runner import (
-    APIError, Run, ServerState, make_parser, max_new_tokens, off_loop, parse_request, render_chat, thinking_kwargs,
+    APIError, Run, ServerState, encode, make_parser, max_new_tokens, off_loop, parse_request, render_chat,
+    thinking_kwargs,
 )
 from offload.server.sse import EventStream
 
@@ -263,7 +264,7 @@ async def completions(request: Request):
             raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
         p = p[0]
     if isinstance(p, str):
-        prompt = await off_loop(llm.tokenizer.encode, p, add_special_tokens=True)
+        prompt = await off_loop(encode, llm.tokenizer, p, add_special_tokens=True)
     else:
         vocab = getattr(llm.tokenizer, "vocab_size", None)
         if any(t < 0 or (vocab is not None and t >= vocab) for t in p):

@@ -65,16 +65,18 @@ def test_body_cap_by_content_length_and_while_streaming(scripted):
 def test_health_answers_while_a_big_prompt_is_tokenised(live, scripted, monkeypatch):
     """Tokenising a big prompt takes seconds; here it blocks until /health has answered, which it can only
     do if that work runs off the event loop (on the loop, /health would wait and time out)."""
-    entered, gate = threading.Event(), threading.Event()
-    encode = scripted.tokenizer.encode
+    from offload.server import runner
 
-    def slow_encode(text, **kw):
+    entered, gate = threading.Event(), threading.Event()
+    encode = runner.encode
+
+    def slow_encode(tok, text, **kw):
         if len(text) > 100_000:
             entered.set()
             gate.wait(30)
-        return encode(text, **kw)
+        return encode(tok, text, **kw)
 
-    monkeypatch.setattr(scripted.tokenizer, "encode", slow_encode)
+    monkeypatch.setattr(runner, "encode", slow_encode)
     body = {**CHAT, "messages": [{"role": "user", "content": "word salad " * 30_000}]}
     result = {}
     big = threading.Thread(target=lambda: result.update(r=post(live.url, "/v1/chat/completions", body)))
