@@ -155,9 +155,42 @@ def dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, k
 @triton.jit
 def dot_acc(FMT: tl.constexpr, BLOCK_N: tl.constexpr):
     """The GEMVs' accumulator (BN, G, L) for `dot_slice`: G groups of L columns a slice (one for plain formats)."""
-    G: tl.constexpr = 1 if (FMT == 30 or FMT == 1000) else 8 if (FMT == 8 or FMT == 12 or FMT == 13 or
-                                                                    FMT == 23) else 16
-    return tl.zeros((BLOCK_N, G, 256 // G), tl.float32)
+    G: tl.constexpr = 1 if (FMT == 30 or FMT == 1000) else 4 if (FMT == 12 or FMT == 13) else 8 if (
+        FMT == 8 or FMT == 23) else 16
+    L: tl.constexpr = 32 if (FMT == 12 or FMT == 13) else 256 // G
+    return tl.zeros((BLOCK_N, G, L), tl.float32)
+
+
+@triton.jit
+def _dot_k4(w_ptr, w16_ptr, rows, rmask, row_bytes, kb, x_ptr, FMT: tl.constexpr):
+    """Q4_K / Q5_K products (BN, 4, 32): byte l of 64-column chunk c holds columns 64c + l (low nibble) and
+    64c + 32 + l (high nibble), so one byte load serves two weights with fixed shifts."""
+    r2 = rows.to(tl.int64)[:, None]  # (BN, 1)
+    rm2 = rmask[:, None]
+    c2 = tl.arange(0, 4)[None, :]  # (1, 4) chunk
+    c3 = c2[:, :, None]
+    l3 = tl.arange(0, 32)[None, None, :]
+    m3 = rm2[:, :, None] & (l3 < 32)  # (BN, 4, 32)
+    m2 = rm2 & (c2 < 4)
+    base2 = r2 * row_bytes + kb * (144 if FMT == 12 else 176)
+    base3 = base2[:, :, None]
+    b = tl.load(w_ptr + base3 + (16 if FMT == 12 else 48) + c3 * 32 + l3, mask=m3, other=0)  # (BN, 4, 32) u8
+    lo = (b & 0xF).to(tl.float32)
+    hi = (b >> 4).to(tl.float32)
+    if FMT == 13:  # the fifth bit of sub-block s is bit s of qh[l]
+        qh = tl.load(w_ptr + base3 + 16 + l3, mask=rm2[:, :, None] & (l3 < 32), other=0).to(tl.int32)  # (BN, 1, 32)
+        lo += (((qh >> (2 * c3)) & 1) * 16).to(tl.float32)
+        hi += (((qh >> (2 * c3 + 1)) & 1) * 16).to(tl.float32)
+    d = tl.load(w16_ptr + base2 // 2, mask=rm2, other=0).to(tl.float32)  # (BN, 1)
+    dmin = tl.load(w16_ptr + base2 // 2 + 1, mask=rm2, other=0).to(tl.float32)
+    sc_lo, mn_lo = _k4_scale_min(w_ptr, base2, 2 * c2, m2)  # (BN, 4)
+    sc_hi, mn_hi = _k4_scale_min(w_ptr, base2, 2 * c2 + 1, m2)
+    col3 = kb * 256 + c3 * 64 + l3  # (1, 4, 32)
+    x_lo = tl.load(x_ptr + col3).to(tl.float32)
+    x_hi = tl.load(x_ptr + col3 + 32).to(tl.float32)
+    w_lo = (d * sc_lo)[:, :, None] * lo - (dmin * mn_lo)[:, :, None]
+    w_hi = (d * sc_hi)[:, :, None] * hi - (dmin * mn_hi)[:, :, None]
+    return w_lo * x_lo + w_hi * x_hi
 
 
 @triton.jit
@@ -167,12 +200,24 @@ def dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, kb, K
     them up lane by lane over the slices and reduce once at the end (a reduction per slice cost more than the
     products: warp shuffles). A slice of a block format is G groups of L columns sharing a scale A and an offset
     B (w = A*q - B), read with one vector load per row and group instead of a byte gather per weight."""
+    # one branch per call site (FMT is constexpr) and one return: Triton compiles every return it sees
     if FMT == 30 or FMT == 1000:
         w = dequant_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, kb, K, FMT)  # (BN, 256)
         col = kb * 256 + tl.arange(0, 256)
         xv = tl.load(x_ptr + col, mask=col < K, other=0).to(tl.float32)  # (256,)
-        return (w * xv[None, :])[:, None, :]
-    G: tl.constexpr = 8 if (FMT == 8 or FMT == 12 or FMT == 13 or FMT == 23) else 16
+        res = (w * xv[None, :])[:, None, :]
+    elif FMT == 12 or FMT == 13:
+        res = _dot_k4(w_ptr, w16_ptr, rows, rmask, row_bytes, kb, x_ptr, FMT)
+    else:
+        res = _dot_groups(w_ptr, w16_ptr, aux_ptr, rows, rmask, row_bytes, kb, K, x_ptr, FMT, BLOCK_N)
+    return res
+
+
+@triton.jit
+def _dot_groups(w_ptr, w16_ptr, aux_ptr, rows, rmask, row_bytes, kb, K, x_ptr, FMT: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Q8_0, IQ4_XS (8 groups of 32), Q2_K, Q3_K, Q6_K (16 groups of 16): products (BN, G, L)."""
+    G: tl.constexpr = 8 if (FMT == 8 or FMT == 23) else 16
     L: tl.constexpr = 256 // G
     r2 = rows.to(tl.int64)[:, None]  # (BN, 1)
     rm2 = rmask[:, None]
@@ -187,19 +232,6 @@ def dot_slice(w_ptr, w16_ptr, aux_ptr, aux_stride, rows, rmask, row_bytes, kb, K
         off2 = r2 * row_bytes + kb * 272 + s2 * 34
         q = tl.load(w_ptr + off2[:, :, None] + 2 + l3, mask=m3, other=0).to(tl.int8, bitcast=True)
         A = tl.load(w16_ptr + off2 // 2, mask=m2, other=0).to(tl.float32)
-    elif FMT == 12 or FMT == 13:  # Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins
-        sb: tl.constexpr = 144 if FMT == 12 else 176
-        base2 = r2 * row_bytes + kb * sb
-        base3 = base2[:, :, None]
-        qs: tl.constexpr = 16 if FMT == 12 else 48
-        q = (_b(w_ptr + base3 + qs + (s3 // 2) * 32 + l3, m3) >> (4 * (s3 & 1))) & 0xF
-        if FMT == 13:
-            q = q | (((_b(w_ptr + base3 + 16 + l3, m3) >> s3) & 1) << 4)
-        d = tl.load(w16_ptr + base2 // 2, mask=rm2, other=0).to(tl.float32)
-        dmin = tl.load(w16_ptr + base2 // 2 + 1, mask=rm2, other=0).to(tl.float32)
-        sc, mn = _k4_scale_min(w_ptr, base2, s2, m2)
-        A = d * sc
-        B = dmin * mn
     elif FMT == 23:  # IQ4_XS: 8 blocks of 32, codebook values (aux) with 6-bit scales
         base2 = r2 * row_bytes + kb * 136
         idx = (_b(w_ptr + base2[:, :, None] + 8 + 16 * s3 + l3 % 16, m3) >> (4 * (l3 // 16))) & 0xF
