@@ -14,11 +14,13 @@ T tokens, k experts per token, P = T*k pairs, S resident slots, H hidden, I expe
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from offload.kernels.gpu.formats import dequant_slice, dot_acc, dot_slice
-from offload.kernels.gpu.gemm import GEMM_MIN_TOKENS, Packed, dequant_ref, interpreting
+from offload.kernels.gpu import gemm
+from offload.kernels.gpu.formats import FP8_BLOCK, dequant_slice, dot_acc, dot_slice
+from offload.kernels.gpu.gemm import GEMM_MIN_TOKENS, Packed, dequant, dequant_ref, interpreting
 
 BLOCK_M = 16  # pairs per tl.dot block: tl.dot's minimum, so an expert with few tokens pads little
 
@@ -209,9 +211,37 @@ def moe_dot(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: to
     return out.view(t, k, h).sum(1)  # (T, H): each token's k rows summed in order
 
 
+def _expanded(p: Packed, s: int, dtype: torch.dtype) -> torch.Tensor:
+    """Slot s's matrix (N, K) as `dtype`: the stack's rows s*N .. s*N + N-1 expanded by the dequant kernel."""
+    if p.fmt == FP8_BLOCK and p.rows % 128:
+        raise ValueError(f"FP8 experts of {p.rows} rows: 128-row scale blocks must not straddle two experts")
+    rows = torch.arange(s * p.rows, (s + 1) * p.rows, device=p.blocks.device)
+    return dequant(p, rows, dtype)
+
+
+def moe_expand(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
+               gate: Packed, up: Packed, down: Packed) -> torch.Tensor:
+    """As moe_gemv, for long prompts: the pairs grouped by expert (host reads), each used expert's three matrices
+    expanded once to x's dtype and multiplied by torch (tl.dot would expand each tile again for every 16 pairs);
+    each pair's output row written once and a token's k rows summed in order."""
+    _check(x, ids, weights, slots, gate, up, down)
+    (t, h), k = x.shape, ids.shape[1]
+    s = torch.where(ids >= 0, slots[ids.clamp(min=0)], -1).flatten()  # (P,) slot per pair, -1 skipped
+    out = torch.zeros(t * k, h, dtype=torch.float32, device=x.device)  # (P, H)
+    wf = weights.reshape(-1, 1).float()  # (P, 1)
+    for slot in torch.unique(s[s >= 0]).tolist():
+        pairs = torch.nonzero(s == slot).flatten()  # (n,)
+        xe = x[pairs // k]  # (n, H)
+        hid = F.silu(xe @ _expanded(gate, slot, x.dtype).T) * (xe @ _expanded(up, slot, x.dtype).T)  # (n, I)
+        out[pairs] = (hid @ _expanded(down, slot, x.dtype).T).float() * wf[pairs]
+    return out.view(t, k, h).sum(1)  # (T, H)
+
+
 def moe(x, ids, weights, slots, gate: Packed, up: Packed, down: Packed) -> torch.Tensor:
-    """moe_gemv for decode-sized batches, moe_dot from GEMM_MIN_TOKENS tokens on."""
-    f = moe_gemv if x.shape[0] < GEMM_MIN_TOKENS else moe_dot
+    """moe_gemv for decode-sized batches, moe_dot from GEMM_MIN_TOKENS tokens on, moe_expand from
+    EXPAND_MM_TOKENS on (as the dense matmul)."""
+    t = x.shape[0]
+    f = moe_gemv if t < GEMM_MIN_TOKENS else moe_dot if t < gemm.EXPAND_MM_TOKENS else moe_expand
     return f(x, ids, weights, slots, gate, up, down)
 
 

@@ -64,6 +64,17 @@ def test_prefill_matches_the_loop(fmts, rng, device):
     assert_close(run(moe, x, ids, weights, slots, device, *w), ref, "moe (tl.dot)")
 
 
+def test_long_prompt_expands_each_used_expert(rng, device, monkeypatch):
+    """From EXPAND_MM_TOKENS tokens (lowered here) each used expert is expanded once for torch's matmuls."""
+    from offload.kernels.gpu import gemm
+
+    monkeypatch.setattr(gemm, "EXPAND_MM_TOKENS", 20)
+    w = experts(rng, device, int(G.Q6_K), int(FP8_BLOCK))
+    x = torch.from_numpy(rng.standard_normal((21, 256), dtype=np.float32))
+    ids, weights, slots = routing(rng, 21)
+    assert_close(run(moe, x, ids, weights, slots, device, *w), moe_ref(x, ids, weights, slots, *w), "moe_expand")
+
+
 def test_one_token_skips_and_slot_map(rng, device):
     """One token: pairs of non-resident experts and -1 add nothing; moving experts to other slots (the blocks
     and the map together) gives the same bits; a token with nothing resident gives zeros."""
