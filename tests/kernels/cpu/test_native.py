@@ -73,23 +73,28 @@ def test_interleaved_rows_are_lossless_and_multiply_the_same(qt, rows, rng):
     torch.testing.assert_close(native.gemv_ref(x, packed, pqt), ref, rtol=0, atol=0)
 
 
-def test_interleaved_experts_in_the_fused_moe_call(rng):
-    """moe_topk over interleaved experts (Q8_0 down, Q4_0 gate / up, with a shared expert) equals it over
-    the file's blocks, and the batch path's dequantisation unpacks them."""
+# (gate / up, down) as files mix them: Q4_0 with Q8_0, Q4_K_M's Q4_K with Q6_K, Q2_K's Q2_K with Q3_K,
+# IQ4_XS, Q5_K_M's Q5_K with Q6_K
+@pytest.mark.parametrize("qgu,qd", [(2, 8), (12, 14), (10, 11), (23, 23), (13, 14)])
+def test_interleaved_experts_in_the_fused_moe_call(qgu, qd, rng):
+    """moe_topk over interleaved experts (with a shared expert) equals it over the file's blocks, and the
+    batch path's dequantisation unpacks them."""
     from offload.kernels.cpu import quantmm
 
-    E, H, I, T = 4, 256, 96, 5
-    gate, up, down = sane_blocks(2, I, H, rng, (E,)), sane_blocks(2, I, H, rng, (E,)), sane_blocks(8, H, I, rng, (E,))
-    shared = (sane_blocks(2, I, H, rng), sane_blocks(2, I, H, rng), sane_blocks(8, H, I, rng))
+    E, H, I, T = 4, 256, 256 if qd in (14, 11, 23) else 96, 11  # 11 tokens: a group of 8 and one of 3
+    gate, up, down = (sane_blocks(qgu, I, H, rng, (E,)), sane_blocks(qgu, I, H, rng, (E,)),
+                      sane_blocks(qd, H, I, rng, (E,)))
+    shared = (sane_blocks(qgu, I, H, rng), sane_blocks(qgu, I, H, rng), sane_blocks(qd, H, I, rng))
     x = rng.standard_normal((T, H)).astype(np.float32)
     loc = rng.integers(-1, E, (T, 2))
     wts = rng.random((T, 2)).astype(np.float32)
-    plain = native.moe_topk(x, loc, wts, gate, up, down, (2, 2, 8), shared)
-    (pg, qg), (pu, qu), (pd, qd) = native.repack(gate, 2), native.repack(up, 2), native.repack(down, 8)
-    ps = tuple(native.repack(m, q)[0] for m, q in zip(shared, (2, 2, 8)))
-    got = native.moe_topk(x, loc, wts, pg, pu, pd, (qg, qu, qd), ps)
+    qts = (qgu, qgu, qd)
+    plain = native.moe_topk(x, loc, wts, gate, up, down, qts, shared)
+    (pg, qg), (pu, qu), (pd, pqd) = native.repack(gate, qgu), native.repack(up, qgu), native.repack(down, qd)
+    ps = tuple(native.repack(m, q)[0] for m, q in zip(shared, qts))
+    got = native.moe_topk(x, loc, wts, pg, pu, pd, (qg, qu, pqd), ps)
     np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))
-    torch.testing.assert_close(quantmm.dequantize(pd, qd), quantmm.dequantize(down, 8), rtol=0, atol=0)
+    torch.testing.assert_close(quantmm.dequantize(pd, pqd), quantmm.dequantize(down, qd), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("qt", [8, 2], ids=["q8_0", "q4_0"])
