@@ -53,12 +53,13 @@ class PrefixCache:
         self.budget, self.device = int(mem_bytes), device
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self._next = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.hits = self.misses = self.tokens_reused = self.evictions = 0
 
     @property
     def stored_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+        with self._lock:  # /metrics reads it while a generation may be saving
+            return sum(e.nbytes for e in self.entries.values())
 
     def prepare(self, cache: Cache, ids: list[int]) -> int:
         """Make `cache` hold the longest known prefix of `ids` (at most len(ids) - 1 tokens) and position it
