@@ -4,8 +4,8 @@ order (no atomics: the same bits every run). A slot map (expert id -> resident s
 lets an expert cache swap experts in without touching the kernels; pairs whose expert is -1 or not resident
 are skipped (another group computes them).
 
-- decode (`moe_gemv`): one program per (pair, tile of rows) for gate/up, one per (token, tile of rows) for
-  down, which walks its token's k pairs in order;
+- decode (`moe_gemv`): one program per (pair, tile of rows) for gate/up and for down, each pair's output row
+  written once and a token's k rows summed by torch in order;
 - prefill (`moe_dot`): pairs sorted by slot into blocks of BLOCK_M that share one expert, multiplied with tl.dot;
   each pair's output row is written once and the k rows of a token summed by torch in order.
 `moe_ref` is the plain loop over pairs on gguf-py's dequantisation.
@@ -71,22 +71,20 @@ def _gate_up_gemv(x_ptr, ids_ptr, slot_ptr, h_ptr, H, I, TOPK,
 
 
 @triton.jit
-def _down_gemv(h_ptr, ids_ptr, wt_ptr, slot_ptr, y_ptr, H, I, TOPK,
+def _down_gemv(h_ptr, ids_ptr, wt_ptr, slot_ptr, out_ptr, H, I,
                d_ptr, d16, d_aux, d_as, d_rb, d_mb, d_m16, d_am,
                FMT_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64)  # one pair per program (a token's k pairs in one would leave a GPU idle)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) of H
     rm = rows < H
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    for j in range(TOPK):  # the token's pairs in order: a fixed summation order
-        p = t * TOPK + j
-        e = tl.load(ids_ptr + p)
-        s = tl.load(slot_ptr + tl.maximum(e, 0)).to(tl.int64)
-        if (e >= 0) & (s >= 0):
-            v = _rows_dot_vec(d_ptr + s * d_mb, d16 + s * d_m16, d_aux + s * d_am, d_as, rows, rm, d_rb, I,
-                              h_ptr + p * I, FMT_D, BLOCK_N)
-            acc += tl.load(wt_ptr + p).to(tl.float32) * v
-    tl.store(y_ptr + t * H + rows, acc, mask=rm)
+    e = tl.load(ids_ptr + p)
+    s = tl.load(slot_ptr + tl.maximum(e, 0)).to(tl.int64)
+    acc = tl.zeros((BLOCK_N,), tl.float32)  # skipped pairs write zeros
+    if (e >= 0) & (s >= 0):
+        acc = tl.load(wt_ptr + p).to(tl.float32) * _rows_dot_vec(
+            d_ptr + s * d_mb, d16 + s * d_m16, d_aux + s * d_am, d_as, rows, rm, d_rb, I, h_ptr + p * I, FMT_D,
+            BLOCK_N)
+    tl.store(out_ptr + p * H + rows, acc, mask=rm)
 
 
 @triton.jit
@@ -156,7 +154,8 @@ def _check(x, ids, weights, slots, gate: Packed, up: Packed, down: Packed) -> No
 def moe_gemv(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
              gate: Packed, up: Packed, down: Packed, block_n: int | None = None) -> torch.Tensor:
     """x (T, H), ids (T, k) expert ids (-1 = none), weights (T, k), slots (E,) -> (T, H) float32: the sum over
-    each token's resident experts of weight * down(silu(gate x) * up x). Two launches, no host sync."""
+    each token's resident experts of weight * down(silu(gate x) * up x). Two kernel launches and torch's sum
+    over k, no host sync."""
     _check(x, ids, weights, slots, gate, up, down)
     (t, h), k, i = x.shape, ids.shape[1], gate.rows
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
@@ -164,11 +163,11 @@ def moe_gemv(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, slots: t
     hbuf = torch.empty(t * k, i, dtype=torch.float32, device=x.device)  # (P, I)
     _gate_up_gemv[(t * k, triton.cdiv(i, bn))](x, ids, slots, hbuf, h, i, k, *_args(gate), *_args(up),
                                                FMT_G=gate.fmt, FMT_U=up.fmt, BLOCK_N=bn)
-    y = torch.empty(t, h, dtype=torch.float32, device=x.device)
+    out = torch.empty(t * k, h, dtype=torch.float32, device=x.device)  # (P, H) weighted pair outputs
     bn = block_n or _block_n(h, 32)
-    _down_gemv[(t, triton.cdiv(h, bn))](hbuf, ids, weights, slots, y, h, i, k, *_args(down), FMT_D=down.fmt,
-                                        BLOCK_N=bn)
-    return y
+    _down_gemv[(t * k, triton.cdiv(h, bn))](hbuf, ids, weights, slots, out, h, i, *_args(down), FMT_D=down.fmt,
+                                            BLOCK_N=bn)
+    return out.view(t, k, h).sum(1)  # (T, H): each token's k rows summed in order
 
 
 def sort_pairs(ids: torch.Tensor, slots: torch.Tensor, n_slots: int, block_m: int = BLOCK_M):
