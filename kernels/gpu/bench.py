@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=None, help="weight rows N (default 6144 on a GPU, 256 dry)")
     ap.add_argument("--cols", type=int, default=None, help="weight columns K (default 6144 on a GPU, 512 dry)")
     ap.add_argument("--formats", default="Q4_K,Q8_0,Q6_K", help="ggml types, comma-separated")
-    ap.add_argument("--block-n", default="16,32,64", help="rows per program to try on a GPU")
+    ap.add_argument("--block-n", default="8,16,32,64", help="rows per program to try on a GPU")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--compile-only", action="store_true", help="compile every kernel for sm_90 and stop")
     a = ap.parse_args(argv)
