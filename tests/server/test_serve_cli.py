@@ -54,3 +54,10 @@ def test_serve_bad_model_path(tmp_path):
     r = subprocess.run([*offload_command(), "serve", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "nope" in r.stderr
+
+
+def test_serve_bad_cache_mem_and_max_body(tiny_checkpoint):
+    for option, value in (("--cache-mem", "lots"), ("--max-body", "0")):
+        r = subprocess.run([*offload_command(), "serve", str(tiny_checkpoint), option, value], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.strip().startswith("error:") and option in r.stderr, r.stderr
