@@ -45,10 +45,15 @@ class MLACache:
 
 
 def _position_tensors(layer, max_len: int) -> dict[str, torch.Tensor]:
-    """Every per-position tensor of a layer's cache (K/V, latent, rope key, indexer key, ...)."""
+    """Every tensor of a layer's cache (K/V, latent, rope key, indexer key, ...): each must hold one entry per
+    position along POS_AXIS, or a prefix snapshot would silently miss it."""
     axis = layer.POS_AXIS
-    return {name: t for name, t in vars(layer).items()
-            if isinstance(t, torch.Tensor) and t.dim() > axis and t.shape[axis] == max_len}
+    out = {name: t for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
+    for name, t in out.items():
+        if t.dim() <= axis or t.shape[axis] != max_len:
+            raise NotImplementedError(f"{type(layer).__name__}.{name} {tuple(t.shape)} is not indexed by position "
+                                      f"on axis {axis}: teach Cache.snapshot / restore about it")
+    return out
 
 
 class Cache:
