@@ -45,6 +45,34 @@ class Runtime:
         x = rms_norm(x.to(m.lm_head.device), m.norm, m.eps)  # the final norm lives with the head
         return m.lm_head(x).float()  # (T, V)
 
+    @torch.inference_mode()
+    def step_segments(self, segments: list, last_only: bool = True) -> list[torch.Tensor]:
+        """Several sequences in one forward (continuous batching): segments [(tokens (T_i,), cache_i)], each
+        appended at its cache's length. Attention runs per segment (its own cache and positions); norms, MLP /
+        MoE and the head run on the concatenated rows, so each expert's weights are read once for every row
+        routed to it. -> per segment logits (1, V) (last_only) or (T_i, V), float32."""
+        m = self.model
+        lens = [int(t.shape[0]) for t, _ in segments]
+        for (_, cache), n in zip(segments, lens):
+            cache.check_room(n)
+        starts = [cache.length for _, cache in segments]
+        x = m.embed.rows(torch.cat([t for t, _ in segments]).to(m.embed.device))  # (sum T_i, H)
+        states: list[dict] = [{} for _ in segments]  # per segment: RoPE tables and DSA selections differ
+        for i, layer in enumerate(m.layers):
+            x = x.to(layer.device)
+            h = rms_norm(x, layer.attn_norm, m.eps).split(lens)
+            x = x + torch.cat([layer.attn(hs, start, cache.layers[i], st)
+                               for hs, start, (_, cache), st in zip(h, starts, segments, states)])
+            h = rms_norm(x, layer.mlp_norm, m.eps)
+            x = x + (self.moe(layer.mlp, h, layer.device) if isinstance(layer.mlp, MoE) else layer.mlp(h))
+        for (_, cache), start, n in zip(segments, starts, lens):
+            cache.length = start + n
+        if last_only:
+            ends = torch.tensor(lens, device=x.device).cumsum(0) - 1
+            x, lens = x[ends], [1] * len(lens)  # (B, H)
+        x = rms_norm(x.to(m.lm_head.device), m.norm, m.eps)
+        return list(m.lm_head(x).float().split(lens))  # [(T_i or 1, V)]
+
     def moe(self, moe: MoE, x: torch.Tensor, home: torch.device) -> torch.Tensor:
         """x (T, H) of a layer living on `home` -> the MoE output (T, H)."""
         ids, weights = moe.route(x)  # (T, K), (T, K)

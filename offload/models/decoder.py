@@ -45,5 +45,10 @@ class Decoder:
         position only."""
         return self.runtime.step(tokens, cache, last_only)
 
+    def forward_segments(self, segments: list, last_only: bool = True) -> list[torch.Tensor]:
+        """Several sequences in one step: [(tokens (T_i,), cache_i)] -> per segment logits (see
+        Runtime.step_segments)."""
+        return self.runtime.step_segments(segments, last_only)
+
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
