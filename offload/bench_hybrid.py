@@ -8,10 +8,10 @@ offload loads FILE with every routed expert on the CPU (`--placement cpu`, as ll
 `auto` for the plan's own placement), the rest on the device. llama.cpp: `llama-bench -ngl 99 -ot exps=CPU
 -fa on` when --llama-bench names the binary, else (a CPU-only machine) llama-cpp-python on the CPU. Measured:
 prefill tok/s of each --prefill prompt (last position's logits only) and decode tok/s (--tokens steps after a
-64-token prompt), median of --repeat; on a GPU the fraction of a decode step the GPU is idle (torch profiler:
-1 - kernel time / wall time); the time per MoE layer split into attention, GPU experts (shared + GPU-resident),
-CPU experts (on the worker) and sync (the MoE part's wall time beyond max(GPU, CPU): router, transfers,
-hand-offs), from a separate pass that synchronises around each part. Predictions come from the plan for
+64-token prompt; offload's also with overlap off), median of --repeat; on a GPU the fraction of a decode step
+the GPU is idle (torch profiler: 1 - kernel time / wall time); the time per MoE layer split into attention,
+GPU experts (shared + GPU-resident), CPU experts (on the worker) and sync (the MoE part's wall time beyond
+max(GPU, CPU): router, transfers, hand-offs), from a separate pass that synchronises around each part. Predictions come from the plan for
 this machine (offload.planning.make_plan, the saved `offload probe` profile or --hardware) with the same
 placement (placement.cost.layer_decode_parts, decode_step, prefill).
 """
@@ -277,6 +277,9 @@ def report(r: dict) -> str:
         ratio = None if base is None else ours / base
         lines.append(f"| {label} | {ours:.1f} | {_fmt(base)} | {_fmt(ratio, '.2f')} | {_fmt(plan)} | "
                      f"{_fmt(None if plan is None else ours / plan, '.2f')} |")
+    serial = r["offload"]["decode_serial"]
+    lines += ["", f"offload decode with overlap off: {serial:.1f} tok/s (overlap on / off: "
+              f"{r['offload']['decode'] / serial:.2f})"]
     idle = r["gpu_idle"]
     lines += ["", f"GPU idle during decode: {_fmt(None if idle is None else 100 * idle)} %"]
     if r.get("gpu_mem_peak_bytes"):
@@ -348,13 +351,18 @@ def main(argv: list[str] | None = None) -> None:
             for n in prefills:
                 runs[name][n].append(e.prefill(prompts[n]))
             runs[name]["decode"].append(e.decode(ids, a.tokens))
+            if name == "offload":  # the same steps with the CPU experts run after the GPU's work, not beside it
+                e.model.runtime.overlap = False
+                runs[name]["decode_serial"].append(e.decode(ids, a.tokens))
+                e.model.runtime.overlap = True
             _log(f"round {i + 1}, {name}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs[name].items()))
     med = {name: {k: statistics.median(v) for k, v in rs.items()} for name, rs in runs.items()}
     if "base" in med:
         baseline = {"prefill": {n: med["base"][n] for n in prefills}, "decode": med["base"]["decode"]}
     r = {"file": a.gguf, "device": str(engine.device), "threads": threads, "repeat": a.repeat,
          "placement": a.placement, "prefills": prefills, "baseline_name": base_name, "baseline_cmd": base_cmd,
-         "offload": {"decode": med["offload"]["decode"], "prefill": {n: med["offload"][n] for n in prefills}},
+         "offload": {"decode": med["offload"]["decode"], "prefill": {n: med["offload"][n] for n in prefills},
+                     "decode_serial": med["offload"]["decode_serial"]},
          "baseline": baseline, "gpu_idle": _try(engine.gpu_idle, ids, a.tokens),
          "layers": _try(layer_split, engine, ids, a.tokens) or {},
          "plan": _try(predictions, a.gguf, engine, n_ctx, prefills, a.hardware, a.calibrate) or {
