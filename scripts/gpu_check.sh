@@ -210,7 +210,7 @@ if [ "$TESTS" = 1 ]; then
     { echo; echo "## tests (exit $rc): pytest $TEST_ARGS"; echo; echo '```'
       grep -E "^(FAILED|ERROR|XFAIL|SKIPPED)|[0-9]+ (passed|failed|skipped|error)" "$WORK/tests.log" | tail -40
       echo '```'; } >> "$RES"
-    cat "$WORK/tests.log" >> "$LOG"
+    tail -n 3000 "$WORK/tests.log" >> "$LOG"
 fi
 
 # --- wait for llama-bench
@@ -222,7 +222,7 @@ if [ -n "$BUILD_PID" ]; then
     else
         say ""; say "llama-bench: build FAILED; the last lines:"; { echo '```'; tail -15 "$WORK/build.log"; echo '```'; } >> "$RES"
     fi
-    cat "$WORK/build.log" >> "$LOG"
+    tail -n 2000 "$WORK/build.log" >> "$LOG"  # $OUT takes files up to 16 MiB
 fi
 
 # --- the benchmark (alone on the machine: nothing else runs now)
