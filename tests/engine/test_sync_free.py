@@ -84,7 +84,7 @@ def decode_step_reads(model) -> list[tuple[str, str]]:
     return mode.found
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["llama", "qwen2", "qwen3"])
 def test_a_decode_step_reads_nothing_back(arch, tiny_checkpoint):
     """The MoE part first (this issue's), then the whole step: attention, norms, embedding and head too
     (positions are still Python ints: no read, but not yet device tensors, so a captured graph would bake
