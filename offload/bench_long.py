@@ -67,6 +67,7 @@ def use_mask_path() -> None:
 def tile_cache(cache, filled: int, upto: int) -> None:
     """Fill positions filled..upto of each layer's cache with copies of its first `filled` (real) ones."""
     for layer in cache.layers:
+        layer.reserve(upto)  # caches grow on demand (offload.cache)
         for t in (layer.latent, layer.k_rope, layer.index_k):
             if t is None:
                 continue

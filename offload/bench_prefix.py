@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     second = first[:a.prefix] + torch.randint(100, min(vocab, 5000), (a.new,), generator=g).tolist()
     other = torch.randint(100, min(vocab, 5000), (64,), generator=g).tolist()  # another user's short turn
     cache = model.new_cache(n_ctx)
-    store = PrefixCache(mem_bytes=cache.nbytes())
+    store = PrefixCache(mem_bytes=cache.position_bytes() * n_ctx)
 
     def fill(ids):
         skip = store.prepare(cache, ids)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ways = {"cold": cold, "live": live, "snapshot": snapshot}
     print(f"{a.gguf}: prefix {a.prefix} + new {a.new} tokens, {threads} threads, cache "
-          f"{cache.nbytes() / n_ctx / 1024:.1f} KiB/token", flush=True)
+          f"{cache.position_bytes() / 1024:.1f} KiB/token", flush=True)
     fill(first)  # warm-up: page cache, buffers, kernels
     times: dict[str, list[float]] = {name: [] for name in ways}
     ref = None

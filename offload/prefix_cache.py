@@ -96,7 +96,7 @@ class PrefixCache:
             if common_prefix(e.tokens, tokens) == len(tokens):
                 self.entries.move_to_end(key)  # already stored (as this or a longer sequence)
                 return
-        per_token = max(1, cache.nbytes() // cache.max_len)
+        per_token = max(1, cache.position_bytes())
         n = min(len(tokens), self.budget // per_token)  # a prefix that fits: the system prompt matters most
         if n < MIN_TOKENS:
             return
