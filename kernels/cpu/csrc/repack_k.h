@@ -15,10 +15,10 @@
 namespace {
 
 #if QDOT_VNNI
-// Q6_K: the qh vector and the two ql vectors of u (chunk 2n + h, u = 4h + t) give the unsigned 6-bit values (q + 32)
-// 128n + 32r + 4u.. for r = 0..3 (ql low nibbles: r = 0, 1; high: r = 2, 3; qh bit pair r). A 16-value
-// sub-block 8n + 2r + h is u = 4h..4h+3: its four vpdpbusd start from -32 x its activation sum and
-// reach |.| <= 16 * 32 * 127 (too wide for vpdpwssd), so the int8 scale multiplies by vpmulld.
+// Q6_K: the qh vector and the two ql vectors of u (chunk 2n + h, u = 4h + t) give the unsigned 6-bit
+// values (q + 32) 128n + 32r + 4u.. for r = 0..3 (ql low nibbles: r = 0, 1; high: r = 2, 3; qh bit pair
+// r). A 16-value sub-block 8n + 2r + h is u = 4h..4h+3: its four vpdpbusd start from -32 x its activation
+// sum and reach |.| <= 16 * 32 * 127 (too wide for vpdpwssd), so the int8 scale multiplies by vpmulld.
 template <int NT>
 void r16_q6_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), zero = _mm512_setzero_si512();
@@ -41,14 +41,16 @@ void r16_q6_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb,
                     for (int t = 0; t < 4; t++) {
                         const uint8_t* chunk = g + 288 + 768 * (2 * n + h) + 64 * t;
                         const __m512i H = _mm512_loadu_si512(chunk), L = _mm512_loadu_si512(chunk + 256 + 256 * p);
-                        const __m512i hl = p ? _mm512_slli_epi16(H, 2) : _mm512_slli_epi16(H, 4);  // pair r to bits 4-5
-                        const __m512i hh = p ? _mm512_srli_epi16(H, 2) : H;                       // pair r + 2
+                        // qh pair r, then r + 2, to bits 4-5
+                        const __m512i hl = p ? _mm512_slli_epi16(H, 2) : _mm512_slli_epi16(H, 4);
+                        const __m512i hh = p ? _mm512_srli_epi16(H, 2) : H;
                         qlo[t] = _mm512_or_si512(_mm512_and_si512(L, m4), _mm512_and_si512(hl, m30));
                         qhi[t] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4), _mm512_and_si512(hh, m30));
                     }
                     const int slo = 8 * n + 2 * p + h, shi = slo + 4;  // the two sub-blocks
                     // int8 scale s of the 16 rows: byte s % 4 of scale vector s / 4, sign-extended
-                    const __m512i vlo = _mm512_loadu_si512(g + 32 + 64 * (slo / 4)), vhi = _mm512_loadu_si512(g + 32 + 64 * (shi / 4));
+                    const __m512i vlo = _mm512_loadu_si512(g + 32 + 64 * (slo / 4));
+                    const __m512i vhi = _mm512_loadu_si512(g + 32 + 64 * (shi / 4));
                     const __m512i sclo = _mm512_srai_epi32(_mm512_slli_epi32(vlo, 24 - 8 * (slo % 4)), 24);
                     const __m512i schi = _mm512_srai_epi32(_mm512_slli_epi32(vhi, 24 - 8 * (shi % 4)), 24);
                     for (int m = 0; m < NT; m++) {
