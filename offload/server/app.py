@@ -26,13 +26,16 @@ def _render(request: Request, e: APIError) -> JSONResponse:
 
 def create_app(llm: Any = None, *, loader: Callable[[], Any] | None = None, model_name: str | None = None,
                api_key: str | None = None, max_concurrency: int = 1, max_queue: int = 256,
-               timeout: float | None = None, max_body: int = MAX_BODY, cache_mem: int = 2 * 2**30, on_ready: Callable[[Any], None] | None = None) -> FastAPI:
+               timeout: float | None = None, max_body: int = MAX_BODY, cache_mem: int = 2 * 2**30,
+               kv_budget: int | None = None, on_ready: Callable[[Any], None] | None = None) -> FastAPI:
     """An app serving `llm`, or the model `loader()` returns (loaded in a thread; /health is 503 until then).
 
     model_name: the name clients must send (default llm.model_name). timeout: seconds per request,
     queue wait included; a generation still running then stops with finish_reason "length". max_body: the
     largest request body accepted, in bytes (413 past it). cache_mem: bytes of prefix-cache snapshots kept
-    (earlier conversations; the live one is always reused)."""
+    (earlier conversations; the live one is always reused). kv_budget: KV positions all running sequences
+    may hold together (default: what the free memory holds, at most max_concurrency contexts); a request
+    waits until its prompt + max tokens fit."""
     if llm is None and loader is None:
         raise ValueError("create_app needs an llm or a loader")
     if model_name is None:
@@ -40,7 +43,8 @@ def create_app(llm: Any = None, *, loader: Callable[[], Any] | None = None, mode
             raise ValueError("create_app(loader=...) needs model_name")
         model_name = llm.model_name
     state = ServerState(model_name=model_name, api_key=api_key, timeout=timeout,
-                        max_concurrency=max_concurrency, max_queue=max_queue, cache_mem=cache_mem)
+                        max_concurrency=max_concurrency, max_queue=max_queue, cache_mem=cache_mem,
+                        kv_budget=kv_budget)
 
     def load() -> None:
         try:
@@ -69,7 +73,10 @@ def create_app(llm: Any = None, *, loader: Callable[[], Any] | None = None, mode
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return _render(request, e)
+        response = _render(request, e)
+        if e.kind == "overloaded_error":  # busy (queue full) or still loading: worth a retry
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, e: ClientGone):

@@ -45,6 +45,7 @@ class ServerState:
     template: str | None = None  # the default chat template's source, for format detection
     cache_mem: int = 2 * 2**30  # prefix-cache snapshot budget in bytes (0: the live sequence only)
     prefix: Any = None  # the model's offload.prefix_cache.PrefixCache (None for an engine without one)
+    kv_budget: int | None = None  # KV positions all running sequences may hold (None: from free memory)
 
     @property
     def ready(self) -> bool:
@@ -56,10 +57,16 @@ class ServerState:
             self.template = llm.tokenizer.chat_template()
         except Exception:  # no template: /v1/chat/completions answers 400, /v1/completions still works
             self.template = None
-        # An engine that can run several sequences says so (max_sequences); offload's runs one today, and
-        # two generations sharing its cache would corrupt both: never run more than it allows.
-        self.max_concurrency = max(1, min(self.max_concurrency, int(getattr(llm, "max_sequences", 1))))
-        self.scheduler = Scheduler(llm, self.max_concurrency, self.max_queue, self.metrics)
+        engine, budget = llm, None
+        if hasattr(getattr(llm, "model", None), "forward_segments"):  # offload's: sequences decode together
+            from offload.server.batching import BatchLLM, kv_budget
+
+            engine = BatchLLM(llm, self.max_concurrency)
+            budget = self.kv_budget or kv_budget(llm.model, llm.context_length, self.max_concurrency)
+            self.kv_budget = budget
+        else:  # another engine says how many sequences it can run (max_sequences), 1 if it does not
+            self.max_concurrency = max(1, min(self.max_concurrency, int(getattr(llm, "max_sequences", 1))))
+        self.scheduler = Scheduler(engine, self.max_concurrency, self.max_queue, self.metrics, budget)
         if hasattr(llm, "model"):  # one store for both APIs: a conversation's turns may come through either
             from offload.prefix_cache import enable
 

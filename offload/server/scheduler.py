@@ -1,5 +1,7 @@
-"""The request queue: at most `max_concurrency` generations run at once (the engine is single-sequence,
-so 1 by default), each in a worker thread, bridged to asyncio one chunk at a time.
+"""The request queue: at most `max_concurrency` generations run at once (offload's engine batches them,
+offload.server.batching), each in a worker thread, bridged to asyncio one chunk at a time. With a KV budget
+(positions all running sequences may hold), a request is admitted only when its prompt + max tokens fit
+beside what the running ones reserved; requests start in arrival order; past `max_queue` waiting, QueueFull.
 
 Cancelling (client gone, stop string seen, timeout) sets an event the worker checks between tokens;
 the worker then closes the engine's generator, which frees the sequence, and only then gives the
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,50 +32,78 @@ _DONE = object()
 
 class Scheduler:
     def __init__(self, llm: Any, max_concurrency: int = 1, max_queue: int = 256,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, kv_budget: int | None = None):
         self.llm = llm
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.kv_budget = kv_budget  # positions; None: no limit beyond max_concurrency
+        self.kv_reserved = 0
         self.metrics = metrics or Metrics()
-        self._sem = asyncio.Semaphore(max_concurrency)
+        self._queue: deque = deque()  # (positions needed, future) in arrival order
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="offload-gen")
         self.waiting = 0
         self.running = 0
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.llm, "close", None)
+        if close is not None:
+            close()
+
+    def positions(self, prompt: list[int], gen_kwargs: dict) -> int:
+        """KV positions a request may fill: its prompt and every token it may generate."""
+        ctx = getattr(self.llm, "context_length", None) or 1 << 62
+        return min(ctx, len(prompt) + (gen_kwargs.get("max_new_tokens") or ctx))
+
+    def _fits(self, need: int) -> bool:
+        if self.running >= self.max_concurrency:
+            return False
+        return self.kv_budget is None or self.running == 0 or self.kv_reserved + need <= self.kv_budget
+
+    def _admit(self) -> None:
+        """Start queued requests in order while the head fits (on the event loop)."""
+        while self._queue:
+            need, fut = self._queue[0]
+            if not fut.done() and not self._fits(need):  # (a done one was abandoned while queued)
+                return
+            self._queue.popleft()
+            if fut.done():
+                continue
+            self.running += 1
+            self.kv_reserved += need
+            fut.set_result(need)
 
     async def start(self, prompt: list[int], gen_kwargs: dict, deadline: float | None) -> "Generation":
-        """Wait for a free slot (until `deadline`, a time.monotonic() value) and start generating."""
+        """Wait for a free slot and KV room (until `deadline`, a time.monotonic() value) and start generating."""
         if self.waiting >= self.max_queue:
             raise QueueFull(f"{self.waiting} requests already waiting (--max-queue {self.max_queue})")
+        need = self.positions(prompt, gen_kwargs)
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((need, fut))
         self.waiting += 1
         self.metrics.queue_depth(self.waiting)
-        # asyncio.wait, not wait_for: a slot granted just as the wait is abandoned must be given back.
-        acquire = asyncio.ensure_future(self._sem.acquire())
+        self._admit()
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, _ = await asyncio.wait({acquire}, timeout=timeout)
+            done, _ = await asyncio.wait({fut}, timeout=timeout)
             if not done:
                 raise QueueTimeout("timed out waiting for a free generation slot")
         except BaseException:
-            acquire.cancel()
-            acquire.add_done_callback(self._give_back)
+            if fut.done() and not fut.cancelled():  # admitted just as the wait was abandoned: give it back
+                self._release(need)
+            else:
+                fut.cancel()
             raise
         finally:
             self.waiting -= 1
             self.metrics.queue_depth(self.waiting)
-        self.running += 1
         gen = Generation(self, prompt, gen_kwargs, deadline)
-        gen._launch()
+        gen._launch(need)
         return gen
 
-    def _give_back(self, task: asyncio.Future) -> None:
-        if not task.cancelled() and task.exception() is None:
-            self._sem.release()
-
-    def _release(self) -> None:
+    def _release(self, need: int = 0) -> None:
         self.running -= 1
-        self._sem.release()
+        self.kv_reserved -= need
+        self._admit()
 
 
 class Generation:
@@ -88,7 +119,7 @@ class Generation:
         self.completion_tokens = 0
         self._finished = False
 
-    def _launch(self) -> None:
+    def _launch(self, need: int = 0) -> None:
         loop = asyncio.get_running_loop()
         put = self.queue.put_nowait
 
@@ -113,7 +144,7 @@ class Generation:
                 loop.call_soon_threadsafe(put, exc)
 
         fut = loop.run_in_executor(self.sched._pool, work)
-        fut.add_done_callback(lambda _f: self.sched._release())
+        fut.add_done_callback(lambda _f: self.sched._release(need))
 
     def __aiter__(self) -> "Generation":
         return self
