@@ -79,7 +79,10 @@ class Runtime:
         handles = [None] * len(moe.groups)
         staged = None
         for j, g in enumerate(moe.groups):  # the background groups first: they run while this thread works
-            if self.overlap and getattr(g, "runs_in_background", False) and g.device != home:
+            stream = getattr(g, "stream", None)  # a long chunk's CPU experts copied to the GPU (offload.streaming)
+            if stream is not None and stream.takes(ids):
+                handles[j] = stream.submit(x, ids, weights)  # the copies start now, the kernels at wait
+            elif self.overlap and getattr(g, "runs_in_background", False) and g.device != home:
                 if staged is None:
                     if self.staging is None:
                         self.staging = Staging()

@@ -44,6 +44,9 @@ class LoadContext:
     # devices (OFFLOAD_TRITON=0 in the environment: expanded), True = on every device (Triton's interpreter on
     # the CPU: tests), False = expanded to float at load
     triton: bool | None = None
+    # long prompts: a GPU layer's CPU experts of a GGUF streamed to the GPU above the crossover
+    # (offload.streaming.StreamPolicy; None: never)
+    stream: object = None
     home: str = "gpu"  # the home this context reads to
     main: torch.device | None = None  # the main device, the "gpu" home (set from `device`)
 
@@ -229,6 +232,7 @@ class LoadContext:
                                          shared)
                 if group.shared is not None:
                     shared = None  # runs inside this group's native call from now on
+                group.stream = self._expert_stream(files, dims, ids, n_experts, group.shared)
             else:
                 group = BlockExperts(dev, ids, *(expert_blocks(files[p][0], files[p][1], dims[p][1], ids, dev,
                                                                act_quant) for p in dims))
@@ -236,6 +240,17 @@ class LoadContext:
             if self.on_tensor is not None:
                 self.on_tensor()
         return groups, shared
+
+    def _expert_stream(self, files, dims, ids, n_experts, shared):
+        """The streamed path of a GPU layer's CPU experts (offload.streaming), where the layer's device runs the
+        Triton kernels on these formats; None elsewhere."""
+        if self.stream is None or self.home == "cpu" or self.device == torch.device("cpu") or \
+                not (self._triton(self.device) and self._triton_takes(files, dims)):
+            return None
+        from offload.streaming import ExpertStream
+
+        return ExpertStream(self.device, ids, n_experts, [(files[p][0], files[p][1], dims[p][1]) for p in dims],
+                            self.stream, shared)
 
     @staticmethod
     def _triton_takes(files, dims) -> bool:

@@ -1,0 +1,171 @@
+"""Long prompts on the GPU: a prefill chunk's CPU experts copied over PCIe as the file stores them and run there.
+
+A chunk of T tokens gives each of a layer's E experts about T*k/E tokens. Above the cost model's crossover
+(placement.cost.crossover_tokens: n > bytes * F_cpu / (2 * params * B_pcie)) copying an expert's bytes to the GPU
+takes less time than computing it on the CPU. `ExpertStream`, attached to a GGUF layer's CPU group at load when
+the layer lives on a GPU, holds those experts as stored (Q4_K bytes, not bf16: 3.5x fewer PCIe bytes). For a chunk
+above the crossover it copies the experts the chunk uses into a small pool of GPU slots, `slots` experts at a
+time, through pinned host buffers, with two pools (double-buffered: batch b+1 is copied on a side stream while
+batch b computes), and runs each batch with the resident experts' Triton kernels (kernels.gpu.moe.moe with a slot
+map). `submit` starts the first copies, so they run beside the shared expert and the GPU-resident groups; `wait`
+computes. Below the crossover (and always in decode) the CPU group runs as before.
+
+T tokens, k top-k, E experts of the layer, S slots of a pool, H hidden.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# never below a tl.dot block of tokens: decode steps and small batches stay on the CPU whatever the figures say
+MIN_TOKENS = 16
+
+
+@dataclass
+class StreamPolicy:
+    """When to stream: the hardware figures of the plan (F_cpu FLOP/s, B_pcie bytes/s host to device), or a fixed
+    crossover in tokens per expert (`tokens_per_expert`: tests, or a user's override)."""
+
+    cpu_flops: float = 0.0
+    pcie_bw: float = 0.0
+    tokens_per_expert: float | None = None
+    slots: int = 16  # experts per pool (two pools): 2 * 16 Q4_K experts of GLM-5 are ~0.7 GB
+
+    @classmethod
+    def from_plan(cls, plan: dict | None) -> "StreamPolicy | None":
+        """From a plan's JSON `hardware` (None without one, or without a GPU in it)."""
+        hw = (plan or {}).get("hardware") or {}
+        if not hw.get("gpus") or not hw.get("pcie_bw") or not hw.get("cpu_tflops"):
+            return None
+        return cls(cpu_flops=float(hw["cpu_tflops"]) * 1e12, pcie_bw=float(hw["pcie_bw"]))
+
+    def crossover(self, expert_params: float, expert_bytes: float) -> float:
+        """Tokens per expert above which streaming wins (placement.cost.crossover_tokens's formula)."""
+        if self.tokens_per_expert is not None:
+            return float(self.tokens_per_expert)
+        return expert_bytes * self.cpu_flops / (2 * expert_params * self.pcie_bw)
+
+
+class ExpertStream:
+    """A CPU group's experts as stored in the file, streamed to `device` for long chunks.
+
+    parts: three (raw (E, N, row bytes) numpy: the file's mmap of every expert of the layer, read in place, ggml
+    type, cols) for gate, up, down; the group holds `expert_ids`; `shared`: the shared MLP the CPU group runs inside its own call (None
+    when the layer runs it), run here on the CPU as that group would."""
+
+    def __init__(self, device: torch.device, expert_ids: list[int], n_experts: int, parts: list, policy: StreamPolicy,
+                 shared=None):
+        self.device = torch.device(device)
+        self.ids = list(expert_ids)
+        self.n_experts = n_experts
+        self.raw = [p[0] for p in parts]
+        self.fmts = [(int(p[1]), int(p[2])) for p in parts]
+        self.shared = shared
+        self.expert_bytes = sum(r.shape[1] * r.shape[2] for r in self.raw)
+        self.expert_params = sum(r.shape[1] * c for r, (_, c) in zip(self.raw, self.fmts))
+        self.per_expert = policy.crossover(self.expert_params, self.expert_bytes)  # tokens per expert
+        self.n_slots = max(1, min(policy.slots, len(self.ids)))
+        self.held = np.zeros(n_experts, dtype=bool)
+        self.held[self.ids] = True
+        self.enabled = True
+        self.chunks = 0  # chunks streamed (tests count it), and experts copied
+        self.experts_copied = 0
+        self._pools = None
+
+    def min_tokens(self, top_k: int) -> int:
+        """The chunk length from which this layer streams: the crossover in tokens of prompt (T*k/E > n)."""
+        return max(MIN_TOKENS, math.floor(self.per_expert * self.n_experts / top_k) + 1)
+
+    def takes(self, ids: torch.Tensor) -> bool:
+        """ids (T, k): stream this chunk? Decided from its shape alone (no host read in decode)."""
+        return self.enabled and ids.shape[0] >= self.min_tokens(ids.shape[1])
+
+    def pools(self) -> list:
+        """Two pools, each (gate, up, down) Packed over (S, N, row bytes) device bytes, and their host staging."""
+        if self._pools is None:
+            from offload.kernels.gpu.gemm import Packed
+
+            cuda = self.device.type == "cuda"
+            self._pools = []
+            for _ in range(2):
+                dev = [torch.empty((self.n_slots, *r.shape[1:]), dtype=torch.uint8, device=self.device)
+                       for r in self.raw]
+                host = [torch.empty(d.shape, dtype=torch.uint8, pin_memory=True) for d in dev] if cuda else dev
+                packs = [Packed(d, fmt, cols, None, f"stream.{name}") for d, (fmt, cols), name in
+                         zip(dev, self.fmts, ("gate", "up", "down"))]
+                self._pools.append({"dev": dev, "host": host, "packs": packs, "copied": None, "done": None})
+        return self._pools
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> "Streaming":
+        """x (T, H), ids / weights (T, k) on the layer's device: the copies of the first two batches start now."""
+        used = torch.unique(ids[ids >= 0]).cpu().numpy()  # the one host read of a streamed chunk
+        used = used[self.held[used]]  # this group's experts the chunk uses, in id order
+        batches = [used[i:i + self.n_slots] for i in range(0, len(used), self.n_slots)]
+        self.chunks += 1
+        self.experts_copied += len(used)
+        return Streaming(self, x, ids, weights, batches)
+
+    def copy(self, pool: dict, batch: np.ndarray) -> None:
+        """Experts `batch` (ids) into the pool's first slots: mmap -> (pinned) host -> device."""
+        cuda = self.device.type == "cuda"
+        if cuda and pool["copied"] is not None:
+            pool["copied"].synchronize()  # the previous copy out of this pool's pinned buffers has finished
+        n = len(batch)
+        with warnings.catch_warnings():  # read-only mmap views: only read
+            warnings.simplefilter("ignore", UserWarning)
+            for raw, host in zip(self.raw, pool["host"]):
+                np.take(raw, batch, axis=0, out=host[:n].numpy())
+        if not cuda:
+            return
+        side = self._side()
+        with torch.cuda.stream(side):
+            if pool["done"] is not None:
+                side.wait_event(pool["done"])  # the batch computed from this pool before is done with it
+            for dev, host in zip(pool["dev"], pool["host"]):
+                dev[:n].copy_(host[:n], non_blocking=True)
+            pool["copied"] = torch.cuda.Event()
+            pool["copied"].record(side)
+
+    def _side(self):
+        if getattr(self, "_stream", None) is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+
+class Streaming:
+    """The handle of a streamed chunk: `wait` runs batch b as soon as it has landed, starting the copy of b+2."""
+
+    def __init__(self, stream: ExpertStream, x, ids, weights, batches: list):
+        self.s, self.x, self.ids, self.weights, self.batches = stream, x, ids, weights, batches
+        pools = stream.pools() if batches else []
+        for b in range(min(2, len(batches))):
+            stream.copy(pools[b], batches[b])
+
+    def wait(self) -> torch.Tensor:
+        from offload.kernels.gpu.moe import moe
+
+        s, x = self.s, self.x
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (T, H)
+        wf = self.weights.to(torch.float32)
+        cuda = s.device.type == "cuda"
+        for b, batch in enumerate(self.batches):
+            pool = s.pools()[b % 2]
+            if cuda:
+                torch.cuda.current_stream(s.device).wait_event(pool["copied"])
+            slots = torch.full((s.n_experts,), -1, dtype=torch.int32)
+            slots[torch.as_tensor(batch)] = torch.arange(len(batch), dtype=torch.int32)
+            with warnings.catch_warnings():  # (the interpreter's exp overflows to 0 in a very negative gate)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out += moe(x, self.ids, wf, slots.to(x.device), *pool["packs"])  # this batch's experts' share
+            if cuda:
+                pool["done"] = torch.cuda.Event()
+                pool["done"].record()
+            if b + 2 < len(self.batches):
+                s.copy(pool, self.batches[b + 2])
+        y = out.to(x.dtype)
+        if s.shared is not None:  # the CPU group ran it in its call: so does this one, on the host
+            y = y + s.shared(x.cpu()).to(device=x.device, dtype=x.dtype)
+        return y
