@@ -227,3 +227,46 @@ def test_pool_runs_every_item_once_and_publishes_results(threads):
             assert native.lib().qdot_pool_selftest(3000, max_items) == 0
     finally:
         native.set_threads(n)
+
+
+_F16_ONE_OFFSETS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 10: (80, 82), 11: (108,), 12: (0, 2),
+                    13: (0, 2), 14: (208,), 23: (0,)}  # every fp16 d / dmin field (ggml block structs)
+# byte ranges of scale fields made small below, and the values they take (so no sum passes 2^24)
+_SMALL_SCALES = {12: (4, 16, 0, 4), 13: (4, 16, 0, 4), 14: (192, 208, -4, 5)}
+
+
+def _integer_blocks(qt, rows, k, rng):
+    """Random blocks whose fp16 scales are all 1 and whose sub-block scales are small, so that every
+    product and sum the kernels form is an integer below 2^24: exact in float32 in any order."""
+    w = sane_blocks(qt, rows, k, rng)
+    blocks = w.reshape(-1, native._BLOCK[qt][1])  # a view: (rows * k / block size, block bytes)
+    for off in _F16_ONE_OFFSETS.get(qt, ()):
+        blocks[:, off:off + 2] = np.frombuffer(np.float16(1).tobytes(), np.uint8)
+    if qt in _SMALL_SCALES:
+        a, b, lo, hi = _SMALL_SCALES[qt]
+        blocks[:, a:b] = rng.integers(lo, hi, (blocks.shape[0], b - a)).astype(np.int8).view(np.uint8)
+    if qt == 23:  # IQ4_XS: 6-bit scale = (2 << 4 | 0..3) - 32 = 0..3
+        blocks[:, 2:4] = 0xAA
+        blocks[:, 4:8] = rng.integers(0, 4, (blocks.shape[0], 4)) * 17
+    return w
+
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=[native.TYPES[t] for t in TYPES])
+def test_integer_sums_are_exact_in_every_layout(qt, rng):
+    """With fp16 scales of 1, small sub-block scales and integer activations whose blocks peak at 127 (so
+    the activation scale is 1 too), every output is an integer below 2^24: the file-layout and interleaved
+    kernels, SIMD and plain, must give x . dequant(W) exactly, rows 7 / 255 / 371 (tail rows included)."""
+    k, m = 512, 11  # 11 tokens: a group of 8 and one of 3
+    x = rng.integers(-126, 127, (m, k)).astype(np.float32)
+    x[:, ::32] = 127  # each 32 / 256-value block's largest magnitude, first: activation scale exactly 1
+    for rows in (7, 255, 371):
+        w = _integer_blocks(qt, rows, k, rng)
+        W = np.asarray(gguf.quants.dequantize(w, gguf.GGMLQuantizationType(qt)), np.float64)
+        ref = torch.from_numpy(x.astype(np.float64) @ W.T)
+        assert float(ref.abs().max()) < 2**24
+        mats = [(w, qt)] + ([native.repack(w, qt)] if qt in native.REPACKABLE else [])
+        for wm, qm in mats:
+            for plain in (False, True):
+                got = native.gemv(torch.from_numpy(x), wm, qm, plain=plain).double()
+                torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=f"{native.TYPES[qm]} plain={plain} rows={rows}")
