@@ -57,7 +57,10 @@ def register(app: typer.Typer) -> None:
         model_name: str | None = typer.Option(None, "--model-name", help="the name clients send (default: dir name)"),
         ctx: int = typer.Option(4096, "--ctx", help="context length per request (prompt + generated tokens)"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-        max_concurrency: int = typer.Option(1, "--max-concurrency", help="generations at once (capped by what the engine supports: 1 today)"),
+        max_concurrency: int = typer.Option(1, "--max-concurrency", help="sequences decoded together (continuous batching)"),
+        kv_budget: int | None = typer.Option(None, "--kv-budget", help="KV positions all running sequences may hold "
+                                             "(default: what free memory holds, at most --max-concurrency x --ctx); "
+                                             "a request waits until its prompt + max tokens fit"),
         max_queue: int = typer.Option(256, "--max-queue", help="requests waiting beyond this get a 503"),
         timeout: float | None = typer.Option(None, "--timeout", help="seconds per request, queue wait included"),
         cache_mem: str = typer.Option("2GiB", "--cache-mem", help="prefix cache: memory for earlier conversations' "
@@ -77,6 +80,8 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"{model}: no such checkpoint directory or GGUF file")
         if ctx < 1 or max_concurrency < 1 or max_queue < 0 or (timeout is not None and timeout <= 0) or max_body < 1:
             raise ConfigError("--ctx, --max-concurrency and --max-body must be >= 1, --max-queue >= 0, --timeout > 0")
+        if kv_budget is not None and kv_budget < 1:
+            raise ConfigError(f"--kv-budget must be >= 1 positions, got {kv_budget}")
         import uvicorn
 
         from offload.placement.hardware import parse_size
@@ -104,6 +109,9 @@ def register(app: typer.Typer) -> None:
             dev = str(getattr(llm, "device", device))
             typer.secho(banner(url, name, llm.context_length, dev, bool(api_key)), fg="green", err=True)
             allowed = application.state.server.max_concurrency
+            if application.state.server.kv_budget:
+                typer.secho(f"{allowed} sequences at once, KV budget {application.state.server.kv_budget} positions",
+                            err=True)
             if allowed < max_concurrency:
                 typer.secho(f"note: the engine runs {allowed} sequence(s) at a time; --max-concurrency "
                             f"{max_concurrency} lowered to {allowed}, other requests queue", fg="yellow", err=True)
@@ -113,7 +121,8 @@ def register(app: typer.Typer) -> None:
                         fg="yellow", err=True)
         typer.secho(f"offload: listening on {url}, loading {model} ...", err=True)
         application = create_app(loader=loader, model_name=name, api_key=api_key, max_concurrency=max_concurrency,
-                                 max_queue=max_queue, timeout=timeout, max_body=max_body, cache_mem=cache_bytes, on_ready=ready)
+                                 max_queue=max_queue, timeout=timeout, max_body=max_body, cache_mem=cache_bytes,
+                                 kv_budget=kv_budget, on_ready=ready)
         server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level=log_level,
                                                timeout_graceful_shutdown=3))
         server.run()
