@@ -16,6 +16,8 @@ BENCHES = {  # name -> (module with main(argv), what it measures)
     "triton-gemv": ("offload.kernels.gpu.bench", "Triton GEMV / MoE decode on ggml blocks, GB/s vs torch.sum"),
     "prefix": ("offload.bench_prefix", "first-token time of a turn sharing a long prefix: cached vs cold"),
     "long-context": ("offload.bench_long", "DSA decode ms/token, prefill tok/s and peak RSS at 1k-128k tokens"),
+    "concurrent": ("offload.bench_concurrent", "aggregate decode tok/s at 1-8 streams decoding together and "
+                   "first-token time beside 3 streams, with llama.cpp's batched decode"),
     "hybrid": ("offload.bench_hybrid", "CPU+GPU decode / prefill tok/s of a GGUF against llama.cpp, the time per "
                "layer split, beside the plan's prediction"),
 }
