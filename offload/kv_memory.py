@@ -7,6 +7,7 @@ S context length, T prefill chunk, h heads.
 
 import torch
 
+from offload.cache import MLACache
 from offload.errors import PlacementError
 from offload.generation import PREFILL_CHUNK
 from offload.models import glm_moe_dsa, mla
@@ -78,10 +79,15 @@ def _size(n: float) -> str:
 def check_context_fits(model, s: int) -> None:
     """Raise PlacementError naming the numbers when a context of `s` tokens does not fit in what is free now
     (call it before allocating the cache; an allocated cache already counts as used)."""
+    # caches that grow with the sequence (offload.cache) copy what they hold into the bigger tensors: the last
+    # regrowth holds both, up to twice the cache
+    copies = 2 if hasattr(MLACache, "reserve") else 1
     for dev, (kv, ws) in context_bytes(model, s).items():
         have = free_bytes(dev)
-        if kv + ws > have:
-            fits = max(0, int((have - ws) * s // kv)) if kv else 0
+        if copies * kv + ws > have:
+            fits = max(0, int((have - ws) * s // (copies * kv))) if kv else 0
+            grow = f" + {_size(kv)} while it regrows" if copies > 1 else ""
             raise PlacementError(
-                f"a context of {s} tokens needs {_size(kv + ws)} on {dev} (KV cache {_size(kv)}, prefill "
-                f"workspace {_size(ws)}) but {_size(have)} is free there; about {fits} tokens fit (ctx=)")
+                f"a context of {s} tokens needs {_size(copies * kv + ws)} on {dev} (KV cache {_size(kv)}{grow}, "
+                f"prefill workspace {_size(ws)}) but {_size(have)} is free there; "
+                f"about {fits} tokens fit (ctx=)")
