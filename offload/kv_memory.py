@@ -87,7 +87,8 @@ def check_context_fits(model, s: int) -> None:
         if copies * kv + ws > have:
             fits = max(0, int((have - ws) * s // (copies * kv))) if kv else 0
             grow = f" + {_size(kv)} while it regrows" if copies > 1 else ""
+            need = copies * kv + ws
             raise PlacementError(
-                f"a context of {s} tokens needs {_size(copies * kv + ws)} on {dev} (KV cache {_size(kv)}{grow}, "
+                f"a context of {s} tokens needs {_size(need)} on {dev} (KV cache {_size(kv)}{grow}, "
                 f"prefill workspace {_size(ws)}) but {_size(have)} is free there; "
                 f"about {fits} tokens fit (ctx=)")
