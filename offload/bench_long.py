@@ -7,10 +7,11 @@ Each context size S runs in its own process, so its peak RSS is its own: a rando
 in 512-token chunks, timed over its last two chunks (depth S - 1024 .. S; the first S - 1024 positions are a
 real prefill of 2048 tokens tiled, since attention's cost depends on S, not on what the rows hold; --whole
 times the whole prompt instead), then greedy decode (ms / token at depth S). The cache grows with the
-sequence (offload.cache): the tiling grows it in one step and the timed chunks regrow it (both copies held
-a moment, as in a real prefill's last regrowth), so the peak RSS is at least that of a real S-token prefill. The baseline, in the same run at --baseline-sizes: the mask path the sparse one
-replaced (the indexer scores all (T, i, S) at once, attention runs over all S with a (T, S) mask), still in
-the code as the tests' reference.
+sequence (offload.cache): the tiling grows it in one step and the timed chunks regrow it (both copies held a
+moment, as in a real prefill's last regrowth), so the peak RSS is at least that of a real S-token prefill.
+The baseline, in the same run at --baseline-sizes: the mask path the sparse one replaced (the indexer scores
+all (T, i, S) at once, attention runs over all S with a (T, S) mask), still in the code as the tests'
+reference.
 """
 
 import argparse
