@@ -47,6 +47,10 @@ def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=Non
     report_plan(plan, progress)
     lctx = LoadContext(source, dev, dt)
     homes.apply(lctx)
+    if dev.type == "cuda":  # long prompts stream a GPU layer's CPU experts above the crossover (offload.streaming)
+        from offload.streaming import StreamPolicy
+
+        lctx.stream = StreamPolicy.for_load(plan, plan_options.get("hardware"))
     model = _build_with_progress(arch, lctx, args, len(gguf.tensors), progress, path.name)
     model.gguf = gguf  # quantised expert groups read the mmap: keep the file open with the model
     return LLM(model, tokenizer, ctx, path.name, time.perf_counter() - start, plan)

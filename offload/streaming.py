@@ -13,15 +13,14 @@ computes. Below the crossover (and always in decode) the CPU group runs as befor
 T tokens, k top-k, E experts of the layer, S slots of a pool, H hidden.
 """
 
-import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-# never below a tl.dot block of tokens: decode steps and small batches stay on the CPU whatever the figures say
-MIN_TOKENS = 16
+from offload.placement.cost import STREAM_MIN_TOKENS as MIN_TOKENS  # noqa: F401  (decode never streams)
+from offload.placement.cost import stream_prompt_tokens
 
 
 @dataclass
@@ -41,6 +40,22 @@ class StreamPolicy:
         if not hw.get("gpus") or not hw.get("pcie_bw") or not hw.get("cpu_tflops"):
             return None
         return cls(cpu_flops=float(hw["cpu_tflops"]) * 1e12, pcie_bw=float(hw["pcie_bw"]))
+
+    @classmethod
+    def for_load(cls, plan: dict | None, hardware=None) -> "StreamPolicy | None":
+        """What offload.load streams with on a GPU: the plan's figures, or without a plan (an explicit placement)
+        this machine's (offload.planning.find_hardware, `hardware` a saved profile); None with
+        OFFLOAD_STREAM=0 in the environment."""
+        import os
+
+        if os.environ.get("OFFLOAD_STREAM", "1") == "0":
+            return None
+        if plan is not None:
+            return cls.from_plan(plan)
+        from offload.planning import find_hardware
+
+        hw = find_hardware(hardware=hardware)
+        return cls(cpu_flops=hw.cpu_tflops * 1e12, pcie_bw=hw.pcie_bw) if hw.cpu_tflops and hw.pcie_bw else None
 
     def crossover(self, expert_params: float, expert_bytes: float) -> float:
         """Tokens per expert above which streaming wins (placement.cost.crossover_tokens's formula)."""
@@ -77,7 +92,7 @@ class ExpertStream:
 
     def min_tokens(self, top_k: int) -> int:
         """The chunk length from which this layer streams: the crossover in tokens of prompt (T*k/E > n)."""
-        return max(MIN_TOKENS, math.floor(self.per_expert * self.n_experts / top_k) + 1)
+        return stream_prompt_tokens(self.per_expert, self.n_experts, top_k)
 
     def takes(self, ids: torch.Tensor) -> bool:
         """ids (T, k): stream this chunk? Decided from its shape alone (no host read in decode)."""

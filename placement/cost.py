@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 
 from .hardware import GB, Hardware
@@ -234,6 +236,16 @@ def crossover_tokens(expert_params: float, expert_bytes: float, hw: Hardware) ->
     """Tokens routed to one expert above which copying it over PCIe beats computing it on the CPU:
     n > b * F_cpu / (2 * P * B_pcie)."""
     return expert_bytes * hw.cpu_tflops * 1e12 / (2 * expert_params * hw.pcie_bw)
+
+
+STREAM_MIN_TOKENS = 16  # a tl.dot block: decode steps and small batches never stream
+
+
+def stream_prompt_tokens(tokens_per_expert: float, n_experts: int, top_k: int) -> int:
+    """The chunk length from which a layer's CPU experts are streamed to the GPU (offload.streaming): a chunk of T
+    tokens gives an expert T * top_k / E of them on average, streamed above the crossover; STREAM_MIN_TOKENS at
+    least."""
+    return max(STREAM_MIN_TOKENS, math.floor(tokens_per_expert * n_experts / top_k) + 1)
 
 
 def load_time(total_bytes: float, gpu_bytes: float, hw: Hardware) -> float:

@@ -472,6 +472,12 @@ def _predict(p: Plan) -> None:
         if cross is not None:
             prompt = cross * spec.n_experts / spec.top_k
             p.prediction["prefill_crossover_prompt_tokens"] = round(prompt)
+            # per MoE layer (a GGUF's expert types vary by layer): the prompt length from which that layer's CPU
+            # experts are streamed to the GPU (offload.streaming), T * top_k / E above its crossover
+            p.prediction["prefill_crossover_prompt_tokens_by_layer"] = {
+                str(lay.index): cost.stream_prompt_tokens(cost.crossover_tokens(lay.expert_params, lay.expert_bytes,
+                                                                                 hw), spec.n_experts, spec.top_k)
+                for lay in moe}
     p.prediction["model_total_params"] = total_params(spec, opts.mtp)
     p.prediction["model_active_params"] = active_params(spec)
     if p.status != "does_not_fit_ram":

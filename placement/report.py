@@ -129,6 +129,10 @@ def blocks(d: dict) -> list[tuple]:
         prow.append(["prefill crossover: stream an expert over PCIe above",
                      f"{pred['prefill_crossover_tokens_per_expert']:.0f} tokens/expert "
                      f"(~{pred['prefill_crossover_prompt_tokens']} prompt tokens)"])
+        by_layer = pred.get("prefill_crossover_prompt_tokens_by_layer") or {}
+        if by_layer:
+            prow.append(["prefill: CPU experts streamed to the GPU from (prompt tokens, per layer)",
+                         _layer_runs(by_layer)])
     if "load_time_s" in pred:
         prow.append(["cold load time", f"{pred['load_time_s']:.0f} s"])
     out.append(("table", "Predictions", ["", "value"], prow))
@@ -210,3 +214,14 @@ def print_table(d: dict, console=None) -> None:
             console.print(f"[bold]{b[1]}")
             for x in b[2]:
                 console.print(f"  {x}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _layer_runs(by_layer: dict) -> str:
+    """{layer: tokens} as runs of layers with one value: "layers 1-3: 540, layer 4: 610"."""
+    runs: list[list] = []
+    for layer, n in sorted((int(k), v) for k, v in by_layer.items()):
+        if runs and runs[-1][2] == n and runs[-1][1] == layer - 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer, n])
+    return ", ".join(f"layer {a}: {n}" if a == b else f"layers {a}-{b}: {n}" for a, b, n in runs)
