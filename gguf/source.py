@@ -113,6 +113,18 @@ class GGUFSource:
         info = self.gguf.tensors[g]
         return self.gguf.raw(g).reshape(shape[0], -1), info.type
 
+    def head_blocks(self, name: str) -> "tuple[tuple[np.ndarray, GGMLType], tuple[np.ndarray, GGMLType]] | None":
+        """MLA's kv_b_proj `name` as the file's per-head blocks: W_UK^T (h, c, n bytes) and W_UV (h, v, c bytes),
+        zero-copy views, and their types; None where the file holds no attn_k_b / attn_v_b."""
+        parts = self._kv_b_parts(name)
+        if parts is None:
+            return None
+        out = []
+        for g in parts:
+            info = self.gguf.tensors[g]
+            out.append((self.gguf.raw(g).reshape(*info.np_shape[:2], -1), info.type))
+        return tuple(out)
+
     # -- routed experts --------------------------------------------------------------------------------
     def has_expert_blocks(self, prefix: str) -> bool:
         layer = experts_layer(prefix)

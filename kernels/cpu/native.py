@@ -121,6 +121,7 @@ def lib():
     L.qdot_moe_topk.argtypes = [_vp, i64, i64, _vp, _vp, i64, i64, i64, _vp, i32, _vp, i32, _vp, i32,
                                 _vp, _vp, _vp, _vp]
     L.qdot_gemv_multi.argtypes = [i32, _vp, _vp, _vp, _vp, i64, i64, _vp]
+    L.qdot_gemv_batched.argtypes = [i32, _vp, i64, i64, i64, _vp, i64, i64, _vp]
     L.qdot_repack.argtypes = [i32, _vp, i64, i64, _vp, i32]
     L.qdot_set_threads.argtypes = [i32]
     L.qdot_pool_selftest.restype = i64
@@ -275,6 +276,23 @@ def gemv_multi(x, qweights: list, qtypes: list[int]) -> list[torch.Tensor]:
         if lib().qdot_gemv_multi(len(ws), _ptr(qts), _ptr(wp), _ptr(ns), _ptr(x), M, K, _ptr(op)):
             raise WeightsError(f"native gemv_multi: unsupported ggml types {list(qtypes)} or K={K}")
     return [torch.from_numpy(o) for o in outs]
+
+
+def gemv_batched(x, qweights, qtype: int) -> torch.Tensor:
+    """out[b] = x[b] (M, K) @ W[b].T for every b in one native call: x (B, M, K) float, W (B, N, row bytes) ggml
+    blocks (an interleaved type: N % 16 == 0) -> (B, M, N) float32. MLA's per-head absorbed matrices."""
+    qtype = int(qtype)
+    x, w = _f32(x), _u8(qweights)
+    if w.ndim != 3 or x.ndim != 3 or x.shape[0] != w.shape[0]:
+        raise WeightsError(f"gemv_batched: activations {x.shape} and weights {w.shape} are not (B, M, K) / (B, N, row bytes)")
+    B, M, K = x.shape
+    if _row_elems(w.shape[2], qtype) != K:
+        raise WeightsError(f"gemv_batched: activations of shape {x.shape} do not match weight rows of "
+                           f"{_row_elems(w.shape[2], qtype)} elements")
+    out = np.empty((B, M, w.shape[1]), np.float32)
+    if out.size and lib().qdot_gemv_batched(qtype, _ptr(w), B, w.shape[1], w.shape[2], _ptr(x), M, K, _ptr(out)):
+        raise WeightsError(f"native gemv_batched: unsupported ggml type {qtype}, K={K} or N={w.shape[1]}")
+    return torch.from_numpy(out)
 
 
 def moe_rows(x: np.ndarray, starts: np.ndarray, eids: np.ndarray, gate: np.ndarray, up: np.ndarray,

@@ -108,6 +108,28 @@ class QuantWeight:
         return np.stack([groups[r // 16][r % 16] if r < full else w[r] for r in ids.tolist()])
 
 
+class HeadsQuantWeight:
+    """One matrix (N, K) per head as ggml blocks (B, N, row bytes): MLA's absorbed W_UK / W_UV as the file stores
+    them (llama.cpp's attn_k_b / attn_v_b), multiplied head by head in one native call, so a decode step reads
+    them in their quantised form (their float expansion is 4-7x the bytes)."""
+
+    def __init__(self, blocks: np.ndarray, qtype: int, cols: int):
+        self.blocks, self.qtype, self.cols = blocks, int(qtype), cols  # (B, N, row bytes), kernel type id, K
+
+    @classmethod
+    def from_file(cls, raw: np.ndarray, qtype: int, cols: int) -> "HeadsQuantWeight":
+        b, n, _ = raw.shape
+        qtype = int(qtype)
+        if n % 16 == 0 and native.repacks(qtype, n):  # whole 16-row groups per head: interleave them all at once
+            flat, qtype = native.repack(raw.reshape(b * n, -1), qtype)
+            raw = flat.reshape(b, n, -1)
+        return cls(raw, qtype, cols)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, M, K) -> (B, M, N) in x's dtype: head b's rows times matrix b."""
+        return native.gemv_batched(x, self.blocks, self.qtype).to(x.dtype)
+
+
 def native_rows(ws) -> bool:
     """True when these weights can share native calls: quantised CPU matrices without numerics emulation."""
     return all(isinstance(w, QuantWeight) and not w.act_quant for w in ws)

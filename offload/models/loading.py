@@ -165,6 +165,21 @@ class LoadContext:
             self.on_tensor()
         return w
 
+    def heads(self, name: str):
+        """MLA's kv_b_proj `name` as (W_UK^T, W_UV) per-head quantised matrices (kernels.cpu.weights.HeadsQuantWeight,
+        (h, c, n) and (h, v, c)) where a GGUF stores them split and the native kernels multiply their types on the
+        CPU, else None (the model multiplies the float kv_b)."""
+        if self.device.type != "cpu" or getattr(self.source, "act_quant", True) or not hasattr(self.source, "head_blocks"):
+            return None
+        found = self.source.head_blocks(name)
+        from offload.kernels.cpu import native
+
+        if found is None or not native.fast(*(int(t) for _, t in found)):
+            return None
+        from offload.kernels.cpu.weights import HeadsQuantWeight
+
+        return tuple(HeadsQuantWeight.from_file(raw, t, native._row_elems(raw.shape[2], int(t))) for raw, t in found)
+
     def mlp(self, prefix: str, hidden: int, inter: int):
         return mlp(self.linear(f"{prefix}.gate_proj.weight", (inter, hidden)),
                    self.linear(f"{prefix}.up_proj.weight", (inter, hidden)),

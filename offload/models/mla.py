@@ -32,8 +32,11 @@ SELECTED_WORKSPACE_BYTES = 32 << 20
 class MLAAttention:
     def __init__(self, *, q_a, q_a_norm, q_b, q_proj, kv_a, kv_a_norm, kv_b, wo, n_heads, nope, rope_dim, v_dim,
                  kv_lora, rope: Rope, scale: float, eps: float, device, dtype, selector: Callable | None = None,
-                 index_dim: int = 0):
+                 index_dim: int = 0, heads=None):
         # q_a, q_b, q_proj, kv_a, wo: weights (offload.models.weights), biases inside; kv_b a float tensor
+        # heads: (W_UK^T (h, c, n), W_UV (h, v, c)) quantised per head (a GGUF on the CPU) or None: the absorbed
+        # products then read the file's blocks, not kv_b's float32 (4-7x the bytes, every decode step)
+        self.uk_q, self.uv_q = heads if heads is not None else (None, None)
         self.q_a, self.q_a_norm, self.q_b, self.q_proj = q_a, q_a_norm, q_b, q_proj
         self.kv_a, self.kv_a_norm = kv_a, kv_a_norm
         # the projections of x, one call where the weights allow: (q, kv_a) or (q_a, kv_a)
@@ -84,7 +87,7 @@ class MLAAttention:
             k_nope = torch.einsum("sc,hnc->hsn", latent_all, self.w_uk)  # (h, S, n)
             scores = torch.matmul(q_nope.transpose(0, 1), k_nope.transpose(1, 2))  # (h, T, S)
         else:  # decode: absorb W_UK into the query, attend over the cached latents directly
-            q_lat = torch.einsum("thn,hnc->htc", q_nope, self.w_uk)  # (h, T, c)
+            q_lat = self.absorb_q(q_nope)  # (h, T, c)
             scores = torch.matmul(q_lat, latent_all.T)  # (h, T, S)
         scores = scores + torch.matmul(q_rot.transpose(0, 1), k_rot_all.T)  # (h, T, S)
         scores = scores * self.scale
@@ -96,14 +99,26 @@ class MLAAttention:
             v_all = torch.einsum("sc,hvc->hsv", latent_all, self.w_uv)  # (h, S, v)
             return torch.matmul(probs, v_all).transpose(0, 1)  # (T, h, v)
         out_lat = torch.matmul(probs, latent_all)  # (h, T, c)
-        return torch.einsum("htc,hvc->thv", out_lat, self.w_uv)  # (T, h, v)
+        return self.expand_out(out_lat)  # (T, h, v)
+
+    def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope (T, h, n) -> the queries in latent space (h, T, c)."""
+        if self.uk_q is not None:
+            return self.uk_q(q_nope.transpose(0, 1))  # (h, T, n) -> (h, T, c)
+        return torch.einsum("thn,hnc->htc", q_nope, self.w_uk)
+
+    def expand_out(self, out_lat: torch.Tensor) -> torch.Tensor:
+        """out_lat (h, T, c) -> the values per head (T, h, v)."""
+        if self.uv_q is not None:
+            return self.uv_q(out_lat).transpose(0, 1)  # (h, T, v) -> (T, h, v)
+        return torch.einsum("htc,hvc->thv", out_lat, self.w_uv)
 
     def attend_selected(self, q_nope, q_rot, latent_all, k_rot_all, idx, valid) -> torch.Tensor:
         """DSA: each query reads only its K selected rows (idx (T, K), valid (T, K) False where a slot holds
         no key), gathered from the latent and rope-key cache, in the absorbed form: per (query, key) it costs
         2c + r, but only K keys, whatever S is -> (T, h, v)."""
         t, k = idx.shape
-        q_lat = torch.einsum("thn,hnc->thc", q_nope, self.w_uk)  # (T, h, c)
+        q_lat = self.absorb_q(q_nope).transpose(0, 1).contiguous()  # (T, h, c)
         out_lat = torch.empty_like(q_lat)  # (T, h, c)
         # query blocks bound the gathered rows: tq * K * (c + r) values (bf16, K 2048: tq 12, 28 MB)
         row = k * ((self.c + self.r) * latent_all.element_size() + 2 * 4 * self.h)
@@ -122,7 +137,7 @@ class MLAAttention:
             scores = (scores * self.scale).masked_fill_(hidden, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)  # (tq, h, K)
             out_lat[q0:q0 + tq] = torch.bmm(probs, lat)  # (tq, h, c)
-        return torch.einsum("thc,hvc->thv", out_lat, self.w_uv)  # (T, h, v)
+        return self.expand_out(out_lat.transpose(0, 1))  # (T, h, v)
 
 
 def load_mla(ctx: LoadContext, prefix: str, a, rope: Rope, scale: float, selector=None,
@@ -145,4 +160,5 @@ def load_mla(ctx: LoadContext, prefix: str, a, rope: Rope, scale: float, selecto
         kv_b=g(f"{prefix}.kv_b_proj.weight", (h * (n + v), c)),
         wo=lin(f"{prefix}.o_proj.weight", (hid, h * v), b("o_proj")),
         n_heads=h, nope=n, rope_dim=r, v_dim=v, kv_lora=c, rope=rope, scale=scale, eps=1e-6,
-        device=ctx.device, dtype=ctx.dtype, selector=selector, index_dim=index_dim)
+        device=ctx.device, dtype=ctx.dtype, selector=selector, index_dim=index_dim,
+        heads=ctx.heads(f"{prefix}.kv_b_proj.weight"))

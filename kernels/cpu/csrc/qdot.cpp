@@ -273,6 +273,26 @@ int qdot_gemv_multi(int n, const int* qtypes, const uint8_t* const* ws, const in
     return gemv_many(n, qtypes, ws, Ns, x, M, K, outs, false);
 }
 
+// Batched GEMV, one matrix per batch entry (MLA's per-head W_UK / W_UV, llama.cpp's attn_k_b / attn_v_b):
+// out[b] (M, N) = x[b] (M, K) . W[b]^T for b < B, W (B, N, row_bytes) contiguous; an interleaved type needs
+// N % 16 == 0 (each head's rows are whole 16-row groups). One call: the activations quantised once, one
+// parallel region over every head's row blocks.
+int qdot_gemv_batched(int qtype, const uint8_t* w, int64_t B, int64_t N, int64_t row_bytes, const float* x,
+                      int64_t M, int64_t K, float* out) {
+    const Type* t = find_type(qtype);
+    if (!t || K % t->block || row_bytes != K / t->block * t->bytes || (t->r16 && N % 16)) return -1;
+    const int64_t ab = act_row_bytes(t, K), nb = K / t->block, per_head = (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    std::vector<uint8_t> xq(ab * B * M);
+    Call call;
+    pool().run(B * M, [&](int64_t i) { quantize_row(t, x + i * K, K, xq.data() + i * ab); });
+    pool().run(B * per_head, [&](int64_t it) {
+        const int64_t b = it / per_head, r0 = (it % per_head) * ROWS_PER_ITEM, r1 = std::min(N, r0 + ROWS_PER_ITEM);
+        rows_times_tokens(t, false, w + b * N * row_bytes, row_bytes, nb, r0, r1, xq.data() + b * M * ab, ab, 0, M,
+                          out + b * M * N, N);
+    });
+    return 0;
+}
+
 // Expert FFNs of P (token, expert) rows grouped by expert: rows starts[g]..starts[g+1] of x (P, H) go
 // through local expert eids[g]: y[p] = down(silu(gate x_p) * up x_p). gate / up are (E, I, H-row bytes)
 // and down (E, H, I-row bytes), contiguous. Each expert's rows are read once for all its tokens.
