@@ -81,3 +81,29 @@ def test_shared_expert_in_the_routed_call_changes_nothing(gguf_models, monkeypat
     assert all(moe.shared is not None for moe in apart_llm.model.moe_layers())
     apart = apart_llm.logits(ids)
     assert torch.equal(together, apart)
+
+
+def test_mla_absorbed_products_read_the_files_blocks(gguf_models, monkeypatch):
+    """GLM-DSA's attn_k_b / attn_v_b (Q5_0 / Q4_K in Q4_K_M) stay in their blocks for the absorbed attention
+    (a prompt under the expanded form's 16 tokens runs it, as decode does): the logits agree with llama.cpp's
+    at the same positions and with the float kv_b path."""
+    import offload
+    from offload.kernels.cpu.weights import HeadsQuantWeight
+    from offload.models import loading
+
+    name, fmt = "glm_moe_dsa", "Q4_K_M"
+    llm = gguf_models.ours(name, fmt)
+    attn = llm.model.layers[0].attn
+    assert isinstance(attn.uk_q, HeadsQuantWeight) and isinstance(attn.uv_q, HeadsQuantWeight)
+    ids = gguf_models.prompt_ids(name, fmt)[:12]
+    ours = llm.logits(ids)
+    _, ref = gguf_models.compare(name, fmt)  # teacher-forced: its first 12 rows are this prefix's
+    m = agreement(ours.numpy(), ref[:12])
+    print(f"\n{name} {fmt} absorbed, blocks vs llama.cpp: cos mean {m['cos_mean']:.6f} top-1 {m['top1']:.3f}")
+    assert m["cos_mean"] >= 0.999 and m["top1"] >= 0.9
+    monkeypatch.setattr(loading.LoadContext, "heads", lambda self, name: None)
+    float_llm = offload.load(gguf_models.path(name, fmt), device="cpu", progress=False)
+    assert float_llm.model.layers[0].attn.uk_q is None
+    m = agreement(ours.numpy(), float_llm.logits(ids).numpy())
+    print(f"{name} {fmt} absorbed, blocks vs float kv_b: cos mean {m['cos_mean']:.6f} top-1 {m['top1']:.3f}")
+    assert m["cos_mean"] >= 0.999 and m["top1"] >= 0.9
