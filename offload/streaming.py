@@ -88,7 +88,7 @@ class ExpertStream:
         self.enabled = True
         self.chunks = 0  # chunks streamed (tests count it), and experts copied
         self.experts_copied = 0
-        self._pools = None
+        self._packs: dict = {}  # id(pool) -> (its buffers' addresses, Packed views)
 
     def min_tokens(self, top_k: int) -> int:
         """The chunk length from which this layer streams: the crossover in tokens of prompt (T*k/E > n)."""
@@ -98,21 +98,16 @@ class ExpertStream:
         """ids (T, k): stream this chunk? Decided from its shape alone (no host read in decode)."""
         return self.enabled and ids.shape[0] >= self.min_tokens(ids.shape[1])
 
-    def pools(self) -> list:
-        """Two pools, each (gate, up, down) Packed over (S, N, row bytes) device bytes, and their host staging."""
-        if self._pools is None:
-            from offload.kernels.gpu.gemm import Packed
+    def packs(self, pool: "Pool") -> list:
+        """(gate, up, down) Packed over the pool's first n_slots slots, shaped for this layer's experts."""
+        from offload.kernels.gpu.gemm import Packed
 
-            cuda = self.device.type == "cuda"
-            self._pools = []
-            for _ in range(2):
-                dev = [torch.empty((self.n_slots, *r.shape[1:]), dtype=torch.uint8, device=self.device)
-                       for r in self.raw]
-                host = [torch.empty(d.shape, dtype=torch.uint8, pin_memory=True) for d in dev] if cuda else dev
-                packs = [Packed(d, fmt, cols, None, f"stream.{name}") for d, (fmt, cols), name in
-                         zip(dev, self.fmts, ("gate", "up", "down"))]
-                self._pools.append({"dev": dev, "host": host, "packs": packs, "copied": None, "done": None})
-        return self._pools
+        dev = pool.views([r.shape[1:] for r in self.raw], self.n_slots)[0]
+        key = tuple(d.data_ptr() for d in dev)
+        if self._packs.get(id(pool), (None,))[0] != key:
+            self._packs[id(pool)] = (key, [Packed(d, fmt, cols, None, f"stream.{name}") for d, (fmt, cols), name in
+                                           zip(dev, self.fmts, ("gate", "up", "down"))])
+        return self._packs[id(pool)][1]
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> "Streaming":
         """x (T, H), ids / weights (T, k) on the layer's device: the copies of the first two batches start now."""
@@ -123,31 +118,67 @@ class ExpertStream:
         self.experts_copied += len(used)
         return Streaming(self, x, ids, weights, batches)
 
-    def copy(self, pool: dict, batch: np.ndarray) -> None:
+    def copy(self, pool: "Pool", batch: np.ndarray) -> None:
         """Experts `batch` (ids) into the pool's first slots: mmap -> (pinned) host -> device."""
         cuda = self.device.type == "cuda"
-        if cuda and pool["copied"] is not None:
-            pool["copied"].synchronize()  # the previous copy out of this pool's pinned buffers has finished
+        if cuda and pool.copied is not None:
+            pool.copied.synchronize()  # the previous copy out of this pool's pinned buffers has finished
         n = len(batch)
+        dev, host = pool.views([r.shape[1:] for r in self.raw], self.n_slots)
+        idx = torch.from_numpy(batch).long()
         with warnings.catch_warnings():  # read-only mmap views: only read
             warnings.simplefilter("ignore", UserWarning)
-            for raw, host in zip(self.raw, pool["host"]):
-                np.take(raw, batch, axis=0, out=host[:n].numpy())
+            for raw, h in zip(self.raw, host):  # torch's index_select copies with the intra-op threads
+                torch.index_select(torch.from_numpy(raw), 0, idx, out=h[:n])
         if not cuda:
             return
-        side = self._side()
+        side = pool.side
         with torch.cuda.stream(side):
-            if pool["done"] is not None:
-                side.wait_event(pool["done"])  # the batch computed from this pool before is done with it
-            for dev, host in zip(pool["dev"], pool["host"]):
-                dev[:n].copy_(host[:n], non_blocking=True)
-            pool["copied"] = torch.cuda.Event()
-            pool["copied"].record(side)
+            if pool.done is not None:
+                side.wait_event(pool.done)  # the batch computed from this pool before (any layer's) is done with it
+            for d, h in zip(dev, host):
+                d[:n].copy_(h[:n], non_blocking=True)
+            pool.copied = torch.cuda.Event()
+            pool.copied.record(side)
 
-    def _side(self):
-        if getattr(self, "_stream", None) is None:
-            self._stream = torch.cuda.Stream(self.device)
-        return self._stream
+
+class Pool:
+    """Slots for one batch of streamed experts on a device: the bytes of gate, up and down (each a flat buffer,
+    viewed as (S, N, row bytes) by the layer using it), their pinned host staging (the device bytes themselves
+    off CUDA), and the events that order its reuse. Two per device, shared by every streamed layer there: the
+    plan reserves 2 x 16 experts of the largest size (placement.planner.gpu_reserve)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.dev: list[torch.Tensor] = []
+        self.host: list[torch.Tensor] = []
+        self.copied = self.done = None  # events: the last copy into it landed; the last batch run from it ended
+        self.side = torch.cuda.Stream(device) if self.cuda else None  # the copies' stream
+
+    def views(self, shapes: list, n_slots: int) -> tuple[list, list]:
+        """(device, host) views (n_slots, N, row bytes) per part, the buffers grown to fit."""
+        need = [n_slots * int(np.prod(sh)) for sh in shapes]
+        if len(self.dev) != len(need) or any(b.numel() < n for b, n in zip(self.dev, need)):
+            if self.cuda:
+                torch.cuda.synchronize(self.device)  # nothing in flight reads or writes the old buffers
+            size = [max(n, b.numel()) for n, b in zip(need, self.dev)] if len(self.dev) == len(need) else need
+            self.dev = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in size]
+            self.host = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in size] if self.cuda else self.dev
+            self.copied = self.done = None
+        dev = [b[:n].view(n_slots, *sh) for b, n, sh in zip(self.dev, need, shapes)]
+        host = [b[:n].view(n_slots, *sh) for b, n, sh in zip(self.host, need, shapes)]
+        return dev, host
+
+
+_pools: dict[torch.device, list[Pool]] = {}
+
+
+def pools_on(device: torch.device) -> list[Pool]:
+    """The two pools of `device`."""
+    if device not in _pools:
+        _pools[device] = [Pool(device), Pool(device)]
+    return _pools[device]
 
 
 class Streaming:
@@ -155,9 +186,9 @@ class Streaming:
 
     def __init__(self, stream: ExpertStream, x, ids, weights, batches: list):
         self.s, self.x, self.ids, self.weights, self.batches = stream, x, ids, weights, batches
-        pools = stream.pools() if batches else []
+        self.pools = pools_on(stream.device)
         for b in range(min(2, len(batches))):
-            stream.copy(pools[b], batches[b])
+            stream.copy(self.pools[b], batches[b])
 
     def wait(self) -> torch.Tensor:
         from offload.kernels.gpu.moe import moe
@@ -167,17 +198,17 @@ class Streaming:
         wf = self.weights.to(torch.float32)
         cuda = s.device.type == "cuda"
         for b, batch in enumerate(self.batches):
-            pool = s.pools()[b % 2]
+            pool = self.pools[b % 2]
             if cuda:
-                torch.cuda.current_stream(s.device).wait_event(pool["copied"])
+                torch.cuda.current_stream(s.device).wait_event(pool.copied)
             slots = torch.full((s.n_experts,), -1, dtype=torch.int32)
             slots[torch.as_tensor(batch)] = torch.arange(len(batch), dtype=torch.int32)
             with warnings.catch_warnings():  # (the interpreter's exp overflows to 0 in a very negative gate)
                 warnings.simplefilter("ignore", RuntimeWarning)
-                out += moe(x, self.ids, wf, slots.to(x.device), *pool["packs"])  # this batch's experts' share
+                out += moe(x, self.ids, wf, slots.to(x.device), *s.packs(pool))  # this batch's experts' share
             if cuda:
-                pool["done"] = torch.cuda.Event()
-                pool["done"].record()
+                pool.done = torch.cuda.Event()
+                pool.done.record()
             if b + 2 < len(self.batches):
                 s.copy(pool, self.batches[b + 2])
         y = out.to(x.dtype)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from offload.kernels.cpu.experts import CpuExpertGroup
-from offload.streaming import MIN_TOKENS, ExpertStream, StreamPolicy
+from offload.streaming import MIN_TOKENS, ExpertStream, StreamPolicy, pools_on
 from tests.engine.test_homes import build, run
 from tests.gguf.fixtures_models import gguf_models  # noqa: F401  (session fixture)
 
@@ -61,6 +61,9 @@ def test_a_long_prompt_streams_and_gives_the_same_logits(streamed):
     assert all(s.chunks == 1 for s in streams)  # the prefill streamed in every layer, the decode steps did not
     held = len(model.moe_layers()[0].groups[1].ids)
     assert 0 < streams[0].experts_copied <= held
+    # every layer copies into the device's two pools: GPU memory for 2 x slots experts, not per layer
+    pools = pools_on(streams[0].device)
+    assert sum(b.numel() for pool in pools for b in pool.dev) <= 2 * max(s.n_slots * s.expert_bytes for s in streams)
     # the streamed experts compute what resident ones do (the same kernels on the same bytes)
     # (the prefill rows: the decode steps ran on the CPU experts)
     torch.testing.assert_close(got[:n], run(resident, ids, n)[:n], atol=1e-5, rtol=1e-5)
