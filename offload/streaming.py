@@ -187,6 +187,10 @@ class Streaming:
     def __init__(self, stream: ExpertStream, x, ids, weights, batches: list):
         self.s, self.x, self.ids, self.weights, self.batches = stream, x, ids, weights, batches
         self.pools = pools_on(stream.device)
+        maps = torch.full((len(batches), stream.n_experts), -1, dtype=torch.int32)  # (B, E) expert -> slot
+        for b, batch in enumerate(batches):
+            maps[b, torch.as_tensor(batch)] = torch.arange(len(batch), dtype=torch.int32)
+        self.maps = maps.to(x.device)  # one copy for the chunk (a pageable copy waits for the stream)
         for b in range(min(2, len(batches))):
             stream.copy(self.pools[b], batches[b])
 
@@ -197,15 +201,13 @@ class Streaming:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (T, H)
         wf = self.weights.to(torch.float32)
         cuda = s.device.type == "cuda"
-        for b, batch in enumerate(self.batches):
+        for b in range(len(self.batches)):
             pool = self.pools[b % 2]
             if cuda:
                 torch.cuda.current_stream(s.device).wait_event(pool.copied)
-            slots = torch.full((s.n_experts,), -1, dtype=torch.int32)
-            slots[torch.as_tensor(batch)] = torch.arange(len(batch), dtype=torch.int32)
             with warnings.catch_warnings():  # (the interpreter's exp overflows to 0 in a very negative gate)
                 warnings.simplefilter("ignore", RuntimeWarning)
-                out += moe(x, self.ids, wf, slots.to(x.device), *s.packs(pool))  # this batch's experts' share
+                out += moe(x, self.ids, wf, self.maps[b], *s.packs(pool))  # this batch's experts' share
             if cuda:
                 pool.done = torch.cuda.Event()
                 pool.done.record()
