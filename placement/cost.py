@@ -47,6 +47,10 @@ class LayerLayout:
     expert_quant: dict[str, float] = field(default_factory=dict)  # storage type -> share of the bytes, for the
     fixed_quant: dict[str, float] = field(default_factory=dict)  # calibrated CPU kernel rates
     hidden: int = 0  # activation width: the norms, rotations, residual adds and copies of prefill scale with it
+    # DSA with the latent cache in RAM on a GPU layer: one cached row's bytes, and the selected rows one decode
+    # step copies over PCIe per sequence (min(position, index_topk) rows); 0 when the KV lives with the layer
+    kv_ram_row: float = 0.0
+    kv_move: float = 0.0
 
     @property
     def moe(self) -> bool:
@@ -109,6 +113,12 @@ def sync_s(hw: Hardware) -> float:
     return measured[0].get("launch_sync_s", SYNC_S) if measured else SYNC_S
 
 
+def kv_move_s(lay: LayerLayout, hw: Hardware, batch: int = 1) -> float:
+    """Seconds a decode step spends copying the selected latent rows RAM -> GPU in one layer (0 when its KV lives
+    with it). The host gather of those rows (a DRAM read of the same bytes) is not counted: DRAM is faster."""
+    return lay.kv_move * batch / hw.pcie_bw if lay.device.startswith("gpu") else 0.0
+
+
 def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: float | None,
                        gpu_eff: float | None = None):
     """(first, beside, cpu, sync) seconds of one decode step in one layer: `first` runs before the experts
@@ -131,7 +141,8 @@ def layer_decode_parts(lay: LayerLayout, hw: Hardware, batch: int, cpu_eff: floa
                 + overhead), 0.0, 0.0, 0.0
     overlap = lay.overlap_bytes if cpu_e > 0 else 0.0  # with no CPU experts nothing runs beside
     sync = sync_s(hw) if cpu_e > 0 else 0.0
-    return (fixed - overlap) / gpu_bw, (overlap + gpu_e) / gpu_bw, cpu_e / cpu_bw, sync
+    # the selected rows must reach the GPU before attention: the copy runs before everything else of the layer
+    return (fixed - overlap) / gpu_bw + kv_move_s(lay, hw, batch), (overlap + gpu_e) / gpu_bw, cpu_e / cpu_bw, sync
 
 
 def decode(layers: list[LayerLayout], hw: Hardware, head_bytes: float, head_device: str, batch: int = 1,
@@ -185,7 +196,18 @@ def prefill(layers: list[LayerLayout], hw: Hardware, n_tokens: int, mode: str = 
     n_chunks = -(-n_tokens // chunk)
     m = min(n_tokens, chunk)
     return n_tokens / (n_chunks * _prefill_chunk(layers, hw, m, mode)
-                       + sum(_attn_time(lay, hw, n_tokens) for lay in layers))
+                       + sum(_attn_time(lay, hw, n_tokens) + kv_prefill_moves(lay, n_tokens, chunk) / hw.pcie_bw
+                             for lay in layers))
+
+
+def kv_prefill_moves(lay: LayerLayout, n_tokens: int, chunk: int = PREFILL_CHUNK) -> float:
+    """Bytes a prefill copies over PCIe for a GPU layer whose latent cache lives in RAM: each chunk's rows written
+    to RAM, and the distinct rows its queries selected read back, at most min(positions so far, chunk x K)."""
+    if not lay.kv_ram_row or not lay.device.startswith("gpu"):
+        return 0.0
+    k = lay.attn_key_limit or n_tokens
+    rows = sum(min(end, (end - c0) * k) for c0 in range(0, n_tokens, chunk) for end in [min(n_tokens, c0 + chunk)])
+    return (n_tokens + rows) * lay.kv_ram_row
 
 
 def _attn_time(lay: LayerLayout, hw: Hardware, n: int) -> float:

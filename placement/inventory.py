@@ -19,12 +19,16 @@ class Group:
     params: int
     bytes: float
     quant: str
+    device: str | None = None  # a home of its own (a DSA latent cache in RAM), None: the layer's
+
+
+KV_TENSORS = ("kv_cache", "index_keys")
 
 
 @dataclass
 class LayerItems:
     index: int
-    fixed: list[Group]  # read by every token: the always-GPU candidates (kv_cache included)
+    fixed: list[Group]  # read by every token: the always-GPU candidates (kv_cache / index_keys included)
     expert_params: int = 0
     expert_bytes: float = 0.0
     freq: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -32,11 +36,12 @@ class LayerItems:
 
     @property
     def fixed_bytes(self) -> float:
-        return sum(g.bytes for g in self.fixed)
+        """What lives on the layer's home (a latent cache with a home of its own not counted)."""
+        return sum(g.bytes for g in self.fixed if g.device is None)
 
     @property
     def weight_bytes(self) -> float:
-        return sum(g.bytes for g in self.fixed if g.tensor != "kv_cache")
+        return sum(g.bytes for g in self.fixed if g.tensor not in KV_TENSORS)
 
     @property
     def weight_params(self) -> float:
@@ -48,8 +53,11 @@ def _group(tensor: str, cls: str, kind: str, params: int, q: QuantScheme) -> Gro
 
 
 def layer_items(spec: ModelSpec, q: QuantScheme, profile: RoutingProfile, context: int, concurrency: int,
-                with_mtp: bool, kv_dtype_bytes: float = 2.0) -> list[LayerItems]:
+                with_mtp: bool, kv_dtype_bytes: float = 2.0, kv_ram: bool = False) -> list[LayerItems]:
+    """kv_ram: a DSA model's latent + rope-key cache lives in RAM ("cpu") whatever the layer's home; its indexer
+    keys stay with the layer. A DSA layer's KV is two groups, kv_cache (latent + rope key) and index_keys."""
     out = []
+    sparse = M.sparse_kv(spec)
     n_mtp = spec.mtp_layers if with_mtp else 0
     for i in range(spec.n_layers + n_mtp):
         is_mtp = i >= spec.n_layers
@@ -69,8 +77,12 @@ def layer_items(spec: ModelSpec, q: QuantScheme, profile: RoutingProfile, contex
                                     parts["shared_experts"], q))
         if is_mtp:
             fixed.append(_group("mtp_proj", "mtp", "mtp", M.mtp_extra_params(spec), q))
-        kv = context * concurrency * M.kv_bytes_per_token(spec, i, kv_dtype_bytes)
-        fixed.append(Group("kv_cache", "kv_cache", 0, kv, f"{kv_dtype_bytes * 8:.0f}-bit"))
+        n, bits = context * concurrency, f"{kv_dtype_bytes * 8:.0f}-bit"
+        index = M.index_key_bytes_per_token(spec, i, kv_dtype_bytes) if sparse else 0.0
+        kv = n * (M.kv_bytes_per_token(spec, i, kv_dtype_bytes) - index)
+        fixed.append(Group("kv_cache", "kv_cache", 0, kv, bits, device="cpu" if sparse and kv_ram else None))
+        if index:
+            fixed.append(Group("index_keys", "kv_cache", 0, n * index, bits))
         item = LayerItems(i, fixed, mtp=is_mtp)
         if "routed_experts" in parts:
             item.expert_params = M.expert_params(spec)

@@ -268,6 +268,29 @@ def kv_bytes_per_token(s: ModelSpec, layer: int, kv_dtype_bytes: float = 2.0) ->
     return 2 * s.n_kv_heads * s.head_dim * kv_dtype_bytes
 
 
+def index_key_bytes_per_token(s: ModelSpec, layer: int, kv_dtype_bytes: float = 2.0) -> float:
+    """DSA indexer key bytes one token adds in one layer (0 on layers that share another's selection)."""
+    if s.attention == "mla" and s.index_heads and (layer in s.indexer_layers or layer >= s.n_layers):
+        return s.index_head_dim * kv_dtype_bytes
+    return 0.0
+
+
+def sparse_kv(s: ModelSpec) -> bool:
+    """DSA: attention reads only index_topk selected rows of the latent cache, so that cache can live in RAM."""
+    return s.attention == "mla" and s.index_heads > 0 and s.index_topk > 0
+
+
+def latent_row_bytes(s: ModelSpec, kv_dtype_bytes: float = 2.0) -> float:
+    """One cached position of the MLA latent + rope key."""
+    return (s.kv_lora_rank + s.qk_rope) * kv_dtype_bytes
+
+
+def kv_row_move_bytes(s: ModelSpec, position: int, kv_dtype_bytes: float = 2.0) -> float:
+    """Bytes one decode step copies RAM -> GPU in one layer whose latent cache lives in RAM: the selected rows,
+    min(position, index_topk) of them."""
+    return min(position, s.index_topk) * latent_row_bytes(s, kv_dtype_bytes) if sparse_kv(s) else 0.0
+
+
 def kv_read_bytes(s: ModelSpec, layer: int, position: int, kv_dtype_bytes: float = 2.0) -> float:
     """KV bytes one decode step reads in one layer at a context position: DSA attends to index_topk
     latents but its indexer scans every key."""

@@ -11,7 +11,7 @@ from offload.errors import ConfigError
 
 from . import model as M
 from .hardware import GB, fmt_bytes
-from .planner import Plan
+from .planner import Plan, kv_summary
 from .recipe import llama_cpp_args
 
 FORMAT = "offload.plan"
@@ -34,7 +34,8 @@ def to_json(p: Plan) -> dict:
                   "top_k": spec.top_k, "expert_params": M.expert_params(spec), "classes": classes},
         "quant": p.quant.to_json(),
         "options": {"context": p.options.context, "concurrency": p.options.concurrency, "mtp": p.options.mtp,
-                    "decode_position": p.options.decode_position},
+                    "decode_position": p.options.decode_position, "kv_home": p.options.kv_home},
+        "kv": kv_summary(p) | ({"choice_decode_tok_s": p.kv_choice} if p.kv_choice else {}),
         "routing": {"uniform": p.profile.uniform, "source": p.profile.source, "n_tokens": p.profile.n_tokens},
         "hardware": hw,
         "devices": p.devices(),
@@ -101,6 +102,8 @@ def blocks(d: dict) -> list[tuple]:
                         "--ram 512GiB --dram-bw 300GB/s --pcie-bw 25GB/s, or measure with `offload probe`."))
     out.append(("text", f"Status: {d['status']}" + (f" — {d['error']}" if d["error"] else "")
                         + f". Context {d['options']['context']} tokens x {d['options']['concurrency']} sequence(s)."))
+    if d.get("kv"):
+        out.append(("text", kv_line(d)))
     devs = d["devices"]
     classes = [c for c in M.CLASSES if any(c in dv["by_class"] for dv in devs)]
     rows = [[c] + [_gb(dv["by_class"].get(c, 0)) for dv in devs] for c in classes]
@@ -166,6 +169,33 @@ def blocks(d: dict) -> list[tuple]:
         out.append(("code", "Beyond one machine: serve it on a multi-GPU server instead", lines))
     out.append(("list", "Assumptions", pred.get("assumptions", [])))
     return out
+
+
+def _where(by: dict) -> str:
+    return ", ".join(f"{'RAM' if dev == 'cpu' else dev} {fmt_bytes(n)}" for dev, n in sorted(by.items()) if n)
+
+
+def kv_line(d: dict) -> str:
+    """What the KV takes where, what decode copies, and which context keeps all attention on the GPUs."""
+    kv, ctx = d["kv"], d["options"]["context"]
+    index = kv.get("index_key_bytes") or {}
+    if index:
+        head = (f"KV ({ctx} tokens, {'latent in RAM' if kv['home'] == 'ram' else 'with each layer'}): latent + rope "
+                f"keys {_where(kv['latent_bytes'])}; indexer keys {_where(index)}")
+    else:
+        head = f"KV ({ctx} tokens): with each layer's attention ({_where(kv['latent_bytes'])})"
+    if kv.get("decode_row_move_bytes"):
+        head += (f"; each decode step copies the selected rows RAM -> GPU: {fmt_bytes(kv['decode_row_move_bytes'])}"
+                 f", {kv['decode_row_move_s'] * 1e3:.1f} ms (counted in the decode prediction)")
+    fits = []
+    if kv.get("max_context_kv_on_gpu") is not None:
+        fits.append(f"up to {kv['max_context_kv_on_gpu']} tokens with the KV on the GPU")
+    if kv.get("max_context_latent_in_ram") is not None:
+        fits.append(f"up to {kv['max_context_latent_in_ram']} with the latent in RAM (RAM holds the latent of "
+                    f"{kv['max_context_ram']})")
+    if fits:
+        head += ". All attention fits the GPU " + ", ".join(fits)
+    return head + "."
 
 
 def to_markdown(d: dict) -> str:
