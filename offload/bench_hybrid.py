@@ -45,6 +45,16 @@ class Offload:
         self.device = self.llm.device
         self.n_ctx = n_ctx
 
+    def streams(self) -> list:
+        """The layers' streamed CPU expert groups (offload.streaming: long prompts' CPU experts run on the GPU)."""
+        return [g.stream for layer in self.model.layers for g in getattr(layer.mlp, "groups", [])
+                if getattr(g, "stream", None) is not None]
+
+    def stream_from(self) -> int | None:
+        """The shortest prompt from which some layer streams its CPU experts (None: none does)."""
+        k = self.model.args.num_experts_per_tok if self.streams() else 0
+        return min((s.min_tokens(k) for s in self.streams()), default=None)
+
     def prefill(self, ids: list[int]) -> float:
         cache = self.model.new_cache(self.n_ctx)
         _sync(self.device)
@@ -217,6 +227,7 @@ def predictions(path: str, engine: Offload, n_ctx: int, prefills: list[int], har
     from offload.planning import make_plan
 
     p = make_plan(path, context=n_ctx, hardware=hardware, use_gpus=engine.device.type == "cuda")
+    stream_from = engine.stream_from()
     if calibrate:
         from offload.bench_plan import calibrated
 
@@ -237,8 +248,9 @@ def predictions(path: str, engine: Offload, n_ctx: int, prefills: list[int], har
                  "total": first + max(beside, cpu) + sync}
     usage = p.usage()
     return {"decode": decode_step(p, lays)["tok_s"],
-            # "cpu": the CPU experts computed on the CPU in prefill too, as the runtime does today
-            "prefill": {n: cost.prefill(lays, p.hw, n, "cpu") for n in prefills},
+            # the runtime streams a chunk's CPU experts to the GPU from `stream_from` tokens (offload.streaming)
+            "prefill": {n: cost.prefill(lays, p.hw, n, "stream" if stream_from is not None and n >= stream_from
+                                        else "cpu") for n in prefills},
             "layer": layer, "hardware": p.hw.source + (", calibrated now" if calibrate else ""),
             "gpu_bytes": sum(sum(v.values()) for k, v in usage.items() if k != "cpu") or None}
 
@@ -280,6 +292,11 @@ def report(r: dict) -> str:
     serial = r["offload"]["decode_serial"]
     lines += ["", f"offload decode with overlap off: {serial:.1f} tok/s (overlap on / off: "
               f"{r['offload']['decode'] / serial:.2f})"]
+    if r["offload"].get("prefill_cpu_experts"):
+        n = max(r["prefills"])
+        off = r["offload"]["prefill_cpu_experts"]
+        lines += ["", f"offload prefill, {n} tokens, CPU experts kept on the CPU: {off:.1f} tok/s (streamed to the "
+                  f"GPU from {r['offload']['stream_from']} tokens / kept: {r['offload']['prefill'][n] / off:.2f})"]
     idle = r["gpu_idle"]
     lines += ["", f"GPU idle during decode: {_fmt(None if idle is None else 100 * idle)} %"]
     if r.get("gpu_mem_peak_bytes"):
@@ -355,6 +372,12 @@ def main(argv: list[str] | None = None) -> None:
                 e.model.runtime.overlap = False
                 runs[name]["decode_serial"].append(e.decode(ids, a.tokens))
                 e.model.runtime.overlap = True
+                if e.streams():  # the longest prompt again with its CPU experts computed on the CPU
+                    for st in e.streams():
+                        st.enabled = False
+                    runs[name]["prefill_cpu_experts"].append(e.prefill(prompts[max(prefills)]))
+                    for st in e.streams():
+                        st.enabled = True
             _log(f"round {i + 1}, {name}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs[name].items()))
     med = {name: {k: statistics.median(v) for k, v in rs.items()} for name, rs in runs.items()}
     if "base" in med:
@@ -362,7 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     r = {"file": a.gguf, "device": str(engine.device), "threads": threads, "repeat": a.repeat,
          "placement": a.placement, "prefills": prefills, "baseline_name": base_name, "baseline_cmd": base_cmd,
          "offload": {"decode": med["offload"]["decode"], "prefill": {n: med["offload"][n] for n in prefills},
-                     "decode_serial": med["offload"]["decode_serial"]},
+                     "decode_serial": med["offload"]["decode_serial"],
+                     "prefill_cpu_experts": med["offload"].get("prefill_cpu_experts"),
+                     "stream_from": engine.stream_from()},
          "baseline": baseline, "gpu_idle": _try(engine.gpu_idle, ids, a.tokens),
          "layers": _try(layer_split, engine, ids, a.tokens) or {},
          "plan": _try(predictions, a.gguf, engine, n_ctx, prefills, a.hardware, a.calibrate) or {
