@@ -210,7 +210,7 @@ class Streaming:
                 out += moe(x, self.ids, wf, self.maps[b], *s.packs(pool))  # this batch's experts' share
             if cuda:
                 pool.done = torch.cuda.Event()
-                pool.done.record()
+                pool.done.record(torch.cuda.current_stream(s.device))
             if b + 2 < len(self.batches):
                 s.copy(pool, self.batches[b + 2])
         y = out.to(x.dtype)
