@@ -28,9 +28,11 @@ class Growing:
         self.max_len = max_len
         self.capacity = min(max_len, BLOCK)
 
-    def alloc(self, *shape, device, dtype) -> torch.Tensor:
-        """A tensor of `capacity` positions (the position axis given as None in shape)."""
-        return torch.zeros(*[self.capacity if d is None else d for d in shape], device=device, dtype=dtype)
+    def alloc(self, *shape, device, dtype, pin: bool = False) -> torch.Tensor:
+        """A tensor of `capacity` positions (the position axis given as None in shape); pin: in page-locked host
+        memory (a KV cache in RAM that a GPU reads rows of)."""
+        return torch.zeros(*[self.capacity if d is None else d for d in shape], device=device, dtype=dtype,
+                           pin_memory=pin)
 
     def reserve(self, n: int) -> None:
         """Hold at least n positions (the filled ones copied over)."""
@@ -43,7 +45,7 @@ class Growing:
             if isinstance(t, torch.Tensor):
                 shape = list(t.shape)
                 shape[axis] = cap
-                grown = t.new_zeros(shape)
+                grown = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=_pinned(t))
                 grown.narrow(axis, 0, self.capacity).copy_(t)
                 setattr(self, name, grown)
         self.capacity = cap
@@ -66,12 +68,21 @@ class GQACache(Growing):
         return self.k[:, :end], self.v[:, :end]
 
 
+def _pinned(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and torch.cuda.is_available() and t.is_pinned()
+
+
 class MLACache(Growing):
     POS_AXIS = 0
-    def __init__(self, max_len: int, kv_lora_rank: int, rope_dim: int, device, dtype, index_dim: int = 0):
+    def __init__(self, max_len: int, kv_lora_rank: int, rope_dim: int, device, dtype, index_dim: int = 0,
+                 kv_device=None):
+        # kv_device: where the latent + rope key live when not with the layer (DSA: in RAM, pinned when a GPU
+        # reads their selected rows); the indexer keys stay on `device`
         super().__init__(max_len)
-        self.latent = self.alloc(None, kv_lora_rank, device=device, dtype=dtype)  # (S, kv_lora)
-        self.k_rope = self.alloc(None, rope_dim, device=device, dtype=dtype)  # (S, rope)
+        kv_device = torch.device(device if kv_device is None else kv_device)
+        pin = kv_device.type == "cpu" and torch.device(device).type == "cuda"
+        self.latent = self.alloc(None, kv_lora_rank, device=kv_device, dtype=dtype, pin=pin)  # (S, kv_lora)
+        self.k_rope = self.alloc(None, rope_dim, device=kv_device, dtype=dtype, pin=pin)  # (S, rope)
         # DSA lightning-indexer keys, on layers that run their own indexer only.
         self.index_k = self.alloc(None, index_dim, device=device, dtype=dtype) if index_dim else None
 
@@ -164,5 +175,6 @@ class Cache:
             if cap < layer.capacity:
                 for name, t in list(vars(layer).items()):
                     if isinstance(t, torch.Tensor):
-                        setattr(layer, name, t.narrow(layer.POS_AXIS, 0, cap).clone())
+                        kept = t.narrow(layer.POS_AXIS, 0, cap)
+                        setattr(layer, name, kept.pin_memory() if _pinned(t) else kept.clone())
                 layer.capacity = cap

@@ -224,11 +224,13 @@ class Homes:
     layer: Callable[[int], str] | None = None  # layer -> home of attention, norms, router, shared / dense MLP
     embed: str | None = None
     head: str | None = None
+    kv: Callable[[int], str] | None = None  # layer -> home of its KV cache (a DSA latent in RAM); None: the layer's
 
     def apply(self, ctx) -> None:
         """Set these homes on a models.loading.LoadContext."""
         ctx.placement = self.experts
         ctx.layer_home = self.layer
+        ctx.kv_home = self.kv
         ctx.embed_home = self.embed
         ctx.head_home = self.head
 
@@ -239,6 +241,7 @@ def homes_from_plan(plan: dict, where: str = "plan") -> Homes:
         entries = plan["placement"]
         experts: dict[int, dict[int, str]] = {}
         layers: dict[int, str] = {}
+        kv: dict[int, str] = {}  # the latent + rope-key cache's home where the plan gives it one
         embed = head = None
         for p in entries:
             dev = str(p["device"])
@@ -247,18 +250,21 @@ def homes_from_plan(plan: dict, where: str = "plan") -> Homes:
             elif p.get("layer") is not None:
                 if p.get("class") != "kv_cache":
                     layers[int(p["layer"])] = dev
+                elif p.get("tensor") == "kv_cache":
+                    kv[int(p["layer"])] = dev
             elif p.get("class") == "embeddings":
                 embed = dev
             elif p.get("class") == "lm_head":
                 head = dev
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: not a placement plan ({type(exc).__name__}: {exc})") from None
-    bad = {d for d in [*layers.values(), embed, head, *(h for e in experts.values() for h in e.values())]
+    bad = {d for d in [*layers.values(), *kv.values(), embed, head, *(h for e in experts.values() for h in e.values())]
            if d is not None and d != "cpu" and not (d.startswith("gpu:") and d[4:].isdigit())}
     if bad:
         raise ConfigError(f"{where}: unknown device(s) {sorted(bad)}: expected cpu or gpu:N")
     return Homes(experts=lambda layer, n: [experts.get(layer, {}).get(e, "cpu") for e in range(n)],
-                 layer=lambda layer: layers.get(layer, "gpu:0"), embed=embed, head=head)
+                 layer=lambda layer: layers.get(layer, "gpu:0"), embed=embed, head=head,
+                 kv=lambda layer: kv.get(layer, layers.get(layer, "gpu:0")))
 
 
 def summary(plan: dict) -> str:

@@ -35,6 +35,8 @@ class LoadContext:
     placement: Callable[[int, int], list[str]] | None = None
     home_devices: dict[str, torch.device] = field(default_factory=dict)  # home name -> device, overriding
     layer_home: Callable[[int], str] | None = None  # None: every layer on the main device
+    # layer -> home of its KV cache where it differs from the layer's (a DSA latent cache in RAM); None: the layer's
+    kv_home: Callable[[int], str] | None = None
     embed_home: str | None = None  # None: the main device
     head_home: str | None = None  # None: the main device (the final norm goes with the head)
     # builds the group for CPU-resident experts (quantised kernels); None = plain torch tensors
@@ -48,6 +50,7 @@ class LoadContext:
     # (offload.streaming.StreamPolicy; None: never)
     stream: object = None
     home: str = "gpu"  # the home this context reads to
+    kv: str | None = None  # in a layer's context: its KV cache's home (None: this context's)
     main: torch.device | None = None  # the main device, the "gpu" home (set from `device`)
 
     def __post_init__(self):
@@ -75,7 +78,12 @@ class LoadContext:
 
     def layer(self, i: int) -> "LoadContext":
         """The context for layer i's own weights (not its routed experts'): on the layer's home."""
-        return self.at(self.layer_home(i) if self.layer_home is not None else "gpu")
+        ctx = self.at(self.layer_home(i) if self.layer_home is not None else "gpu")
+        return replace(ctx, kv=self.kv_home(i) if self.kv_home is not None else None)
+
+    def kv_device(self) -> torch.device:
+        """Where this layer's KV cache lives: its own device unless the plan gave the KV a home of its own."""
+        return self.device if self.kv is None else self.device_of(self.kv)
 
     def get(self, name: str, shape: tuple[int, ...] | None = None, device=None, dtype=None) -> torch.Tensor:
         t = self.source.get(name, device=device or self.device, dtype=dtype or self.dtype, shape=shape)

@@ -32,7 +32,7 @@ SELECTED_WORKSPACE_BYTES = 32 << 20
 class MLAAttention:
     def __init__(self, *, q_a, q_a_norm, q_b, q_proj, kv_a, kv_a_norm, kv_b, wo, n_heads, nope, rope_dim, v_dim,
                  kv_lora, rope: Rope, scale: float, eps: float, device, dtype, selector: Callable | None = None,
-                 index_dim: int = 0, heads=None):
+                 index_dim: int = 0, heads=None, kv_device=None):
         # q_a, q_b, q_proj, kv_a, wo: weights (offload.models.weights), biases inside; kv_b a float tensor
         # heads: (W_UK^T (h, c, n), W_UV (h, v, c)) quantised per head (a GGUF on the CPU) or None: the absorbed
         # products then read the file's blocks, not kv_b's float32 (4-7x the bytes, every decode step)
@@ -50,9 +50,12 @@ class MLAAttention:
         self.device, self.dtype = device, dtype
         self.selector = selector  # DSA: picks the keys each query reads (see __call__)
         self.index_dim = index_dim
+        # DSA: the latent + rope-key cache may live in RAM (the plan's KV home) while the indexer keys stay here
+        self.kv_device = device if kv_device is None else kv_device
+        self.rows_moved = 0  # latent rows copied from that home (fetch_rows)
 
     def new_cache(self, max_len: int) -> MLACache:
-        return MLACache(max_len, self.c, self.r, self.device, self.dtype, self.index_dim)
+        return MLACache(max_len, self.c, self.r, self.device, self.dtype, self.index_dim, kv_device=self.kv_device)
 
     def __call__(self, x: torch.Tensor, start: int, cache: MLACache, state: dict) -> torch.Tensor:
         t = x.shape[0]
@@ -73,11 +76,32 @@ class MLAAttention:
         # DSA: selector(x, q_resid, start, cache, state) -> None (every causal key) or (indices, valid), each
         # (T, K): the keys each query reads, gathered instead of masking a (T, S) score matrix
         sel = self.selector(x, q_resid, start, cache, state) if self.selector is not None else None
+        if self.kv_device != self.device:
+            latent_all, k_rot_all, sel = self.fetch_rows(latent_all, k_rot_all, sel, x.device)
         if sel is None:
             out = self.attend_causal(q_nope, q_rot, latent_all, k_rot_all, start)
         else:
             out = self.attend_selected(q_nope, q_rot, latent_all, k_rot_all, *sel)
         return self.wo(out.reshape(t, self.h * self.v))
+
+    def fetch_rows(self, latent_all, k_rot_all, sel, device):
+        """The latent cache lives in RAM: copy to `device` only the rows attention reads, all S while no
+        selection is made (S <= index_topk), else the distinct selected rows (decode: <= K; a prefill chunk:
+        <= min(S, T * K)), gathered on the host, with the indices renumbered into them. The price: the indices
+        are read on the host, one small device -> host copy (and sync) per layer."""
+        if sel is None:
+            self.rows_moved += latent_all.shape[0]
+            return latent_all.to(device), k_rot_all.to(device), None
+        idx, valid = sel
+        rows, inv = torch.unique(idx.cpu(), return_inverse=True)  # (U,), (T, K)
+        n = rows.shape[0]
+        buf = _host_rows(n * (self.c + self.r), latent_all.dtype, device.type == "cuda")
+        lat = torch.index_select(latent_all, 0, rows, out=buf[: n * self.c].view(n, self.c))  # (U, c)
+        rot = torch.index_select(k_rot_all, 0, rows, out=buf[n * self.c:].view(n, self.r))  # (U, r)
+        self.rows_moved += n
+        # non_blocking from the pinned buffer: the next layer's idx.cpu() waits for this copy before reusing it
+        return (lat.to(device, non_blocking=True), rot.to(device, non_blocking=True),
+                (inv.to(device, non_blocking=True), valid))
 
     def attend_causal(self, q_nope, q_rot, latent_all, k_rot_all, start: int, mask=None) -> torch.Tensor:
         """Every key up to each query's position (or `mask` (T, S), the DSA test reference) -> (T, h, v)."""
@@ -140,6 +164,17 @@ class MLAAttention:
         return self.expand_out(out_lat.transpose(0, 1))  # (T, h, v)
 
 
+_pinned_rows: dict = {}
+
+
+def _host_rows(n: int, dtype, pin: bool) -> torch.Tensor:
+    """A kept host buffer for gathered latent rows (page-locked when a GPU reads it), grown on demand."""
+    buf = _pinned_rows.get((dtype, pin))
+    if buf is None or buf.numel() < n:
+        buf = _pinned_rows[(dtype, pin)] = torch.empty(n, dtype=dtype, pin_memory=pin)
+    return buf[:n]
+
+
 def load_mla(ctx: LoadContext, prefix: str, a, rope: Rope, scale: float, selector=None,
              index_dim: int = 0) -> MLAAttention:
     h, hid, n, r, v, c = (a.num_attention_heads, a.hidden_size, a.qk_nope_head_dim, a.qk_rope_head_dim,
@@ -161,4 +196,6 @@ def load_mla(ctx: LoadContext, prefix: str, a, rope: Rope, scale: float, selecto
         wo=lin(f"{prefix}.o_proj.weight", (hid, h * v), b("o_proj")),
         n_heads=h, nope=n, rope_dim=r, v_dim=v, kv_lora=c, rope=rope, scale=scale, eps=1e-6,
         device=ctx.device, dtype=ctx.dtype, selector=selector, index_dim=index_dim,
-        heads=ctx.heads(f"{prefix}.kv_b_proj.weight"))
+        heads=ctx.heads(f"{prefix}.kv_b_proj.weight"),
+        # only DSA attention reads a few rows a step: other MLA keeps its KV with the layer whatever the plan says
+        kv_device=ctx.kv_device() if selector is not None else None)

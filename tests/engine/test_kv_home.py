@@ -1,0 +1,60 @@
+"""The KV home a plan gives a DSA layer: its latent + rope-key cache in RAM, its indexer keys with the layer (a
+stand-in GPU here, as in test_homes), the selected rows copied to the layer each step. Same logits as the KV
+with the layer, with contexts below and above index_topk (8 in the tiny checkpoint)."""
+
+import json
+
+import pytest
+import torch
+
+from offload.planning import homes_from_plan
+from tests.engine.test_homes import STAND_INS, build, run
+
+N_LAYERS = 4
+
+
+def _model(path, kv_in_ram: bool):
+    return build(path, layer_home=lambda i: "gpu:0", kv_home=(lambda i: "cpu") if kv_in_ram else None,
+                 embed_home="gpu:0", head_home="gpu:0")
+
+
+@pytest.mark.parametrize("n_tokens,n_prefill", [(7, 5), (30, 20), (40, 3)])
+def test_kv_in_ram_gives_the_same_logits(tiny_checkpoint, n_tokens, n_prefill):
+    path = tiny_checkpoint("glm_moe_dsa")
+    ref_model, model = _model(path, False), _model(path, True)
+    ids = torch.randint(0, ref_model.args.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(4)).tolist()
+    ref = run(ref_model, ids, n_prefill)
+    cache = model.new_cache(n_tokens)
+    for layer, ref_layer in zip(model.layers, ref_model.layers):
+        assert layer.attn.device == STAND_INS["gpu:0"] and layer.attn.kv_device == torch.device("cpu")
+        assert ref_layer.attn.kv_device == STAND_INS["gpu:0"]
+    del cache
+    out = run(model, ids, n_prefill)
+    assert torch.equal(out, ref)  # the same rows, the same arithmetic: bit for bit
+    moved = sum(layer.attn.rows_moved for layer in model.layers)
+    assert moved > 0 and all(layer.attn.rows_moved == 0 for layer in ref_model.layers)
+    if n_tokens > 8:  # decode past index_topk copies at most index_topk rows a layer a step
+        decode = model.layers[0].attn
+        before = decode.rows_moved
+        c = model.new_cache(n_tokens + 1)
+        model.forward(torch.tensor(ids), c)
+        mid = decode.rows_moved
+        model.forward(torch.tensor([1]), c)
+        assert 0 < decode.rows_moved - mid <= 8 and mid - before <= n_tokens
+
+
+def test_attention_without_dsa_keeps_its_kv_with_the_layer(tiny_checkpoint):
+    """DeepSeek-V3's MLA reads every cached row: a KV home in RAM would copy the whole cache each step."""
+    model = _model(tiny_checkpoint("deepseek_v3"), True)
+    assert all(layer.attn.kv_device == STAND_INS["gpu:0"] for layer in model.layers)
+
+
+def test_the_plan_gives_the_kv_its_home():
+    entries = [{"tensor": "attn", "class": "attention", "layer": 0, "expert": None, "device": "gpu:0"},
+               {"tensor": "kv_cache", "class": "kv_cache", "layer": 0, "expert": None, "device": "cpu"},
+               {"tensor": "index_keys", "class": "kv_cache", "layer": 0, "expert": None, "device": "gpu:0"},
+               {"tensor": "attn", "class": "attention", "layer": 1, "expert": None, "device": "gpu:0"},
+               {"tensor": "kv_cache", "class": "kv_cache", "layer": 1, "expert": None, "device": "gpu:0"}]
+    homes = homes_from_plan(json.loads(json.dumps({"placement": entries})))
+    assert [homes.layer(i) for i in (0, 1)] == ["gpu:0", "gpu:0"]
+    assert [homes.kv(i) for i in (0, 1, 2)] == ["cpu", "gpu:0", "gpu:0"]
