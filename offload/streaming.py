@@ -68,17 +68,20 @@ class ExpertStream:
     """A CPU group's experts as stored in the file, streamed to `device` for long chunks.
 
     parts: three (raw (E, N, row bytes) numpy: the file's mmap of every expert of the layer, read in place, ggml
-    type, cols) for gate, up, down; the group holds `expert_ids`; `shared`: the shared MLP the CPU group runs inside its own call (None
-    when the layer runs it), run here on the CPU as that group would."""
+    type, cols) for gate, up, down; the group holds `expert_ids`; `shared`: the shared MLP the CPU group runs inside
+    its own call (None when the layer runs it), run here on the CPU as that group would. `group`: that CPU group;
+    within a streamed chunk the experts with no more tokens than the crossover run there, on its worker thread
+    beside the GPU's work (without a group every used expert is copied)."""
 
     def __init__(self, device: torch.device, expert_ids: list[int], n_experts: int, parts: list, policy: StreamPolicy,
-                 shared=None):
+                 shared=None, group=None):
         self.device = torch.device(device)
         self.ids = list(expert_ids)
         self.n_experts = n_experts
         self.raw = [p[0] for p in parts]
         self.fmts = [(int(p[1]), int(p[2])) for p in parts]
         self.shared = shared
+        self.group = group
         self.expert_bytes = sum(r.shape[1] * r.shape[2] for r in self.raw)
         self.expert_params = sum(r.shape[1] * c for r, (_, c) in zip(self.raw, self.fmts))
         self.per_expert = policy.crossover(self.expert_params, self.expert_bytes)  # tokens per expert
@@ -88,6 +91,7 @@ class ExpertStream:
         self.enabled = True
         self.chunks = 0  # chunks streamed (tests count it), and experts copied
         self.experts_copied = 0
+        self.experts_on_cpu = 0  # of streamed chunks, the experts left to the CPU (too few tokens to pay the copy)
         self._packs: dict = {}  # id(pool) -> (its buffers' addresses, Packed views)
 
     def min_tokens(self, top_k: int) -> int:
@@ -110,13 +114,22 @@ class ExpertStream:
         return self._packs[id(pool)][1]
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> "Streaming":
-        """x (T, H), ids / weights (T, k) on the layer's device: the copies of the first two batches start now."""
-        used = torch.unique(ids[ids >= 0]).cpu().numpy()  # the one host read of a streamed chunk
-        used = used[self.held[used]]  # this group's experts the chunk uses, in id order
+        """x (T, H), ids / weights (T, k) on the layer's device: the experts with more tokens than the crossover
+        are copied (the first two batches start now), the others start on the CPU group's worker thread."""
+        counts = torch.bincount(ids[ids >= 0], minlength=self.n_experts).cpu().numpy()  # the one host read
+        mine = self.held & (counts > 0)
+        hot = mine & (counts > self.per_expert) if self.group is not None else mine
+        cold = mine & ~hot
+        cpu = None
+        if cold.any():  # the pairs of the cold experts only: the others are -1, which no group holds
+            keep = torch.from_numpy(cold).to(ids.device)[ids.clamp(min=0)] & (ids >= 0)  # (T, k)
+            cpu = self.group.submit(x, torch.where(keep, ids, -1), weights, background=True)
+        used = np.nonzero(hot)[0]  # in id order
         batches = [used[i:i + self.n_slots] for i in range(0, len(used), self.n_slots)]
         self.chunks += 1
         self.experts_copied += len(used)
-        return Streaming(self, x, ids, weights, batches)
+        self.experts_on_cpu += int(cold.sum())
+        return Streaming(self, x, ids, weights, batches, cpu)
 
     def copy(self, pool: "Pool", batch: np.ndarray) -> None:
         """Experts `batch` (ids) into the pool's first slots: mmap -> (pinned) host -> device."""
@@ -184,8 +197,9 @@ def pools_on(device: torch.device) -> list[Pool]:
 class Streaming:
     """The handle of a streamed chunk: `wait` runs batch b as soon as it has landed, starting the copy of b+2."""
 
-    def __init__(self, stream: ExpertStream, x, ids, weights, batches: list):
+    def __init__(self, stream: ExpertStream, x, ids, weights, batches: list, cpu=None):
         self.s, self.x, self.ids, self.weights, self.batches = stream, x, ids, weights, batches
+        self.cpu = cpu  # the CPU group's handle for the cold experts (its partial includes its shared expert)
         self.pools = pools_on(stream.device)
         maps = torch.full((len(batches), stream.n_experts), -1, dtype=torch.int32)  # (B, E) expert -> slot
         for b, batch in enumerate(batches):
@@ -214,6 +228,8 @@ class Streaming:
             if b + 2 < len(self.batches):
                 s.copy(pool, self.batches[b + 2])
         y = out.to(x.dtype)
-        if s.shared is not None:  # the CPU group ran it in its call: so does this one, on the host
+        if self.cpu is not None:
+            y = y + self.cpu.wait()
+        elif s.shared is not None:  # the CPU group ran it in its call: so does this one, on the host
             y = y + s.shared(x.cpu()).to(device=x.device, dtype=x.dtype)
         return y

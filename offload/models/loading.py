@@ -256,7 +256,7 @@ class LoadContext:
                                          shared)
                 if group.shared is not None:
                     shared = None  # runs inside this group's native call from now on
-                group.stream = self._expert_stream(files, dims, ids, n_experts, group.shared)
+                group.stream = self._expert_stream(files, dims, ids, n_experts, group)
             else:
                 group = BlockExperts(dev, ids, *(expert_blocks(files[p][0], files[p][1], dims[p][1], ids, dev,
                                                                act_quant) for p in dims))
@@ -265,7 +265,7 @@ class LoadContext:
                 self.on_tensor()
         return groups, shared
 
-    def _expert_stream(self, files, dims, ids, n_experts, shared):
+    def _expert_stream(self, files, dims, ids, n_experts, group):
         """The streamed path of a GPU layer's CPU experts (offload.streaming), where the layer's device runs the
         Triton kernels on these formats; None elsewhere."""
         if self.stream is None or self.home == "cpu" or self.device == torch.device("cpu") or \
@@ -274,7 +274,7 @@ class LoadContext:
         from offload.streaming import ExpertStream
 
         return ExpertStream(self.device, ids, n_experts, [(files[p][0], files[p][1], dims[p][1]) for p in dims],
-                            self.stream, shared)
+                            self.stream, group.shared, group)
 
     @staticmethod
     def _triton_takes(files, dims) -> bool:

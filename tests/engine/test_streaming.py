@@ -25,9 +25,10 @@ def _float_head(model):
 @pytest.fixture(scope="module")
 def streamed(gguf_models):  # noqa: F811
     """qwen3_moe Q4_K_M, every layer on the stand-in gpu:0, its experts half there (TritonExperts), half on the
-    CPU (the fused native kernel), with a crossover of 1 token per expert."""
+    CPU (the fused native kernel), with a crossover of 0 tokens per expert: a long chunk copies every CPU expert
+    it uses."""
     path = gguf_models.path("qwen3_moe", "Q4_K_M")
-    model = build(path, triton=True, stream=StreamPolicy(tokens_per_expert=1.0), layer_home=lambda i: "gpu:0",
+    model = build(path, triton=True, stream=StreamPolicy(tokens_per_expert=0.0), layer_home=lambda i: "gpu:0",
                   placement=lambda layer, n: [("gpu", "cpu")[e % 2] for e in range(n)])
     _float_head(model)
     resident = build(path, triton=True, layer_home=lambda i: "gpu:0")  # every expert resident on gpu:0
@@ -43,7 +44,7 @@ def _streams(model) -> list[ExpertStream]:
 def _set(model, on: bool) -> None:
     for s in _streams(model):
         s.enabled = on
-        s.chunks = s.experts_copied = 0
+        s.chunks = s.experts_copied = s.experts_on_cpu = 0
 
 
 def test_a_long_prompt_streams_and_gives_the_same_logits(streamed):
@@ -52,7 +53,7 @@ def test_a_long_prompt_streams_and_gives_the_same_logits(streamed):
     assert streams and all(s is not None for s in streams)
     k = model.args.num_experts_per_tok
     n = max(s.min_tokens(k) for s in streams)
-    assert n == max(MIN_TOKENS, model.args.num_experts // k + 1)  # T*k/E > 1 token per expert
+    assert n == MIN_TOKENS  # T*k/E > 0 tokens per expert from the floor on
     ids = prompt[:n + 2]
     _set(model, False)
     want = run(model, ids, n)  # a prefill of n tokens, two decode steps: all on the CPU experts
@@ -60,7 +61,7 @@ def test_a_long_prompt_streams_and_gives_the_same_logits(streamed):
     got = run(model, ids, n)
     assert all(s.chunks == 1 for s in streams)  # the prefill streamed in every layer, the decode steps did not
     held = len(model.moe_layers()[0].groups[1].ids)
-    assert 0 < streams[0].experts_copied <= held
+    assert 0 < streams[0].experts_copied <= held and all(s.experts_on_cpu == 0 for s in streams)
     # every layer copies into the device's two pools: GPU memory for 2 x slots experts, not per layer
     pools = pools_on(streams[0].device)
     assert sum(b.numel() for pool in pools for b in pool.dev) <= 2 * max(s.n_slots * s.expert_bytes for s in streams)
@@ -72,6 +73,28 @@ def test_a_long_prompt_streams_and_gives_the_same_logits(streamed):
     scale = float(want.abs().max())
     torch.testing.assert_close(got, want, atol=1e-2 * scale, rtol=0)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_experts_below_the_crossover_stay_on_the_cpu_beside_the_copies(streamed):
+    """A crossover of 3 tokens per expert: in a 16-token chunk (4 per expert on average) the CPU experts with more
+    tokens are copied, the others computed by the CPU group on its worker thread; every used expert is one or
+    the other, and the logits are those of the CPU experts up to the GPU kernels' float activations."""
+    model, prompt, _ = streamed
+    streams = _streams(model)
+    ids = prompt[:MIN_TOKENS]
+    _set(model, False)
+    want = run(model, ids, MIN_TOKENS)
+    _set(model, True)
+    for s in streams:
+        s.per_expert = 3.0
+    try:
+        got = run(model, ids, MIN_TOKENS)
+    finally:
+        for s in streams:
+            s.per_expert = 0.0
+    copied, on_cpu = sum(s.experts_copied for s in streams), sum(s.experts_on_cpu for s in streams)
+    assert copied > 0 and on_cpu > 0, (copied, on_cpu)
+    torch.testing.assert_close(got, want, atol=1e-2 * float(want.abs().max()), rtol=0)
 
 
 def test_a_short_prompt_does_not_stream(streamed):
