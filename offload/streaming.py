@@ -7,8 +7,9 @@ the layer lives on a GPU, holds those experts as stored (Q4_K bytes, not bf16: 3
 above the crossover it copies the experts the chunk uses into a small pool of GPU slots, `slots` experts at a
 time, through pinned host buffers, with two pools (double-buffered: batch b+1 is copied on a side stream while
 batch b computes), and runs each batch with the resident experts' Triton kernels (kernels.gpu.moe.moe with a slot
-map). `submit` starts the first copies, so they run beside the shared expert and the GPU-resident groups; `wait`
-computes. Below the crossover (and always in decode) the CPU group runs as before.
+map). Within the chunk the split is per expert: those with no more tokens than the crossover run on the CPU
+group's worker thread meanwhile. `submit` starts the first copies, so they run beside the shared expert and the
+GPU-resident groups; `wait` computes. Below the crossover (and always in decode) the CPU group runs as before.
 
 T tokens, k top-k, E experts of the layer, S slots of a pool, H hidden.
 """
