@@ -57,9 +57,15 @@ def context_bytes(model, s: int) -> dict[str, tuple[int, int]]:
                     if isinstance(getattr(layer.attn, "selector", None), glm_moe_dsa.Indexer)), None)
     need: dict[str, list[int]] = {}
     for layer in model.layers:
-        dev = str(torch.device(layer.attn.device))
+        attn = layer.attn
+        dev = str(torch.device(attn.device))
         kv, ws = need.setdefault(dev, [0, 0])
-        need[dev] = [kv + cache_bytes(layer.attn, s), max(ws, workspace_bytes(layer.attn, s, indexer))]
+        need[dev] = [kv + cache_bytes(attn, s), max(ws, workspace_bytes(attn, s, indexer))]
+        home = getattr(attn, "kv_device", attn.device)
+        if str(torch.device(home)) != dev:  # a DSA latent cache in RAM: only the indexer keys stay on `dev`
+            latent = s * (attn.c + attn.r) * _item(attn.dtype)
+            need[dev][0] -= latent
+            need.setdefault(str(torch.device(home)), [0, 0])[0] += latent
     return {dev: (kv, ws) for dev, (kv, ws) in need.items()}
 
 

@@ -58,3 +58,14 @@ def test_the_plan_gives_the_kv_its_home():
     homes = homes_from_plan(json.loads(json.dumps({"placement": entries})))
     assert [homes.layer(i) for i in (0, 1)] == ["gpu:0", "gpu:0"]
     assert [homes.kv(i) for i in (0, 1, 2)] == ["cpu", "gpu:0", "gpu:0"]
+
+
+def test_the_memory_check_counts_the_latent_in_ram(tiny_checkpoint):
+    from offload.kv_memory import context_bytes
+
+    model = _model(tiny_checkpoint("glm_moe_dsa"), True)
+    need = context_bytes(model, 100)
+    a = model.layers[0].attn
+    full = sum(1 for layer in model.layers if layer.attn.index_dim)  # layers with indexer keys
+    assert need["cpu"][0] == N_LAYERS * 100 * (a.c + a.r) * 4  # float32 latent + rope key, in RAM
+    assert need["cpu:0"][0] == full * 100 * a.index_dim * 4  # the indexer keys, on the (stand-in) GPU
