@@ -173,3 +173,5 @@ def test_the_engine_streams_from_the_prompt_length_offload_plan_prints(gguf_mode
     assert got.keys() == by_layer.keys() and min(got.values()) > MIN_TOKENS
     for layer, n in got.items():
         assert abs(n - by_layer[layer]) <= 0.15 * by_layer[layer], (layer, n, by_layer[layer])
+    want = f"layers 0-2: {by_layer['0']}" if len(set(by_layer.values())) == 1 else f"layer 0: {by_layer['0']}"
+    assert "CPU experts streamed to the GPU from" in report.to_markdown(plan) and want in report.to_markdown(plan)
