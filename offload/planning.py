@@ -156,7 +156,8 @@ def model_spec(model: str | Path, dtype: str | None = None, overrides: dict[str,
 
 def make_plan(model: str | Path, *, context: int, concurrency: int = 1, mtp: bool = False,
               profile: str | Path | None = None, dtype: str | None = None,
-              quant_overrides: dict[str, str] | None = None, page_from_disk: bool = False, **hardware_flags):
+              quant_overrides: dict[str, str] | None = None, page_from_disk: bool = False, kv_home: str = "auto",
+              **hardware_flags):
     """The plan for `model` on this machine (or the one the flags describe): planner.Plan, not raising when the
     model does not fit RAM (its status says so; `check_fits` raises)."""
     from offload.placement import planner
@@ -167,7 +168,7 @@ def make_plan(model: str | Path, *, context: int, concurrency: int = 1, mtp: boo
     spec, quant = model_spec(model, dtype, quant_overrides)
     hw = find_hardware(**hardware_flags)
     routing = load_profile(profile) if profile else None
-    opts = planner.PlanOptions(context=context, concurrency=concurrency, mtp=mtp, strict=False)
+    opts = planner.PlanOptions(context=context, concurrency=concurrency, mtp=mtp, strict=False, kv_home=kv_home)
     p = planner.plan(spec, hw, quant, routing, opts)
     if p.status == "does_not_fit_ram":
         p.error = _what_would_fit(p)

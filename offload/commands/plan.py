@@ -46,6 +46,9 @@ def plan_cmd(
     strict: bool = typer.Option(False, "--strict", help="exit with code 2 when the model does not fit RAM"),
     page_from_disk: bool = typer.Option(False, "--page-from-disk", help="plan a model bigger than RAM as read from "
                                                                         "disk (mmap), at the disk's speed"),
+    kv_home: str = typer.Option("auto", "--kv-home", help="DSA models: where the latent KV cache lives, gpu (with "
+                                                          "each layer) | ram (indexer keys stay on the GPU) | auto "
+                                                          "(the faster by the cost model)"),
 ) -> None:
     """Plan where every tensor of MODEL goes on this machine (or the one the flags describe) and predict speed."""
     from offload.placement import report
@@ -60,7 +63,7 @@ def plan_cmd(
     p = make_plan(model, context=parse_context(context), concurrency=concurrency, mtp=mtp, profile=profile,
                   quant_overrides=overrides, page_from_disk=page_from_disk, gpu=gpu, gpu_mem=gpu_mem, ram=ram,
                   dram_bw=dram_bw, pcie_bw=pcie_bw, gpu_bw=gpu_bw, cpu_cores=cpu_cores, cpu_tflops=cpu_tflops,
-                  disk_bw=disk_bw, hardware=hardware)
+                  disk_bw=disk_bw, hardware=hardware, kv_home=kv_home)
     d = report.to_json(p)
     if export == "llama-cpp":
         typer.echo(d["llama_cpp"]["command"])

@@ -100,3 +100,25 @@ def test_glm52_at_1m_tokens_on_one_24gb_gpu():
     assert d["kv"]["decode_row_move_s"] == pytest.approx(moved / 25e9)
     assert d["kv"]["latent_bytes"] == {"cpu": 78 * 1_000_000 * (512 + 64) * 2}
     assert p.prediction["decode_tok_s"] > kv_gpu.prediction["decode_tok_s"]
+
+
+def test_offload_plan_kv_home_flag(tmp_path, monkeypatch):
+    """`offload plan --kv-home ram` on the tiny DSA config: the JSON and the report line say where the KV is."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from offload.cli import app
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no saved probe
+    (tmp_path / "config.json").write_text(json.dumps(DSA))
+    rig = ["--gpu", "8GiB", "--ram", "64GiB", "--ctx", "1000"]
+    out = tmp_path / "plan.json"
+    r = CliRunner().invoke(app, ["plan", str(tmp_path), *rig, "--kv-home", "ram", "-f", "json", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    assert d["options"]["kv_home"] == "ram" and d["kv"]["latent_bytes"] == {"cpu": 2 * 1000 * ROW}
+    r = CliRunner().invoke(app, ["plan", str(tmp_path), *rig, "-f", "md"])
+    assert r.exit_code == 0 and "KV (1000 tokens, with each layer)" in r.output  # auto: it fits, stays on the GPU
+    r = CliRunner().invoke(app, ["plan", str(tmp_path), *rig, "--kv-home", "disk"])
+    assert r.exit_code != 0 and "kv_home must be auto, gpu or ram" in str(r.exception)
