@@ -3,7 +3,7 @@
 Each request still runs offload.generation.stream_chunks in its own worker thread (prefix cache, sampling,
 stops, detokenising: all per request), but on a stand-in for the model whose forward() hands its segment
 (tokens, its own cache) to the Batcher and waits. The Batcher's thread runs one Decoder.forward_segments
-once every running sequence has its next segment in (a decode token, or the next prefill chunk of a request
+once every running sequence has its next segment in (or GATHER_WAIT passed: a decode token, or the next prefill chunk of a request
 that just joined: prefill goes PREFILL_CHUNK tokens a step, so running streams keep flowing), so each CPU
 expert's weights are read once a step for every sequence that routed to it. A sequence joins at its first
 forward (tokenising and the prefix-cache restore do not hold the others up) and leaves when its generator
@@ -23,11 +23,15 @@ row's integers; a flip there needs an input already differing by rounding that l
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Iterator
 
 import torch
 
 from offload.prefix_cache import common_prefix
+
+
+GATHER_WAIT = 0.05  # seconds a step waits for the running sequences' next segments
 
 
 class _Call:
@@ -81,8 +85,13 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self._stop and (not self.pending or len(self.pending) < self.members):
+                while not self._stop and not self.pending:
                     self.cv.wait()
+                # the others are sampling their next token (well under a millisecond): wait for them, but not
+                # for a member whose consumer stalls (an LLM-level caller that stops reading its generator)
+                deadline = time.monotonic() + GATHER_WAIT
+                while not self._stop and len(self.pending) < self.members and time.monotonic() < deadline:
+                    self.cv.wait(max(0.0, deadline - time.monotonic()))
                 if self._stop:
                     return
                 batch, self.pending = self.pending, []
