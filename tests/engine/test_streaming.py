@@ -12,6 +12,10 @@ from tests.engine.test_homes import build, run
 from tests.gguf.fixtures_models import gguf_models  # noqa: F401  (session fixture)
 
 
+# the stand-in GPU home runs Triton's interpreter on CPU tensors, which a CUDA machine does not select
+stand_in = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in (on CUDA the GPU tests run)")
+
+
 def _float_head(model):
     """The head as float32 (expanded once by the reference dequantisation): the interpreter's GEMV over a
     151936-row head takes ~10 s a pass, and the head is not what is tested here."""
@@ -47,6 +51,7 @@ def _set(model, on: bool) -> None:
         s.chunks = s.experts_copied = s.experts_on_cpu = 0
 
 
+@stand_in
 def test_a_long_prompt_streams_and_gives_the_same_logits(streamed):
     model, prompt, resident = streamed
     streams = _streams(model)
@@ -75,6 +80,7 @@ def test_a_long_prompt_streams_and_gives_the_same_logits(streamed):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
 
+@stand_in
 def test_experts_below_the_crossover_stay_on_the_cpu_beside_the_copies(streamed):
     """A crossover of 3 tokens per expert: in a 16-token chunk (4 per expert on average) the CPU experts with more
     tokens are copied, the others computed by the CPU group on its worker thread; every used expert is one or
@@ -97,6 +103,7 @@ def test_experts_below_the_crossover_stay_on_the_cpu_beside_the_copies(streamed)
     torch.testing.assert_close(got, want, atol=1e-2 * float(want.abs().max()), rtol=0)
 
 
+@stand_in
 def test_a_short_prompt_does_not_stream(streamed):
     model, prompt, _ = streamed
     _set(model, True)
@@ -154,6 +161,7 @@ def test_the_crossover_is_the_cost_models():
     assert StreamPolicy.from_plan({"hardware": {"gpus": [], "pcie_bw": 25e9, "cpu_tflops": 2.0}}) is None
 
 
+@stand_in
 def test_the_engine_streams_from_the_prompt_length_offload_plan_prints(gguf_models):  # noqa: F811
     """The plan's per-layer figure (`offload plan`: "CPU experts streamed to the GPU from") is the chunk length
     from which the loaded layers stream, up to the bytes each side counts: the plan a file's mean bytes per expert
@@ -175,3 +183,26 @@ def test_the_engine_streams_from_the_prompt_length_offload_plan_prints(gguf_mode
         assert abs(n - by_layer[layer]) <= 0.15 * by_layer[layer], (layer, n, by_layer[layer])
     want = f"layers 0-2: {by_layer['0']}" if len(set(by_layer.values())) == 1 else f"layer 0: {by_layer['0']}"
     assert "CPU experts streamed to the GPU from" in report.to_markdown(plan) and want in report.to_markdown(plan)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_long_prompt_on_a_gpu_streams(gguf_models):  # noqa: F811
+    """For real: offload.load on CUDA, half the experts in the CPU group; a long prompt with every used CPU expert
+    copied (crossover 0) against the same prompt with streaming off."""
+    import offload
+
+    path = gguf_models.path("qwen3_moe", "Q4_K_M")
+    llm = offload.load(path, device="cuda", dtype="float32", progress=False,
+                       placement=lambda layer, n: [("gpu", "cpu")[e % 2] for e in range(n)])
+    streams = _streams(llm.model)
+    assert streams and all(s is not None for s in streams)
+    ids = gguf_models.prompt_ids("qwen3_moe", "Q4_K_M")[:40]
+    _set(llm.model, False)
+    want = llm.logits(ids)
+    _set(llm.model, True)
+    for s in streams:
+        s.per_expert = 0.0
+    got = llm.logits(ids)
+    assert all(s.chunks == 1 and s.experts_copied > 0 for s in streams)
+    torch.testing.assert_close(got, want, atol=1e-2 * float(want.abs().max()), rtol=0)
+    assert all(h.is_pinned() for pool in pools_on(streams[0].device) for h in pool.host)
