@@ -51,9 +51,9 @@ class StreamPolicy:
 
         if os.environ.get("OFFLOAD_STREAM", "1") == "0":
             return None
-        if plan is not None:
+        if plan is not None and cls.from_plan(plan) is not None:
             return cls.from_plan(plan)
-        from offload.planning import find_hardware
+        from offload.planning import find_hardware  # no plan, or one without its hardware (a hand-written JSON)
 
         hw = find_hardware(hardware=hardware)
         return cls(cpu_flops=hw.cpu_tflops * 1e12, pcie_bw=hw.pcie_bw) if hw.cpu_tflops and hw.pcie_bw else None

@@ -151,7 +151,7 @@ def test_a_stream_computes_what_resident_experts_do(slots):
         assert all(h.is_pinned() for pool in stream.pools() for h in pool["host"])
 
 
-def test_the_crossover_is_the_cost_models():
+def test_the_crossover_is_the_cost_models(monkeypatch):
     from offload.placement import cost
     from offload.placement.hardware import Hardware
 
@@ -159,6 +159,10 @@ def test_the_crossover_is_the_cost_models():
     policy = StreamPolicy.from_plan({"hardware": {"gpus": [{}], "pcie_bw": 25e9, "cpu_tflops": 2.0}})
     assert policy.crossover(37.7e6, 21.2e6) == pytest.approx(cost.crossover_tokens(37.7e6, 21.2e6, hw))
     assert StreamPolicy.from_plan({"hardware": {"gpus": [], "pcie_bw": 25e9, "cpu_tflops": 2.0}}) is None
+    plan = {"hardware": {"gpus": [{}], "pcie_bw": 25e9, "cpu_tflops": 2.0}}
+    assert StreamPolicy.for_load(plan) == policy
+    monkeypatch.setenv("OFFLOAD_STREAM", "0")
+    assert StreamPolicy.for_load(plan) is None
 
 
 @stand_in
