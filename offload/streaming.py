@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from offload.placement.cost import STREAM_MIN_TOKENS as MIN_TOKENS  # noqa: F401  (decode never streams)
-from offload.placement.cost import stream_prompt_tokens
+from offload.placement.cost import crossover, stream_prompt_tokens
 
 
 @dataclass
@@ -62,7 +62,7 @@ class StreamPolicy:
         """Tokens per expert above which streaming wins (placement.cost.crossover_tokens's formula)."""
         if self.tokens_per_expert is not None:
             return float(self.tokens_per_expert)
-        return expert_bytes * self.cpu_flops / (2 * expert_params * self.pcie_bw)
+        return crossover(expert_params, expert_bytes, self.cpu_flops, self.pcie_bw)
 
 
 class ExpertStream:

@@ -257,7 +257,12 @@ def _prefill_chunk(layers: list[LayerLayout], hw: Hardware, n_tokens: int, mode:
 def crossover_tokens(expert_params: float, expert_bytes: float, hw: Hardware) -> float:
     """Tokens routed to one expert above which copying it over PCIe beats computing it on the CPU:
     n > b * F_cpu / (2 * P * B_pcie)."""
-    return expert_bytes * hw.cpu_tflops * 1e12 / (2 * expert_params * hw.pcie_bw)
+    return crossover(expert_params, expert_bytes, hw.cpu_tflops * 1e12, hw.pcie_bw)
+
+
+def crossover(expert_params: float, expert_bytes: float, cpu_flops: float, pcie_bw: float) -> float:
+    """crossover_tokens from the figures themselves (FLOP/s, bytes/s): the engine's (offload.streaming)."""
+    return expert_bytes * cpu_flops / (2 * expert_params * pcie_bw)
 
 
 STREAM_MIN_TOKENS = 16  # a tl.dot block: decode steps and small batches never stream
