@@ -171,7 +171,8 @@ def _host_rows(n: int, dtype, pin: bool) -> torch.Tensor:
     """A kept host buffer for gathered latent rows (page-locked when a GPU reads it), grown on demand."""
     buf = _pinned_rows.get((dtype, pin))
     if buf is None or buf.numel() < n:
-        buf = _pinned_rows[(dtype, pin)] = torch.empty(n, dtype=dtype, pin_memory=pin)
+        with torch.inference_mode(False):  # writable outside inference_mode too (see workspace)
+            buf = _pinned_rows[(dtype, pin)] = torch.empty(n, dtype=dtype, pin_memory=pin)
     return buf[:n]
 
 

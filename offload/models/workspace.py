@@ -16,5 +16,7 @@ def workspace(name: str, n: int, device, dtype: torch.dtype) -> torch.Tensor:
     key = (name, str(device), dtype)
     buf = _buffers.get(key)
     if buf is None or buf.numel() < n:
-        buf = _buffers[key] = torch.empty(n, device=device, dtype=dtype)
+        # a normal tensor even when first asked for under inference_mode: writable by later calls outside it
+        with torch.inference_mode(False):
+            buf = _buffers[key] = torch.empty(n, device=device, dtype=dtype)
     return buf[:n]
