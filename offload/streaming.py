@@ -7,7 +7,7 @@ the layer lives on a GPU, holds those experts as stored (Q4_K bytes, not bf16: 3
 above the crossover it copies the experts the chunk uses into a small pool of GPU slots, `slots` experts at a
 time, through pinned host buffers, with two pools (double-buffered: batch b+1 is copied on a side stream while
 batch b computes), and runs each batch with the resident experts' Triton kernels (kernels.gpu.moe.moe with a slot
-map). Within the chunk the split is per expert: those with no more tokens than the crossover run on the CPU
+map; or, where the layer's GPU experts are float, each expert expanded in its matmul). Within the chunk the split is per expert: those with no more tokens than the crossover run on the CPU
 group's worker thread meanwhile. `submit` starts the first copies, so they run beside the shared expert and the
 GPU-resident groups; `wait` computes. Below the crossover (and always in decode) the CPU group runs as before.
 
@@ -75,7 +75,7 @@ class ExpertStream:
     beside the GPU's work (without a group every used expert is copied)."""
 
     def __init__(self, device: torch.device, expert_ids: list[int], n_experts: int, parts: list, policy: StreamPolicy,
-                 shared=None, group=None):
+                 shared=None, group=None, triton: bool = True):
         self.device = torch.device(device)
         self.ids = list(expert_ids)
         self.n_experts = n_experts
@@ -83,6 +83,7 @@ class ExpertStream:
         self.fmts = [(int(p[1]), int(p[2])) for p in parts]
         self.shared = shared
         self.group = group
+        self.triton = triton  # the resident experts' Triton kernels, else each expert expanded to float (BlockExperts)
         self.expert_bytes = sum(r.shape[1] * r.shape[2] for r in self.raw)
         self.expert_params = sum(r.shape[1] * c for r, (_, c) in zip(self.raw, self.fmts))
         self.per_expert = policy.crossover(self.expert_params, self.expert_bytes)  # tokens per expert
@@ -113,6 +114,16 @@ class ExpertStream:
             self._packs[id(pool)] = (key, [Packed(d, fmt, cols, None, f"stream.{name}") for d, (fmt, cols), name in
                                            zip(dev, self.fmts, ("gate", "up", "down"))])
         return self._packs[id(pool)][1]
+
+    def expanded(self, pool: "Pool", batch: np.ndarray):
+        """The float path (the layer's GPU experts are float: no Triton): the batch's experts in the pool as a
+        BlockExperts group, each expanded inside its matmul."""
+        from offload.models.experts import BlockExperts, ExpertBlocks
+
+        n = len(batch)
+        dev = pool.views([r.shape[1:] for r in self.raw], self.n_slots)[0]
+        return BlockExperts(self.device, [int(e) for e in batch], *(ExpertBlocks(d[:n], fmt, cols) for d, (fmt, cols)
+                                                                   in zip(dev, self.fmts)))
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> "Streaming":
         """x (T, H), ids / weights (T, k) on the layer's device: the experts with more tokens than the crossover
@@ -220,9 +231,12 @@ class Streaming:
             pool = self.pools[b % 2]
             if cuda:
                 torch.cuda.current_stream(s.device).wait_event(pool.copied)
-            with warnings.catch_warnings():  # (the interpreter's exp overflows to 0 in a very negative gate)
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out += moe(x, self.ids, wf, self.maps[b], *s.packs(pool))  # this batch's experts' share
+            if s.triton:
+                with warnings.catch_warnings():  # (the interpreter's exp overflows to 0 in a very negative gate)
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    out += moe(x, self.ids, wf, self.maps[b], *s.packs(pool))  # this batch's experts' share
+            else:
+                out += s.expanded(pool, self.batches[b]).submit(x, self.ids, wf).wait().float()
             if cuda:
                 pool.done = torch.cuda.Event()
                 pool.done.record(torch.cuda.current_stream(s.device))

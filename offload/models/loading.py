@@ -256,7 +256,7 @@ class LoadContext:
                                          shared)
                 if group.shared is not None:
                     shared = None  # runs inside this group's native call from now on
-                group.stream = self._expert_stream(files, dims, ids, n_experts, group)
+                group.stream = self._expert_stream(files, dims, ids, n_experts, group) if name == "cpu" else None
             else:
                 group = BlockExperts(dev, ids, *(expert_blocks(files[p][0], files[p][1], dims[p][1], ids, dev,
                                                                act_quant) for p in dims))
@@ -266,15 +266,15 @@ class LoadContext:
         return groups, shared
 
     def _expert_stream(self, files, dims, ids, n_experts, group):
-        """The streamed path of a GPU layer's CPU experts (offload.streaming), where the layer's device runs the
-        Triton kernels on these formats; None elsewhere."""
-        if self.stream is None or self.home == "cpu" or self.device == torch.device("cpu") or \
-                not (self._triton(self.device) and self._triton_takes(files, dims)):
+        """The streamed path of a GPU layer's CPU experts (offload.streaming): on the Triton kernels where the
+        layer's device runs them on these formats, else expanded to float per expert; None on a CPU layer."""
+        if self.stream is None or self.home == "cpu" or self.device == torch.device("cpu"):
             return None
         from offload.streaming import ExpertStream
 
+        triton = self._triton(self.device) and self._triton_takes(files, dims)
         return ExpertStream(self.device, ids, n_experts, [(files[p][0], files[p][1], dims[p][1]) for p in dims],
-                            self.stream, group.shared, group)
+                            self.stream, group.shared, group, triton)
 
     @staticmethod
     def _triton_takes(files, dims) -> bool:

@@ -42,7 +42,7 @@ def streamed(gguf_models):  # noqa: F811
 
 def _streams(model) -> list[ExpertStream]:
     groups = [g for moe in model.moe_layers() for g in moe.groups]
-    return [g.stream for g in groups if isinstance(g, CpuExpertGroup)]
+    return [g.stream for g in groups if isinstance(g, CpuExpertGroup) and g.stream is not None]
 
 
 def _set(model, on: bool) -> None:
@@ -55,7 +55,7 @@ def _set(model, on: bool) -> None:
 def test_a_long_prompt_streams_and_gives_the_same_logits(streamed):
     model, prompt, resident = streamed
     streams = _streams(model)
-    assert streams and all(s is not None for s in streams)
+    assert len(streams) == len(model.moe_layers()) and all(s.triton for s in streams)
     k = model.args.num_experts_per_tok
     n = max(s.min_tokens(k) for s in streams)
     assert n == MIN_TOKENS  # T*k/E > 0 tokens per expert from the floor on
@@ -100,6 +100,26 @@ def test_experts_below_the_crossover_stay_on_the_cpu_beside_the_copies(streamed)
             s.per_expert = 0.0
     copied, on_cpu = sum(s.experts_copied for s in streams), sum(s.experts_on_cpu for s in streams)
     assert copied > 0 and on_cpu > 0, (copied, on_cpu)
+    torch.testing.assert_close(got, want, atol=1e-2 * float(want.abs().max()), rtol=0)
+
+
+@stand_in
+def test_the_float_path_where_the_gpu_experts_are_not_on_triton(gguf_models):  # noqa: F811
+    """Without the Triton kernels (OFFLOAD_TRITON=0 on a GPU) the copied experts are expanded per matmul
+    (BlockExperts). glm_moe_dsa Q8_0, every routed expert in the CPU group, which also runs the layer's shared
+    expert in its call: the stream keeps it."""
+    path = gguf_models.path("glm_moe_dsa", "Q8_0")
+    model = build(path, stream=StreamPolicy(tokens_per_expert=0.0), layer_home=lambda i: "gpu:0",
+                  placement=lambda layer, n: ["cpu"] * n)
+    streams = [g.stream for moe in model.moe_layers() for g in moe.groups if getattr(g, "stream", None)]
+    assert len(streams) == len(model.moe_layers()) and not any(s.triton for s in streams)
+    assert all(s.shared is not None for s in streams)  # the shared expert in the CPU group's call
+    ids = gguf_models.prompt_ids("glm_moe_dsa", "Q8_0")[:MIN_TOKENS + 1]
+    _set(model, False)
+    want = run(model, ids, MIN_TOKENS)
+    _set(model, True)
+    got = run(model, ids, MIN_TOKENS)
+    assert all(s.chunks == 1 and s.experts_copied > 0 for s in streams)
     torch.testing.assert_close(got, want, atol=1e-2 * float(want.abs().max()), rtol=0)
 
 
