@@ -148,8 +148,11 @@ class BatchLLM:
     def _take(self, ids: list[int]):
         with self._lock:
             if self.free:
-                best = max(range(len(self.free)), key=lambda i: common_prefix(self.free[i].tokens, ids))
-                if common_prefix(self.free[best].tokens, ids) > 0 or self.made >= self.slots:
+                shared = [common_prefix(c.tokens, ids) for c in self.free]
+                best = max(range(len(self.free)), key=shared.__getitem__)
+                # a continuation of an idle sequence takes its slot; another conversation takes a new slot
+                # while there are any (the idle one stays live for its next turn), else the best one
+                if 2 * shared[best] >= len(self.free[best].tokens) or self.made >= self.slots:
                     return self.free.pop(best)
             if self.made >= self.slots:
                 raise RuntimeError(f"all {self.slots} sequence slots are taken (the scheduler admits at most that)")

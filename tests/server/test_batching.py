@@ -127,4 +127,28 @@ def test_kv_budget_queues_then_503_with_retry_after(llm):
         second.join(60)
         assert results["a"].status_code == results["b"].status_code == 200
         assert results["a"].json()["choices"][0]["text"] == results["b"].json()["choices"][0]["text"]
-        assert sched.kv_reserved == 0 and sched.running == 0
+        wait_for(lambda: sched.kv_reserved == 0 and sched.running == 0, "both reservations given back")
+
+
+def test_prefix_cache_with_several_live_sequences(llm):
+    """Two conversations, each in its own slot: their next turns, arriving together, both resume."""
+    a1, b1 = "Experts in a mixture are chosen by a router " * 3, "The quick brown fox jumps over the dog " * 3
+    with LiveServer(create_app(llm, max_concurrency=2)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="k", max_retries=0, timeout=60)
+        for p in (a1, b1):
+            client.completions.create(model=llm.model_name, prompt=p, max_tokens=4, temperature=0)
+        got = [None, None]
+
+        def turn(i, p):
+            got[i] = client.completions.create(model=llm.model_name, prompt=p, max_tokens=4, temperature=0)
+
+        threads = [threading.Thread(target=turn, args=(i, p + " and then more")) for i, p in enumerate((a1, b1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for r, p in zip(got, (a1, b1)):
+            n = len(llm.tokenizer.encode(p, add_special_tokens=True))
+            assert r.usage.prompt_tokens_details.cached_tokens >= n - 2  # (the last token may re-tokenise)
+            ref = llm.generate(p + " and then more", max_new_tokens=4, temperature=0.0).text
+            assert r.choices[0].text == ref
