@@ -64,7 +64,7 @@ def test_expert_group_matches_the_loop_and_block_experts(rng, device):
         torch.testing.assert_close(y, other.submit(x, ids, weights).wait(), atol=1e-5 * scale, rtol=0)
 
 
-def _build(path, triton: bool):
+def _build(path, triton: bool, device=torch.device("cpu")):
     from offload.gguf.names import hf_config
     from offload.gguf.reader import GGUFFile
     from offload.gguf.source import GGUFSource
@@ -74,13 +74,13 @@ def _build(path, triton: bool):
     gguf = GGUFFile(path)
     config = hf_config(gguf.metadata, gguf.tensors, str(path))
     arch = architecture(config["model_type"])
-    ctx = LoadContext(GGUFSource(gguf), torch.device("cpu"), torch.float32, triton=triton)
+    ctx = LoadContext(GGUFSource(gguf), device, torch.float32, triton=triton)
     model = arch.build(ctx, arch.ModelArgs.from_config(config))
     model.gguf = gguf
     return model
 
 
-def test_gguf_blocks_stay_blocks_on_the_triton_kernels(monkeypatch):
+def test_gguf_blocks_stay_blocks_on_the_triton_kernels(monkeypatch, device):
     """qwen3_moe Q4_K_M (Q4_K, Q6_K, Q8_0 tensors) loaded with every block on the Triton kernels (the path a GPU
     takes) against the same file on float-expanded weights (the native CPU kernels switched off): the same
     model to float32 summation order."""
@@ -90,21 +90,22 @@ def test_gguf_blocks_stay_blocks_on_the_triton_kernels(monkeypatch):
 
     pytest.importorskip("llama_cpp")
     path = Fixtures().path("qwen3_moe", "Q4_K_M")
-    model = _build(path, triton=True)
+    model = _build(path, triton=True, device=device)  # the GPU's own kernels there, else the interpreter
     assert isinstance(model.lm_head, TritonQuantWeight) and isinstance(model.embed, TritonQuantWeight)
     assert isinstance(model.layers[0].attn.wq, TritonQuantWeight)
     assert all(isinstance(g, TritonExperts) for moe in model.moe_layers() for g in moe.groups)
     monkeypatch.setattr(native, "SIMD_TYPES", set())
     ref_model = _build(path, triton=False)
     assert isinstance(ref_model.lm_head, Linear)
-    # the 151936-row head alone would take the interpreter ~10 s a pass: both models share the float one here
-    # (TritonQuantWeight's matmul is checked above and in test_gemm)
-    model.lm_head = ref_model.lm_head
+    if device.type == "cpu":
+        # the 151936-row head alone would take the interpreter ~10 s a pass: both models share the float one here
+        # (TritonQuantWeight's matmul is checked above and in test_gemm)
+        model.lm_head = ref_model.lm_head
     ids = torch.randint(0, 1000, (18,), generator=torch.Generator().manual_seed(0))
     outs = []
-    for m in (model, ref_model):
-        cache = m.new_cache(18)
-        outs.append(torch.cat([m.forward(ids[:17], cache), m.forward(ids[17:], cache)]))  # prefill, decode
+    for m, dev in ((model, device), (ref_model, torch.device("cpu"))):
+        cache, x = m.new_cache(18), ids.to(dev)
+        outs.append(torch.cat([m.forward(x[:17], cache), m.forward(x[17:], cache)]).cpu())  # prefill, decode
     torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=1e-4)
 
 
