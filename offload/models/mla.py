@@ -126,14 +126,15 @@ class MLAAttention:
         return self.expand_out(out_lat)  # (T, h, v)
 
     def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
-        """q_nope (T, h, n) -> the queries in latent space (h, T, c)."""
-        if self.uk_q is not None:
+        """q_nope (T, h, n) -> the queries in latent space (h, T, c). Few tokens (decode) read the blocks; a
+        long chunk (DSA prefill) multiplies the float matrix, whose read it amortises, as before."""
+        if self.uk_q is not None and q_nope.shape[0] < EXPANDED_MIN_TOKENS:
             return self.uk_q(q_nope.transpose(0, 1))  # (h, T, n) -> (h, T, c)
         return torch.einsum("thn,hnc->htc", q_nope, self.w_uk)
 
     def expand_out(self, out_lat: torch.Tensor) -> torch.Tensor:
         """out_lat (h, T, c) -> the values per head (T, h, v)."""
-        if self.uv_q is not None:
+        if self.uv_q is not None and out_lat.shape[1] < EXPANDED_MIN_TOKENS:
             return self.uv_q(out_lat).transpose(0, 1)  # (h, T, v) -> (T, h, v)
         return torch.einsum("htc,hvc->thv", out_lat, self.w_uv)
 
