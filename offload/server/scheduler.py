@@ -74,9 +74,9 @@ class Scheduler:
 
     async def start(self, prompt: list[int], gen_kwargs: dict, deadline: float | None) -> "Generation":
         """Wait for a free slot and KV room (until `deadline`, a time.monotonic() value) and start generating."""
-        if self.waiting >= self.max_queue:
-            raise QueueFull(f"{self.waiting} requests already waiting (--max-queue {self.max_queue})")
         need = self.positions(prompt, gen_kwargs)
+        if (self._queue or not self._fits(need)) and self.waiting >= self.max_queue:  # it would have to wait
+            raise QueueFull(f"{self.waiting} requests already waiting (--max-queue {self.max_queue})")
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((need, fut))
         self.waiting += 1

@@ -152,3 +152,27 @@ def test_prefix_cache_with_several_live_sequences(llm):
             assert r.usage.prompt_tokens_details.cached_tokens >= n - 2  # (the last token may re-tokenise)
             ref = llm.generate(p + " and then more", max_new_tokens=4, temperature=0.0).text
             assert r.choices[0].text == ref
+
+
+def test_a_stalled_reader_does_not_stop_the_others(llm):
+    """A caller that stops reading its stream (its sequence still running) holds the others' steps up at most
+    GATHER_WAIT each, not forever."""
+    from offload.server.batching import BatchLLM
+
+    engine = BatchLLM(llm, 2)
+    try:
+        stalled = engine.stream_chunks(PROMPTS[0], max_new_tokens=50, temperature=0.0)
+        next(stalled)  # joined the batch, then not read again
+        text = "".join(c.text for c in engine.stream_chunks(PROMPTS[1], max_new_tokens=8, temperature=0.0))
+        assert text == llm.generate(PROMPTS[1], max_new_tokens=8, temperature=0.0).text
+        stalled.close()
+        assert engine.batcher.members == 0
+    finally:
+        engine.close()
+
+
+def test_max_queue_zero_still_serves_a_free_slot(llm):
+    with LiveServer(create_app(llm, max_queue=0)) as srv:
+        r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "model": llm.model_name, "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200
