@@ -107,6 +107,12 @@ def create_app(llm: Any = None, *, loader: Callable[[], Any] | None = None, mode
     @app.get("/metrics")
     async def metrics():
         running = state.scheduler.running if state.scheduler else 0
-        return PlainTextResponse(state.metrics.render(running, state.prefix), media_type="text/plain; version=0.0.4")
+        text = state.metrics.render(running, state.prefix)
+        batcher = getattr(getattr(state.scheduler, "llm", None), "batcher", None)
+        if batcher is not None:  # offload's engine: continuous batching and the KV budget
+            from offload.server.batching import metrics as batching_metrics
+
+            text = text.rstrip("\n") + "\n" + batching_metrics(state.scheduler, batcher)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return app

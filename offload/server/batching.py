@@ -193,6 +193,21 @@ class BatchLLM:
         self.batcher.close()
 
 
+def metrics(scheduler, batcher: Batcher) -> str:
+    """Prometheus lines: the KV budget and what the running sequences reserved, steps and sequences run."""
+    lines = []
+    for name, kind, help_, value in (
+            ("offload_kv_budget_positions", "gauge", "KV positions all running sequences may hold.",
+             scheduler.kv_budget or 0),
+            ("offload_kv_reserved_positions", "gauge", "KV positions the running sequences reserved.",
+             scheduler.kv_reserved),
+            ("offload_batch_steps_total", "counter", "Batched forwards run.", batcher.steps),
+            ("offload_batch_sequences_total", "counter", "Sequences in those forwards (over steps: the mean "
+             "batch).", batcher.rows)):
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return "\n".join(lines) + "\n"
+
+
 def kv_budget(model, ctx: int, slots: int) -> int:
     """Positions the running sequences may hold together: `slots` full contexts, or what the memory free now
     on each cache device holds (after one prefill workspace, a tenth kept spare), whichever is less; never

@@ -74,6 +74,9 @@ def test_concurrent_streams_equal_their_solo_runs(llm):
         assert got == refs
         assert batcher.rows > batcher.steps  # steps ran several sequences
         assert batcher.members == 0 and srv.state.scheduler.running == 0
+        text = httpx.get(srv.url + "/metrics").text
+        assert f"offload_batch_steps_total {batcher.steps}" in text
+        assert f"offload_batch_sequences_total {batcher.rows}" in text and "offload_kv_reserved_positions 0" in text
 
 
 def test_client_leaving_frees_its_sequence_for_the_queued_request(llm):
