@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         model_name: str | None = typer.Option(None, "--model-name", help="the name clients send (default: dir name)"),
         ctx: int = typer.Option(4096, "--ctx", help="context length per request (prompt + generated tokens)"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-        max_concurrency: int = typer.Option(1, "--max-concurrency", help="sequences decoded together (continuous batching)"),
+        max_concurrency: int = typer.Option(4, "--max-concurrency", help="sequences decoded together (continuous batching)"),
         kv_budget: int | None = typer.Option(None, "--kv-budget", help="KV positions all running sequences may hold "
                                              "(default: what free memory holds, at most --max-concurrency x --ctx); "
                                              "a request waits until its prompt + max tokens fit"),
