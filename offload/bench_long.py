@@ -12,6 +12,14 @@ moment, as in a real prefill's last regrowth), so the peak RSS is at least that 
 The baseline, in the same run at --baseline-sizes: the mask path the sparse one replaced (the indexer scores
 all (T, i, S) at once, attention runs over all S with a (T, S) mask), still in the code as the tests'
 reference.
+
+--llama-cpp adds llama.cpp's GLM-DSA on the same checkpoint, converted once to a BF16 GGUF by the
+llama-cpp-python sdist's convert_hf_to_gguf.py (scripts/make_gguf_fixtures.py fetches it), run through
+llama-cpp-python in its own process at each size, in turn with offload's rows: a real prefill of all S tokens
+in 512-token chunks (n_batch = n_ubatch = 512; no tiling, it has no API for it), timed the same way (best of
+the last two chunks), then the same greedy decode. Its GLM-DSA selects index_topk keys with the indexer, then
+attends over all S with a mask (llm_graph_context::build_attn_k_dsa): dense attention, unless flash attention
+is on, whose CPU kernel skips masked keys one by one (--llama-cpp-fa picks off, on or both).
 """
 
 import argparse
@@ -48,6 +56,65 @@ def checkpoint(folder: Path) -> Path:
     make_tiny_checkpoint("glm_moe_dsa", folder, **DIMS)
     marker.write_text(json.dumps(DIMS))
     return folder
+
+
+def gguf_file(folder: Path) -> Path:
+    """The bench checkpoint as a BF16 GGUF (offload runs it in bf16), converted once by llama.cpp's converter.
+    Its tiny test tokenizer is no pre-tokenizer the converter knows by hash; the bench feeds token ids, so
+    the converter is told 'glm4' (GLM-5's) instead of refusing."""
+    dest = folder / "model-BF16.gguf"
+    if dest.is_file() and dest.stat().st_mtime >= (folder / "bench-dims.json").stat().st_mtime:
+        return dest
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_gguf_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_gguf_fixtures", script)
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    lc = fixtures.sdist_dir() / "vendor" / "llama.cpp"  # the sdist of the installed llama-cpp-python
+    code = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); from conversion import base; "
+            "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'glm4'; "
+            "sys.argv = [sys.argv[1] + '/convert_hf_to_gguf.py'] + sys.argv[2:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    tmp = dest.with_suffix(".partial")
+    # cwd: the folder, not the repo root, whose gguf/ would shadow the sdist's gguf-py
+    env = dict(os.environ, PYTHONPATH=str(lc / "gguf-py"), NO_LOCAL_GGUF="1")
+    r = subprocess.run([sys.executable, "-c", code, str(lc), str(folder), "--outtype", "bf16", "--outfile",
+                        str(tmp)], cwd=str(folder), env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {folder}: {r.stderr.strip()[-2000:]}")
+    tmp.rename(dest)
+    return dest
+
+
+def measure_llama_cpp(path: str, s: int, decode_tokens: int, flash_attn: bool) -> dict:
+    """One context size through llama-cpp-python, in this process: prefill all S tokens in 512-token chunks
+    (the last two timed), then greedy decode at depth S."""
+    import llama_cpp
+    import numpy as np
+
+    n = len(os.sched_getaffinity(0))  # torch's default thread count on Linux, as offload's rows use
+    llm = llama_cpp.Llama(model_path=path, n_ctx=s + decode_tokens, n_batch=CHUNK, n_ubatch=CHUNK, n_threads=n,
+                          n_threads_batch=n, flash_attn=flash_attn, verbose=False)
+    ids = np.random.default_rng(0).integers(0, llm.n_vocab(), s).tolist()
+    timed_from = max(0, s - 2 * CHUNK)
+    chunk_s = []
+    for i in range(0, s, CHUNK):
+        t0 = time.perf_counter()
+        llm.eval(ids[i:i + CHUNK])
+        if i >= timed_from:
+            chunk_s.append((min(CHUNK, s - i), time.perf_counter() - t0))
+    step_s = []
+    for _ in range(decode_tokens):
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))  # the last token's
+        tok = int(np.argmax(logits))
+        t0 = time.perf_counter()
+        llm.eval([tok])
+        step_s.append(time.perf_counter() - t0)
+    return {"S": s, "path": "llama.cpp FA" if flash_attn else "llama.cpp",
+            "prefill_tok_s": max(k / dt for k, dt in chunk_s), "prefill_s": sum(dt for _, dt in chunk_s),
+            "decode_ms": 1e3 * min(step_s), "decode_median_ms": 1e3 * statistics.median(step_s),
+            "peak_rss_gb": peak_rss_gb(), "threads": n, "load": os.getloadavg()[0]}
 
 
 def use_mask_path() -> None:
@@ -124,20 +191,26 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: kB
 
 
-def run_child(path: Path, s: int, decode_tokens: int, mask: bool, whole: bool, timeout: float) -> dict:
-    code = ("import json, sys; from offload.bench_long import measure; "
-            "print('RESULT ' + json.dumps(measure(*json.loads(sys.argv[1]))))")
-    arg = json.dumps([str(path), s, decode_tokens, mask, whole])
+def run_child(path: Path, s: int, decode_tokens: int, mask: bool, whole: bool, timeout: float,
+              llama_cpp: str = "") -> dict:
+    """One size in a fresh process: offload (mask or sparse path), or llama.cpp ('off' / 'on': flash attention)
+    on the GGUF at `path`."""
+    fn, args, name = "measure", [str(path), s, decode_tokens, mask, whole], "mask" if mask else "sparse"
+    if llama_cpp:
+        fn, args = "measure_llama_cpp", [str(path), s, decode_tokens, llama_cpp == "on"]
+        name = "llama.cpp FA" if llama_cpp == "on" else "llama.cpp"
+    code = (f"import json, sys; from offload.bench_long import {fn}; "
+            f"print('RESULT ' + json.dumps({fn}(*json.loads(sys.argv[1]))))")
     try:
-        out = subprocess.run([sys.executable, "-P", "-c", code, arg], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(args)], capture_output=True, text=True,
                              timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"S": s, "path": "mask" if mask else "sparse", "error": f"over {timeout:.0f} s"}
+        return {"S": s, "path": name, "error": f"over {timeout:.0f} s"}
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"S": s, "path": "mask" if mask else "sparse", "error": tail[:200]}
+    return {"S": s, "path": name, "error": tail[:200]}
 
 
 def label(s: int) -> str:
@@ -164,10 +237,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--whole", action="store_true", help="time the prefill of the whole prompt (slow at 64k+ "
                    "on a few cores), not its last two chunks after a tiled cache")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per size before it is called over")
+    p.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp's GLM-DSA (llama-cpp-python) on "
+                   "the checkpoint as a BF16 GGUF at each size, in turn with offload's rows")
+    p.add_argument("--llama-cpp-fa", default="off", help="llama.cpp's flash attention at each size: off, on "
+                   "or off,on")
     a = p.parse_args(argv)
     sizes = [size(x) for x in a.sizes.split(",") if x]
     base = [size(x) for x in a.baseline_sizes.split(",") if x]
+    fa = [x for x in a.llama_cpp_fa.split(",") if x] if a.llama_cpp else []
+    if any(x not in ("off", "on") for x in fa):
+        p.error(f"--llama-cpp-fa takes off, on or off,on, not {a.llama_cpp_fa!r}")
     path = checkpoint(Path(a.dir))
+    gguf = gguf_file(path) if fa else None
     # load: the machine's 1-minute load average at the end of the size (other programs share the cores)
     what = "over the whole prompt" if a.whole else "best of the last two 512-token chunks"
     print(f"| S | path | decode ms/token, best (median) | prefill tok/s, {what} | peak RSS | load |")
@@ -178,12 +259,24 @@ def main(argv: list[str] | None = None) -> None:
             r = run_child(path, s, a.decode_tokens, mask, a.whole, a.timeout)
             results[(s, mask)] = r
             print(row(r), flush=True)
-    ok = {s: r for (s, mask), r in results.items() if not mask and "error" not in r}
+        for x in fa:
+            r = run_child(gguf, s, a.decode_tokens, False, False, a.timeout, llama_cpp=x)
+            results[(s, "llama.cpp " + x)] = r
+            print(row(r), flush=True)
+    ok = {s: r for (s, mask), r in results.items() if mask is False and "error" not in r}
     for s in base:
         m, r = results.get((s, True)), ok.get(s)
         if m and r and "error" not in m:
             print(f"S {label(s)}: sparse / mask  decode {m['decode_ms'] / r['decode_ms']:.2f}x faster, "
                   f"prefill {r['prefill_tok_s'] / m['prefill_tok_s']:.2f}x")
+    pairs = [(s, m, ok[s]) for (s, key), m in results.items()
+             if isinstance(key, str) and s in ok and "error" not in m]  # llama.cpp's rows beside offload's
+    if pairs:
+        print("\n| S | offload (sparse) / | decode ms/token (best) | prefill tok/s | peak RSS |")
+        print("|---|---|---|---|---|")
+        for s, m, r in pairs:
+            print(f"| {label(s)} | {m['path']} | {r['decode_ms'] / m['decode_ms']:.2f}x | "
+                  f"{r['prefill_tok_s'] / m['prefill_tok_s']:.2f}x | {r['peak_rss_gb'] / m['peak_rss_gb']:.2f}x |")
     if 4096 in ok:
         for s in sorted(ok):
             if s > 4096:
