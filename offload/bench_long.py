@@ -188,6 +188,14 @@ def measure(path: str, s: int, decode_tokens: int, mask: bool, whole: bool = Fal
 
 
 def peak_rss_gb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would
+    report at least its parent's RSS at the fork (the parent that built the checkpoint: 0.58 GB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: kB
 
 
