@@ -46,6 +46,24 @@ class Runtime:
         return m.lm_head(x).float()  # (T, V)
 
     @torch.inference_mode()
+    def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One sequence's single-token decode step with static shapes (offload.graphs.DecodeStep, a CUDA
+        graph's body): tokens (1,) and pos (1,) are device tensors, every layer's cache is preallocated (its
+        growth and cache.length are the caller's) and written at pos. -> logits (1, V) float32."""
+        m = self.model
+        x = m.embed.rows(tokens)  # (1, H)
+        state: dict = {}
+        positions: dict = {}  # pos on each layer's device
+        for layer, layer_cache in zip(m.layers, cache.layers):
+            x = x.to(layer.device)
+            p = positions.setdefault(layer.device, pos.to(layer.device))
+            x = x + layer.attn.decode_static(rms_norm(x, layer.attn_norm, m.eps), p, layer_cache, state)
+            h = rms_norm(x, layer.mlp_norm, m.eps)
+            x = x + (self.moe(layer.mlp, h, layer.device) if isinstance(layer.mlp, MoE) else layer.mlp(h))
+        x = rms_norm(x.to(m.lm_head.device), m.norm, m.eps)
+        return m.lm_head(x).float()  # (1, V)
+
+    @torch.inference_mode()
     def step_segments(self, segments: list, last_only: bool = True) -> list[torch.Tensor]:
         """Several sequences in one forward (continuous batching): segments [(tokens (T_i,), cache_i)], each
         appended at its cache's length. Attention runs per segment (its own cache and positions); norms, MLP /

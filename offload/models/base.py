@@ -48,6 +48,17 @@ class Rope:
             state[key] = self.cos_sin(torch.arange(start, start + t, device=device), dtype)
         return state[key]
 
+    def cos_sin_of(self, positions: torch.Tensor, dtype: torch.dtype, state: dict):
+        """cos_sin for a device tensor of positions (T,) (the static decode step: no Python position to bake
+        into a captured graph), once per forward and device."""
+        key = ("rope_at", id(self), positions.device, dtype)
+        if key not in state:
+            inv = _inv_freq_on(self, positions.device)  # kept per device: no host copy inside a capture
+            freqs = positions[:, None].float() * inv  # (T, dim/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (T, dim)
+            state[key] = ((emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype))
+        return state[key]
+
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (T, h, d_rot) -> rotated (T, h, d_rot); cos/sin (T, d_rot)."""
         cos, sin = cos[:, None, :], sin[:, None, :]
@@ -62,6 +73,16 @@ class Rope:
         h1, h2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
         rotated = x_rot * cos + torch.cat((-h2, h1), dim=-1) * sin
         return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+_inv_freqs: dict = {}
+
+
+def _inv_freq_on(rope: Rope, device) -> torch.Tensor:
+    key = (id(rope), device)
+    if key not in _inv_freqs:
+        _inv_freqs[key] = (rope, rope.inv_freq.to(device))  # the rope kept alive so its id is not reused
+    return _inv_freqs[key][1]
 
 
 def rope_parameters(config: dict) -> dict:
@@ -172,3 +193,9 @@ def causal_mask(t: int, s: int, start_pos: int, device) -> torch.Tensor:
     rows = torch.arange(t, device=device)[:, None] + start_pos
     cols = torch.arange(s, device=device)[None, :]
     return cols <= rows  # (T, S)
+
+
+def length_mask(pos: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(1, capacity) bool: the cached positions a decode query at device position pos (1,) may read (the static
+    step: attention reads the whole preallocated cache, the length lives on the device)."""
+    return torch.arange(capacity, device=pos.device)[None, :] <= pos[:, None]  # (1, capacity)

@@ -96,6 +96,22 @@ class Indexer:
         weights = self.weights_proj(x.float()) * self.n_heads ** -0.5  # (T, i) float32
         return q.float(), weights, k_all
 
+    def static(self, x: torch.Tensor, q_resid: torch.Tensor, pos: torch.Tensor, cache: MLACache, state: dict):
+        """The decode step's static form, pos (1,) a device tensor: the key written at pos, the top
+        min(index_topk, capacity) over the whole key cache with future keys invalid -> (indices, valid), always
+        (while S <= index_topk it holds every causal key: the same attention as no selection)."""
+        t, r = x.shape[0], self.rope.inv_freq.shape[0] * 2
+        q = self.wq_b(q_resid).view(t, self.n_heads, self.head_dim)  # (1, i, D)
+        k = F.layer_norm(self.wk(x), (self.head_dim,), self.k_norm_w, self.k_norm_b, 1e-6)  # (1, D)
+        cos, sin = self.rope.cos_sin_of(pos, x.dtype, state)
+        q = torch.cat([self.rope.apply(q[..., :r], cos, sin), q[..., r:]], dim=-1)
+        k = torch.cat([self.rope.apply(k[:, None, :r], cos, sin)[:, 0], k[:, r:]], dim=-1)
+        cache.index_k.index_copy_(0, pos, k)  # (C, D)
+        weights = self.weights_proj(x.float()) * self.n_heads ** -0.5  # (1, i) float32
+        sel = top_keys(q.float(), weights, cache.index_k, 0, self.topk, self.head_dim ** -0.5, positions=pos)
+        state["dsa_selection"] = sel
+        return sel
+
     def __call__(self, x: torch.Tensor, q_resid: torch.Tensor, start: int, cache: MLACache, state: dict):
         """-> None when all causal keys fit in index_topk (plain causal attention), else (indices, valid)."""
         q, weights, k_all = self.queries_and_keys(x, q_resid, start, cache, state)
@@ -111,12 +127,14 @@ def index_chunk(t: int, n_heads: int, k: int) -> int:
     return max(k, min(INDEX_MAX_CHUNK, INDEX_SCORE_BYTES // (4 * t * n_heads)))
 
 
-def top_keys(q, weights, k_all, start: int, topk: int, scale: float, chunk: int | None = None):
+def top_keys(q, weights, k_all, start: int, topk: int, scale: float, chunk: int | None = None,
+             positions: torch.Tensor | None = None):
     """The `topk` best keys of each query, scored a chunk of keys at a time with a running top-k, so the
     scores take O(T * chunk) memory, not O(T * i * S). q (T, i, D) float32, weights (T, i), k_all (S, D) ->
     indices (T, K) int64 and valid (T, K) bool, K = min(topk, S); a slot is invalid when it holds a future key
     (a query with fewer than K keys before it). Exact ties may pick a different one of the tied keys than one
-    full top-k."""
+    full top-k. positions (T,): the queries' positions as a device tensor instead of start.. (the static
+    decode step: every chunk masked, no Python comparison with a position)."""
     t, n_heads, d = q.shape
     s = k_all.shape[0]
     k = min(topk, s)
@@ -124,7 +142,10 @@ def top_keys(q, weights, k_all, start: int, topk: int, scale: float, chunk: int 
     # kept buffers for the float32 keys and the scores of one chunk (fresh ones fault their pages in each time)
     k_buf = workspace("dsa.keys", chunk * d, q.device, torch.float32)
     s_buf = workspace("dsa.scores", t * n_heads * chunk, q.device, torch.float32)
-    pos = torch.arange(start, start + t, device=q.device)[:, None]  # (T, 1) absolute query positions
+    if positions is None:
+        pos = torch.arange(start, start + t, device=q.device)[:, None]  # (T, 1) absolute query positions
+    else:
+        pos = positions[:, None]  # (T, 1)
     w = weights.unsqueeze(1)  # (T, 1, i)
     best_v = best_i = None
     for c0 in range(0, s, chunk):
@@ -135,7 +156,7 @@ def top_keys(q, weights, k_all, start: int, topk: int, scale: float, chunk: int 
         scores = scores.mul_(scale).relu_()
         v = torch.matmul(w, scores).squeeze(1)  # (T, C)
         ids = torch.arange(c0, c1, device=q.device).expand(t, -1)  # (T, C)
-        if c1 - 1 > start:  # the chunk holds keys after the first query: hide each query's future
+        if positions is not None or c1 - 1 > start:  # keys after the first query: hide each query's future
             v = v.masked_fill(ids > pos, float("-inf"))
         if best_v is not None:
             v, ids = torch.cat([best_v, v], dim=1), torch.cat([best_i, ids], dim=1)  # (T, K + C)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from offload.cache import MLACache
-from offload.models.base import Rope, causal_mask, rms_norm
+from offload.models.base import Rope, causal_mask, length_mask, rms_norm
 from offload.models.loading import LoadContext
 from offload.models.workspace import workspace
 from offload.models.weights import linears
@@ -57,7 +57,9 @@ class MLAAttention:
     def new_cache(self, max_len: int) -> MLACache:
         return MLACache(max_len, self.c, self.r, self.device, self.dtype, self.index_dim, kv_device=self.kv_device)
 
-    def __call__(self, x: torch.Tensor, start: int, cache: MLACache, state: dict) -> torch.Tensor:
+    def project(self, x: torch.Tensor):
+        """x (T, H) -> q_nope (T, h, n), q_rot (T, h, r), latent (T, c), k_rot (T, 1, r) before RoPE, and
+        q_resid (T, q_lora) (the DSA indexer's input; None without a q LoRA)."""
         t = x.shape[0]
         if self.q_proj is not None:
             q_resid = None
@@ -67,9 +69,35 @@ class MLAAttention:
             q_resid = rms_norm(q_a, self.q_a_norm, self.eps)  # (T, q_lora)
             q = self.q_b(q_resid)
         q = q.view(t, self.h, self.nope + self.r)  # (T, h, n + r)
-        q_nope, q_rot = q[..., : self.nope], q[..., self.nope:]
         latent = rms_norm(kv[:, : self.c], self.kv_a_norm, self.eps)  # (T, c)
-        k_rot = kv[:, self.c:].view(t, 1, self.r)  # (T, 1, r)
+        return q[..., : self.nope], q[..., self.nope:], latent, kv[:, self.c:].view(t, 1, self.r), q_resid
+
+    def decode_static(self, x: torch.Tensor, pos: torch.Tensor, cache: MLACache, state: dict) -> torch.Tensor:
+        """One token x (1, H) at device position pos (1,), static shapes: the latent and rope key written at pos
+        (index_copy_), the absorbed attention over the whole preallocated cache masked by pos; DSA: the
+        indexer's top-k over the whole key cache with future keys invalid (glm_moe_dsa.Indexer.static)."""
+        q_nope, q_rot, latent, k_rot, q_resid = self.project(x)
+        cos, sin = self.rope.cos_sin_of(pos, x.dtype, state)
+        q_rot, k_rot = self.rope.apply(q_rot, cos, sin), self.rope.apply(k_rot, cos, sin)
+        kv_pos = pos.to(self.kv_device)
+        cache.latent.index_copy_(0, kv_pos, latent.to(self.kv_device))  # (C, c)
+        cache.k_rope.index_copy_(0, kv_pos, k_rot[:, 0].to(self.kv_device))  # (C, r)
+        sel = None
+        if self.selector is not None:  # an Indexer (its static form) or a shared layer's reuse
+            static = getattr(self.selector, "static", self.selector)
+            sel = static(x, q_resid, pos, cache, state)
+        latent_all, k_rot_all = cache.latent, cache.k_rope
+        if self.kv_device != self.device:  # the KV home in RAM: a host read of the indices, by design
+            latent_all, k_rot_all, sel = self.fetch_rows(latent_all, k_rot_all, sel, x.device)
+        if sel is None:
+            out = self.attend_causal(q_nope, q_rot, latent_all, k_rot_all, 0, length_mask(pos, cache.capacity))
+        else:
+            out = self.attend_selected(q_nope, q_rot, latent_all, k_rot_all, *sel)
+        return self.wo(out.reshape(1, self.h * self.v))
+
+    def __call__(self, x: torch.Tensor, start: int, cache: MLACache, state: dict) -> torch.Tensor:
+        t = x.shape[0]
+        q_nope, q_rot, latent, k_rot, q_resid = self.project(x)
         cos, sin = self.rope.cos_sin_at(start, t, x.device, x.dtype, state)
         q_rot, k_rot = self.rope.apply(q_rot, cos, sin), self.rope.apply(k_rot, cos, sin)
         latent_all, k_rot_all = cache.update(latent, k_rot[:, 0], start)  # (S, c), (S, r)

@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import offload
+from offload.graphs import DecodeStep
 from offload.kernels.cpu.experts import cpu_experts_factory
 from offload.models.experts import STATIC_PAIRS, BlockExperts, ExpertBlocks, TorchExperts
 from tests.engine.conftest import ARCHS
@@ -92,6 +93,30 @@ def test_a_decode_step_reads_nothing_back(arch, tiny_checkpoint):
     found = decode_step_reads(mixed_sync_free(tiny_checkpoint(arch)))
     assert [f for f in found if f[1].startswith(MOE_FILES)] == []
     assert found == []
+
+
+def static_step_reads(model) -> list[tuple[str, str]]:
+    """The static decode step's body (offload.graphs.DecodeStep.run, what a CUDA graph captures) at two
+    positions, the second past the tiny DSA checkpoint's index_topk (its selection active)."""
+    cache = model.new_cache(16)
+    model.forward(torch.tensor([3, 1, 4, 1, 5, 9, 2, 6]), cache)
+    step = DecodeStep(model, cache)
+    step(5)  # grows nothing, records (the CPU emulation: the step function itself)
+    found = []
+    for token in (3, 5):
+        step.set_inputs(token, cache.length)
+        with HostReads() as mode:
+            step.run()
+        found += mode.found
+        cache.length += 1
+    return found
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["llama", "qwen2", "qwen3"])
+def test_the_static_decode_step_reads_nothing_back(arch, tiny_checkpoint):
+    """The whole static step (positions and lengths as device tensors, the cache written at the device
+    position, attention masked by it; DSA's top-k over the whole key cache) reads nothing back."""
+    assert static_step_reads(mixed_sync_free(tiny_checkpoint(arch))) == []
 
 
 def test_the_mode_sees_the_old_grouped_path(tiny_checkpoint):
