@@ -37,24 +37,25 @@ def capture_blocker(model) -> str | None:
 
 
 class DecodeStep:
-    """One sequence's decode step on static buffers: step(token) appends one token to `cache` -> logits (1, V)."""
+    """B sequences' decode step on static buffers (one recording per batch size): step(*tokens) appends one
+    token to each cache -> logits (B, V)."""
 
-    def __init__(self, model, cache: Cache):
-        self.model, self.cache = model, cache
-        device = model.embed.device
-        self.tokens = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the token id, updated in place
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) its position, updated in place
+    def __init__(self, model, *caches: Cache):
+        self.model, self.caches = model, list(caches)
+        device, b = model.embed.device, len(caches)
+        self.tokens = torch.zeros(b, dtype=torch.long, device=device)  # (B,) the token ids, updated in place
+        self.pos = torch.zeros(b, dtype=torch.long, device=device)  # (B,) their positions, updated in place
         self.recorded = None  # the replayable step: a CUDA graph's replay, or the step function (emulation)
         self.capacities: tuple = ()  # the caches' capacities (tensor addresses) the recording was made for
         self.logits: torch.Tensor | None = None  # the graph's output buffer
 
     def run(self) -> torch.Tensor:
         """The step's body: reads only the buffers and the caches."""
-        return self.model.runtime.step_static(self.tokens, self.pos, self.cache)
+        return self.model.runtime.step_static(self.tokens, self.pos, self.caches)
 
     def record(self):
         """Record the step for the current caches; -> the replay function (call after updating the buffers)."""
-        self.capacities = tuple(layer.capacity for layer in self.cache.layers)
+        self.capacities = self.held()
         if capture_blocker(self.model) is not None:
             self.recorded = self.run
             return self.recorded
@@ -67,7 +68,7 @@ class DecodeStep:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self.run()  # (1, V) in the graph's pool, rewritten by each replay
+            self.logits = self.run()  # (B, V) in the graph's pool, rewritten by each replay
 
         def replay() -> torch.Tensor:
             graph.replay()
@@ -76,20 +77,27 @@ class DecodeStep:
         self.recorded = replay
         return replay
 
-    def set_inputs(self, token: int, position: int) -> None:
-        """Update the buffers in place (their addresses are what the recording reads)."""
-        self.tokens.fill_(token)
-        self.pos.fill_(position)
+    def held(self) -> tuple:
+        return tuple(layer.capacity for cache in self.caches for layer in cache.layers)
 
-    def __call__(self, token: int) -> torch.Tensor:
-        cache = self.cache
-        cache.check_room(1)
-        n = cache.length
-        for layer in cache.layers:  # growth happens here, outside the step; it moves the tensors: re-record
-            layer.reserve(n + 1)
-        self.set_inputs(token, n)
-        if self.recorded is None or self.capacities != tuple(layer.capacity for layer in cache.layers):
+    def set_inputs(self, tokens: list[int], positions: list[int]) -> None:
+        """Update the buffers in place (their addresses are what the recording reads)."""
+        self.tokens.copy_(torch.tensor(tokens))
+        self.pos.copy_(torch.tensor(positions))
+
+    def __call__(self, *tokens: int) -> torch.Tensor:
+        if len(tokens) != len(self.caches):
+            raise ValueError(f"{len(tokens)} tokens for a step of {len(self.caches)} sequences")
+        lengths = []
+        for cache in self.caches:
+            cache.check_room(1)
+            lengths.append(cache.length)
+            for layer in cache.layers:  # growth happens here, outside the step; it moves the tensors: re-record
+                layer.reserve(cache.length + 1)
+        self.set_inputs(list(tokens), lengths)
+        if self.recorded is None or self.capacities != self.held():
             self.record()
-        logits = self.recorded()
-        cache.length = n + 1
+        logits = self.recorded()  # (B, V)
+        for cache, n in zip(self.caches, lengths):
+            cache.length = n + 1
         return logits

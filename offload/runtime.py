@@ -46,22 +46,26 @@ class Runtime:
         return m.lm_head(x).float()  # (T, V)
 
     @torch.inference_mode()
-    def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """One sequence's single-token decode step with static shapes (offload.graphs.DecodeStep, a CUDA
-        graph's body): tokens (1,) and pos (1,) are device tensors, every layer's cache is preallocated (its
-        growth and cache.length are the caller's) and written at pos. -> logits (1, V) float32."""
+    def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
+        """B sequences' single-token decode step with static shapes (offload.graphs.DecodeStep, a CUDA graph's
+        body): tokens (B,) and pos (B,) are device tensors, sequence i's caches[i] preallocated (growth and
+        cache.length are the caller's) and written at pos[i]. Attention per sequence, the rest on the B rows
+        (as step_segments). -> logits (B, V) float32."""
         m = self.model
-        x = m.embed.rows(tokens)  # (1, H)
-        state: dict = {}
+        b = len(caches)
+        x = m.embed.rows(tokens)  # (B, H)
+        states: list[dict] = [{} for _ in caches]  # per sequence: RoPE tables, DSA selections
         positions: dict = {}  # pos on each layer's device
-        for layer, layer_cache in zip(m.layers, cache.layers):
+        for i, layer in enumerate(m.layers):
             x = x.to(layer.device)
             p = positions.setdefault(layer.device, pos.to(layer.device))
-            x = x + layer.attn.decode_static(rms_norm(x, layer.attn_norm, m.eps), p, layer_cache, state)
+            h = rms_norm(x, layer.attn_norm, m.eps)
+            x = x + torch.cat([layer.attn.decode_static(h[j:j + 1], p[j:j + 1], caches[j].layers[i], states[j])
+                               for j in range(b)])
             h = rms_norm(x, layer.mlp_norm, m.eps)
             x = x + (self.moe(layer.mlp, h, layer.device) if isinstance(layer.mlp, MoE) else layer.mlp(h))
         x = rms_norm(x.to(m.lm_head.device), m.norm, m.eps)
-        return m.lm_head(x).float()  # (1, V)
+        return m.lm_head(x).float()  # (B, V)
 
     @torch.inference_mode()
     def step_segments(self, segments: list, last_only: bool = True) -> list[torch.Tensor]:

@@ -29,11 +29,11 @@ def replayed_logits(model, step_cls, tokens):
     step = step_cls(model, cache)
     for layer in cache.layers:
         layer.reserve(cache.length + len(tokens))  # the capacity fixed before recording
-    step.set_inputs(tokens[0], cache.length)
+    step.set_inputs(tokens[:1], [cache.length])
     replay = step.record()
     out = []
     for t in tokens:
-        step.set_inputs(t, cache.length)
+        step.set_inputs([t], [cache.length])
         out.append(replay())
         cache.length += 1
     return out
@@ -43,8 +43,8 @@ class BakedStep(DecodeStep):
     """A broken recording: the position read once at record time, as a captured Python int would be."""
 
     def record(self):
-        baked = int(self.pos[0])
-        self.recorded = lambda: self.model.runtime.step_static(self.tokens, torch.tensor([baked]), self.cache)
+        baked = [int(p) for p in self.pos]
+        self.recorded = lambda: self.model.runtime.step_static(self.tokens, torch.tensor(baked), self.caches)
         return self.recorded
 
 
@@ -64,6 +64,30 @@ def test_decode_step_equals_eager(arch, tiny_checkpoint):
     assert cache.length == len(PROMPT) + len(NEXT)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm_moe_dsa"])
+def test_a_batch_of_sequences_equals_each_alone(arch, tiny_checkpoint):
+    """Three sequences at different lengths in one static step (one recording for B = 3; a cache that grows
+    mid-way, moving its tensors, makes it record again): each row equals that sequence's own eager decode."""
+    model = build(tiny_checkpoint(arch))
+    prompts = [PROMPT, PROMPT[:2], PROMPT + [7, 7, 7, 7]]
+    want, caches = [], []
+    for p in prompts:
+        cache = model.new_cache(512)
+        model.forward(torch.tensor(p), cache)
+        want.append([model.forward(torch.tensor([t]), cache) for t in NEXT[:4]])
+        caches.append(model.new_cache(512))
+        model.forward(torch.tensor(p), caches[-1])
+    step = DecodeStep(model, *caches)
+    for i, t in enumerate(NEXT[:4]):
+        if i == 2:
+            for layer in caches[1].layers:
+                layer.reserve(300)  # past one block: new tensors, so a new recording
+        got = step(t, t, t)  # (3, V)
+        for j in range(3):
+            torch.testing.assert_close(got[j:j + 1], want[j][i], atol=1e-5, rtol=1e-5)
+    assert all(layer.capacity > 256 for layer in caches[1].layers) and step.capacities == step.held()
 
 
 @pytest.mark.parametrize("arch", ALL)

@@ -104,7 +104,7 @@ def static_step_reads(model) -> list[tuple[str, str]]:
     step(5)  # grows nothing, records (the CPU emulation: the step function itself)
     found = []
     for token in (3, 5):
-        step.set_inputs(token, cache.length)
+        step.set_inputs([token], [cache.length])
         with HostReads() as mode:
             step.run()
         found += mode.found
