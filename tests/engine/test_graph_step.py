@@ -100,6 +100,19 @@ def test_replay_on_updated_buffers_equals_eager(arch, tiny_checkpoint):
     assert max_error(replayed_logits(model, BakedStep, NEXT), want) > 1e-3
 
 
+def test_dsa_with_its_kv_in_ram(tiny_checkpoint):
+    """The DSA latent cache in RAM (layers on the stand-in GPU): the static step gathers the selected rows on
+    the host (by design, so no graph: capture_blocker says why) and equals eager."""
+    model = build(tiny_checkpoint("glm_moe_dsa"), layer_home=lambda i: "gpu:0", kv_home=lambda i: "cpu")
+    assert any(layer.attn.kv_device != layer.attn.device for layer in model.layers)
+    want = eager_logits(model, NEXT)
+    cache = model.new_cache(64)
+    model.forward(torch.tensor(PROMPT), cache)
+    step = DecodeStep(model, cache)
+    for t, w in zip(NEXT, want):
+        torch.testing.assert_close(step(t), w, atol=1e-5, rtol=1e-5)
+
+
 def gpu_model(arch, tiny_checkpoint, homes):
     placement = {i: homes * (8 // len(homes)) for i in range(8)}
     model = offload.load(tiny_checkpoint(arch), device="cuda", dtype="float32", progress=False, ctx=64,
