@@ -110,6 +110,10 @@ _SIZES: dict[GGMLType, tuple[int, int]] = {
 
 BLOCK_FORMATS: dict[int, BlockFormat] = {int(t): BlockFormat(t, *s) for t, s in _SIZES.items()}
 
+# Types the native CPU kernels lack, rewritten losslessly once at load as one they have (kernels/cpu/weights.py
+# as_native): the CPU computes and reads them in that type, with its block size (IQ4_NL as Q8_0: 34 / 18 bytes).
+CPU_COMPUTE_TYPE: dict[int, int] = {int(GGMLType.IQ4_NL): int(GGMLType.Q8_0)}
+
 
 def block_format(qtype: "int | str | GGMLType") -> BlockFormat:
     """The block layout of a ggml type given by id, enum or name ("Q4_K"); KeyError if unknown."""

@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from offload.gguf.types import BLOCK_FORMATS, CPU_COMPUTE_TYPE, GGMLType
+
 from .hardware import GB, Hardware
 
 CPU_EFFICIENCY = 0.80  # fraction of DRAM bandwidth offload's CPU expert kernels reach in decode
@@ -64,6 +66,16 @@ def step_reads(freq: np.ndarray, batch: int) -> np.ndarray:
     return 1.0 - (1.0 - p) ** batch
 
 
+def _computed_as(t: str) -> tuple[str, float]:
+    """The type the CPU kernels run a stored type in (gguf.types.CPU_COMPUTE_TYPE: IQ4_NL as Q8_0) and how many
+    bytes they read per stored byte."""
+    if t not in GGMLType.__members__ or int(GGMLType[t]) not in CPU_COMPUTE_TYPE:
+        return t, 1.0
+    src = BLOCK_FORMATS[int(GGMLType[t])]
+    dst = BLOCK_FORMATS[CPU_COMPUTE_TYPE[int(GGMLType[t])]]
+    return dst.name, (dst.type_size / dst.block_size) / (src.type_size / src.block_size)
+
+
 def _mixed(shares: dict[str, float] | str, rate) -> float:
     """The rate of weights stored in several types, by their shares of the bytes: 1 / sum(share / rate)."""
     if isinstance(shares, str):
@@ -80,7 +92,12 @@ def cpu_read_bw(hw: Hardware, shares: dict[str, float] | str, cpu_eff: float | N
     if cpu_eff is not None:
         return hw.dram_bw * cpu_eff
     kernels = hw.calibration.get("kernels", {})
-    return _mixed(shares, lambda t: kernels[t]["gemv_gbs"] * GB if t in kernels else hw.dram_bw * CPU_EFFICIENCY)
+
+    def rate(t: str) -> float:  # stored bytes per second
+        name, grow = _computed_as(t)
+        return (kernels[name]["gemv_gbs"] * GB if name in kernels else hw.dram_bw * CPU_EFFICIENCY) / grow
+
+    return _mixed(shares, rate)
 
 
 def cpu_flops(hw: Hardware, shares: dict[str, float] | str, experts: bool = False) -> float:
@@ -90,7 +107,7 @@ def cpu_flops(hw: Hardware, shares: dict[str, float] | str, experts: bool = Fals
     kernels = hw.calibration.get("kernels", {})
 
     def rate(t: str) -> float:
-        k = kernels.get(t, {})
+        k = kernels.get(_computed_as(t)[0], {})
         return (k.get("moe_prefill_tflops") if experts else None) or k.get("prefill_tflops") or hw.cpu_tflops
 
     return _mixed(shares, lambda t: rate(t) * 1e12)

@@ -25,10 +25,11 @@ def as_native(raw: np.ndarray, qtype: int) -> tuple[np.ndarray, int]:
     ~0.01 GB/s: IQ4_XS files keep IQ4_NL where a row is not a multiple of 256). Integer dot products are the
     same as llama.cpp's (it multiplies IQ4_NL by 8-bit activations too). Other types are returned as given."""
     from offload.gguf.quants import KVALUES_IQ4NL, nibbles
-    from offload.gguf.types import GGMLType
+    from offload.gguf.types import CPU_COMPUTE_TYPE, GGMLType
 
-    if qtype != GGMLType.IQ4_NL:
+    if qtype not in CPU_COMPUTE_TYPE:
         return raw, qtype
+    assert qtype == GGMLType.IQ4_NL and CPU_COMPUTE_TYPE[qtype] == GGMLType.Q8_0  # the one rewrite written below
     blocks = raw.reshape(-1, 18)  # (B, 18): d, then 16 bytes of nibble pairs
     out = np.empty((blocks.shape[0], 34), np.uint8)  # (B, 34): d, then 32 int8
     out[:, :2] = blocks[:, :2]

@@ -267,6 +267,17 @@ def test_prefill_adds_the_measured_per_token_cost_of_each_cpu_layer():
     assert chunk[1e-9] - chunk[0.0] == pytest.approx(len(lays) * 512 * spec.hidden * 1e-9, rel=1e-6)
 
 
+def test_a_type_the_cpu_computes_in_another_is_rated_as_that_type():
+    """IQ4_NL is rewritten as Q8_0 at load (1.89x the bytes): its stored bytes are read at Q8_0's measured
+    GB/s over 34/18 and computed at Q8_0's measured prefill rate."""
+    hw = Hardware(gpus=[], ram_bytes=64 * GiB, dram_bw=100e9, pcie_bw=25e9, cpu_cores=8,
+                  calibration={"kernels": {"Q8_0": {"gemv_gbs": 34.0, "prefill_tflops": 0.4,
+                                                    "moe_prefill_tflops": 0.3, "engine": "test"}}})
+    assert cost.cpu_read_bw(hw, "IQ4_NL", None) == pytest.approx(34e9 * 18 / 34)
+    assert cost.cpu_flops(hw, "IQ4_NL") == pytest.approx(0.4e12)
+    assert cost.cpu_flops(hw, {"IQ4_NL": 0.5, "Q8_0": 0.5}, experts=True) == pytest.approx(0.3e12)
+
+
 def test_measured_gpu_figures_replace_the_assumed_ones():
     """A GPU's measured GEMV rate replaces GPU_EFFICIENCY of its bandwidth for the weights it reads, and the
     measured launch + sync replaces SYNC_S; the notes say which GPU figures were measured."""
