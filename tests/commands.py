@@ -18,3 +18,22 @@ def offload_command() -> list[str]:
 def python_command() -> list[str]:
     """This interpreter with -P: the working directory stays off sys.path for `-c` code."""
     return [sys.executable, "-P"]
+
+
+def wait_healthy(url: str, proc, log_path, seconds: float = 60.0) -> None:
+    """Wait for `offload serve` at url to answer /health (bounded: python + torch import + load); fail with its
+    log when it exits or takes longer."""
+    import time
+
+    import httpx
+
+    for _ in range(int(seconds * 10)):
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(open(log_path).read())

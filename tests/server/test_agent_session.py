@@ -13,7 +13,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.commands import offload_command
+from tests.commands import offload_command, wait_healthy
 from tests.server.test_serve_cli import free_port
 
 SYSTEM = ("You are a coding agent working in a git repository. Read files before you change them, keep "
@@ -45,18 +45,7 @@ def server(tiny_checkpoint, tmp_path_factory):
                              "--model-name", "tiny"], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        import time
-
-        for _ in range(600):  # bounded: 60 s for python + torch import + load
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log_path.read_text()
-            time.sleep(0.1)
-        else:
-            raise AssertionError(log_path.read_text())
+        wait_healthy(url, proc, log_path)
         yield url
     finally:
         proc.terminate()

@@ -2,13 +2,12 @@
 
 import socket
 import subprocess
-import time
 
 import anthropic
 import httpx
 import openai
 
-from tests.commands import offload_command
+from tests.commands import offload_command, wait_healthy
 
 
 def free_port() -> int:
@@ -24,16 +23,7 @@ def test_serve_subprocess(tiny_checkpoint, tmp_path):
                              "--ctx", "256", "--api-key", "k3y", "--model-name", "tiny"], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        ok = False
-        for _ in range(600):  # bounded: 60 s for python + torch import + load
-            try:
-                ok = httpx.get(url + "/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                pass
-            if ok or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert ok, open(tmp_path / "serve.log").read()
+        wait_healthy(url, proc, tmp_path / "serve.log")
         oai = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=60)
         r = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert r.usage.completion_tokens == 4

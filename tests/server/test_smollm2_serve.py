@@ -3,14 +3,12 @@ question through the OpenAI and the Anthropic SDKs, greedy, with the file's own 
 
 import os
 import subprocess
-import time
 
 import anthropic
-import httpx
 import openai
 
 from offload.demo import NAME, PROMPT
-from tests.commands import offload_command
+from tests.commands import offload_command, wait_healthy
 from tests.gguf.smollm2 import smollm2_path
 from tests.server.test_serve_cli import free_port
 
@@ -25,16 +23,7 @@ def test_serve_demo_answers_through_both_sdks(tmp_path):
                             stdout=log, stderr=log, env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path)))
     url = f"http://127.0.0.1:{port}"
     try:
-        ok = False
-        for _ in range(600):  # bounded: 60 s for python + torch import + load
-            try:
-                ok = httpx.get(url + "/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                pass
-            if ok or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert ok, open(tmp_path / "serve.log").read()
+        wait_healthy(url, proc, tmp_path / "serve.log")
         msgs = [{"role": "user", "content": PROMPT}]
         oai = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
         assert [m.id for m in oai.models.list().data] == [NAME]
