@@ -6,6 +6,8 @@ import socket
 import threading
 import time
 
+import anthropic
+import openai
 import pytest
 import uvicorn
 
@@ -64,6 +66,18 @@ def scripted(tmp_path_factory):
 def live(scripted):
     with LiveServer(create_app(scripted, max_queue=64)) as srv:
         yield srv
+
+
+@pytest.fixture
+def oai(live):
+    """The official OpenAI SDK against the live test server."""
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="k", max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def ant(live):
+    """The official Anthropic SDK against the live test server."""
+    return anthropic.Anthropic(base_url=live.url, api_key="k", max_retries=0, timeout=30)
 
 
 @pytest.fixture(autouse=True)

@@ -16,16 +16,6 @@ LONG = "word " * 2000  # ~2000 tokens, past the 1024-token test context
 USER = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def oai(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="k", max_retries=0, timeout=30)
-
-
-@pytest.fixture
-def ant(live):
-    return anthropic.Anthropic(base_url=live.url, api_key="k", max_retries=0, timeout=30)
-
-
 def still_serving(oai, ant):
     assert oai.chat.completions.create(model="tiny-test", messages=USER, max_tokens=2).usage.completion_tokens == 2
     assert ant.messages.create(model="tiny-test", messages=USER, max_tokens=2).usage.output_tokens == 2

@@ -22,16 +22,6 @@ CHAT = {"model": "tiny-test", "messages": USER, "max_tokens": 2}
 MSG = {"model": "tiny-test", "messages": USER, "max_tokens": 2}
 
 
-@pytest.fixture
-def oai(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="k", max_retries=0, timeout=30)
-
-
-@pytest.fixture
-def ant(live):
-    return anthropic.Anthropic(base_url=live.url, api_key="k", max_retries=0, timeout=30)
-
-
 def post(url, path, body, **kw):
     return httpx.post(url + path, timeout=30, **({"content": body} if isinstance(body, bytes) else {"json": body}),
                       **kw)
