@@ -1,9 +1,8 @@
 """`offload demo`: a real model's reply in one command (SmolLM2-135M-Instruct from PyPI, offload/demo.py)."""
 
-import sys
-import time
-
 import typer
+
+from offload.commands.engine import write_stream
 
 
 def register(app: typer.Typer) -> None:
@@ -26,14 +25,7 @@ def register(app: typer.Typer) -> None:
         size = path.stat().st_size / 1e6
         typer.secho(f"{D.NAME} ({size:.0f} MB, {path}), loaded in {llm.load_seconds:.1f} s", err=True, dim=True)
         typer.secho(f"> {question}", bold=True)
-        start, first, n = time.perf_counter(), None, 0
-        for chunk in llm.stream_chunks(ids, max_new_tokens=max_tokens, temperature=temperature, seed=0):
-            if first is None:
-                first = time.perf_counter()
-            n = chunk.completion_tokens
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        end = time.perf_counter()
-        speed = f", {(n - 1) / (end - first):.0f} tok/s" if n > 1 and end > first else ""
-        typer.secho(f"\n[{n} tokens, {len(ids)}-token prompt in {first - start:.2f} s{speed}]", err=True,
-                    dim=True)
+        n, to_first, rest = write_stream(llm.stream_chunks(ids, max_new_tokens=max_tokens, temperature=temperature,
+                                                         seed=0))
+        speed = f", {(n - 1) / rest:.0f} tok/s" if n > 1 and rest > 0 else ""
+        typer.secho(f"\n[{n} tokens, {len(ids)}-token prompt in {to_first:.2f} s{speed}]", err=True, dim=True)

@@ -34,6 +34,20 @@ Demo = typer.Option(False, "--demo", help="run the demo model (SmolLM2-135M-Inst
                                           "instead of PATH")
 
 
+def write_stream(chunks) -> tuple[int, float, float]:
+    """Write each chunk's text to stdout as it comes; (tokens, seconds to the first chunk, seconds of the rest)."""
+    start, first, n = time.perf_counter(), None, 0
+    for chunk in chunks:
+        if first is None:
+            first = time.perf_counter()
+        n = chunk.completion_tokens
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    end = time.perf_counter()
+    first = end if first is None else first
+    return n, first - start, end - first
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
@@ -58,17 +72,10 @@ def register(app: typer.Typer) -> None:
         """Generate a continuation of PROMPT, streamed to stdout."""
         llm = _load(path, demo, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram,
                     profile=profile, page_from_disk=page_from_disk)
-        start, first, n = time.perf_counter(), None, 0
-        for chunk in llm.stream_chunks(prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                       top_k=top_k, seed=seed):
-            if first is None:
-                first = time.perf_counter()
-            n = chunk.completion_tokens
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        end = time.perf_counter()
-        decode = f", {(n - 1) / (end - first):.1f} tok/s decode" if n > 1 and end > first else ""
-        typer.secho(f"\n[{n} tokens, first after {first - start:.2f} s{decode}]", err=True, dim=True)
+        n, to_first, rest = write_stream(llm.stream_chunks(prompt, max_new_tokens=max_tokens, temperature=temperature,
+                                                         top_p=top_p, top_k=top_k, seed=seed))
+        decode = f", {(n - 1) / rest:.1f} tok/s decode" if n > 1 and rest > 0 else ""
+        typer.secho(f"\n[{n} tokens, first after {to_first:.2f} s{decode}]", err=True, dim=True)
 
     @app.command()
     def chat(
