@@ -14,12 +14,11 @@ import numpy as np
 
 from offload.errors import PlacementError
 
-from . import cost
+from . import cost, kv_home
 from .hardware import GPU, GiB, Hardware, fmt_bytes
 from .inventory import Group, LayerItems, global_items, layer_items
-from .inventory import KV_TENSORS
-from .model import (ModelSpec, active_params, expert_params, index_key_bytes_per_token, kv_bytes_per_token,
-                    kv_read_bytes, kv_row_move_bytes, latent_row_bytes, sparse_kv, total_params)
+from .model import (ModelSpec, active_params, expert_params, kv_read_bytes, kv_row_move_bytes, latent_row_bytes,
+                    total_params)
 from .profile import RoutingProfile
 from .quant import QuantScheme, default_scheme
 
@@ -38,9 +37,7 @@ class PlanOptions:
     os_margin: int | None = None  # RAM kept free for the OS; default max(8 GiB, 5 % of RAM)
     strict: bool = True  # raise PlacementError when the CPU weights do not fit RAM
     full: bool = True  # prefill, load time and the GPU-budget sweep; False: decode only (a sweep point)
-    # where a DSA model's latent + rope-key cache lives: "gpu" with each layer's attention, "ram" in (pinned) RAM
-    # for every GPU layer (its indexer keys stay on the GPU; decode copies the selected rows), "auto" the one the
-    # cost model predicts faster. Models without DSA always keep their KV with the attention.
+    # where a DSA model's latent + rope-key cache lives: gpu | ram | auto (placement/kv_home.py)
     kv_home: str = "auto"
 
 
@@ -287,12 +284,11 @@ def plan(spec: ModelSpec, hw: Hardware, quant: QuantScheme | None = None, profil
     opts = options or PlanOptions()
     if opts.context <= 0 or opts.concurrency <= 0:
         raise PlacementError(f"context ({opts.context}) and concurrency ({opts.concurrency}) must be positive")
-    if opts.kv_home not in ("auto", "gpu", "ram"):
-        raise PlacementError(f"kv_home must be auto, gpu or ram, got {opts.kv_home!r}")
+    kv_home.check(opts.kv_home)
     quant = quant or default_scheme()
     profile = profile or RoutingProfile.make_uniform(spec)
     if opts.kv_home == "auto":
-        return _choose_kv_home(spec, hw, quant, profile, opts)
+        return kv_home.choose(spec, hw, quant, profile, opts)
     notes = profile.check(spec)
     if profile.uniform:
         notes.append("no routing profile: uniform routing assumed, so every expert is equally hot (record one "
@@ -301,9 +297,7 @@ def plan(spec: ModelSpec, hw: Hardware, quant: QuantScheme | None = None, profil
         notes.append(f"context {opts.context} exceeds the model's max_position_embeddings {spec.max_context}")
     if opts.mtp and not spec.mtp_layers:
         notes.append(f"{spec.name} has no MTP layer: --mtp ignored")
-    kv_ram = opts.kv_home == "ram" and sparse_kv(spec) and bool(hw.gpus)
-    if opts.kv_home == "ram" and not kv_ram:
-        notes.append("KV in RAM applies to DSA models on a GPU only: the KV stays with each layer's attention")
+    kv_ram = kv_home.latent_in_ram(spec, hw, opts, notes)
     items = layer_items(spec, quant, profile, opts.context, opts.concurrency, opts.mtp, opts.kv_dtype_bytes, kv_ram)
     emb, head = global_items(spec, quant)
     expert_b = max((it.expert_bytes for it in items), default=0.0)
@@ -354,59 +348,6 @@ def plan(spec: ModelSpec, hw: Hardware, quant: QuantScheme | None = None, profil
     _check_ram(p)
     _predict(p)
     return p
-
-
-def _choose_kv_home(spec, hw, quant, profile, opts) -> Plan:
-    """kv_home "auto": a DSA model on a GPU is planned both ways (decode only) and the faster home kept; ties keep
-    the KV on the GPU. Everything else keeps its KV with the attention."""
-    if not (sparse_kv(spec) and hw.gpus):
-        return plan(spec, hw, quant, profile, replace(opts, kv_home="gpu"))
-    quick = replace(opts, full=False, strict=False)
-    tok = {home: plan(spec, hw, quant, profile, replace(quick, kv_home=home)).prediction["decode_tok_s"]
-           for home in ("gpu", "ram")}
-    home = "ram" if tok["ram"] > tok["gpu"] else "gpu"
-    p = plan(spec, hw, quant, profile, replace(opts, kv_home=home))
-    p.kv_choice = tok
-    p.notes.append(f"KV home chosen by the cost model: decode {tok['gpu']:.2f} tok/s with each layer's KV on its "
-                   f"GPU, {tok['ram']:.2f} with the DSA latent cache in RAM (the selected rows copied each step): "
-                   + ("latent in RAM" if home == "ram" else "KV on the GPU"))
-    return p
-
-
-def kv_summary(p: Plan) -> dict:
-    """Where the KV lives and what that costs: bytes per device of the latent (+ rope key) cache and of the DSA
-    indexer keys, the rows a decode step copies, and the longest context each home keeps all attention on the
-    GPUs for (one pool of the GPUs' usable memory: contiguous layer splits may fit a little less)."""
-    spec, opts = p.spec, p.options
-    latent: dict[str, int] = {}
-    index: dict[str, int] = {}
-    for it in p.items:
-        for g in it.fixed:
-            if g.tensor in KV_TENSORS:
-                by = latent if g.tensor == "kv_cache" else index
-                dev = g.device or p.homes[it.index]
-                by[dev] = by.get(dev, 0) + int(round(g.bytes))
-    lays = p.layouts()
-    move = sum(lay.kv_move for lay in lays if lay.device.startswith("gpu")) * opts.concurrency
-    out = {"home": "ram" if p.kv_ram else "gpu", "latent_bytes": latent, "index_key_bytes": index,
-           "decode_row_move_bytes": int(move), "decode_row_move_s": sum(cost.kv_move_s(lay, p.hw, opts.concurrency)
-                                                                        for lay in lays)}
-    if not p.hw.gpus:
-        return out
-    usable = sum(max(g.memory_bytes - r, 0.0) for g, r in zip(p.hw.gpus, p.reserves))
-    weights = sum(it.weight_bytes for it in p.items) + p.head.bytes
-    main = [it.index for it in p.items]
-    seq = opts.concurrency
-    per_tok = sum(kv_bytes_per_token(spec, i, opts.kv_dtype_bytes) for i in main) * seq
-    out["max_context_kv_on_gpu"] = max(int((usable - weights) / per_tok), 0) if per_tok else None
-    if sparse_kv(spec):
-        idx_tok = sum(index_key_bytes_per_token(spec, i, opts.kv_dtype_bytes) for i in main) * seq
-        out["max_context_latent_in_ram"] = max(int((usable - weights) / idx_tok), 0) if idx_tok else None
-        ram_left = p.hw.ram_bytes - os_margin(p.hw, opts) - sum(
-            n for c, n in p.usage()["cpu"].items() if c != "kv_cache")
-        out["max_context_ram"] = max(int(ram_left / (len(main) * latent_row_bytes(spec, opts.kv_dtype_bytes) * seq)),
-                                     0)
-    return out
 
 
 def head_read_bytes(p: Plan) -> float:
@@ -462,7 +403,7 @@ def _fallbacks(spec, hw, quant, profile, opts, usable, k) -> list[dict]:
     harder = replace(quant, types={**quant.types, **{c: "Q4_K" for c in changed}},
                      measured={c: v for c, v in quant.measured.items() if c not in changed},
                      mix={c: m for c, m in quant.mix.items() if c not in changed})
-    kv_ram = opts.kv_home == "ram" and sparse_kv(spec)
+    kv_ram = kv_home.latent_in_ram(spec, hw, opts)
     items = layer_items(spec, harder, profile, opts.context, opts.concurrency, opts.mtp, opts.kv_dtype_bytes, kv_ram)
     _, head = global_items(spec, harder)
     k2, _, _ = _fit(items, head.bytes, usable)

@@ -11,7 +11,8 @@ from offload.errors import ConfigError
 
 from . import model as M
 from .hardware import GB, fmt_bytes
-from .planner import Plan, kv_summary
+from .kv_home import kv_summary
+from .planner import Plan
 from .recipe import llama_cpp_args
 
 FORMAT = "offload.plan"
