@@ -50,6 +50,8 @@ def llama_cpp_args(p: Plan) -> dict:
     so hot experts become whole layers: as many layers' experts stay on the GPU as the plan's GPU
     expert bytes pay for, choosing the layers where the plan put the most experts."""
     spec = p.spec
+    if not any(h != "cpu" for h in p.homes.values()) and p.head_device == "cpu":
+        return _cpu_only_args(p)
     moe_gpu = [it for it in p.items if not it.mtp and len(it.freq) and p.homes[it.index] != "cpu"]
     per_gpu: dict[str, list] = {}
     for it in moe_gpu:
@@ -83,6 +85,16 @@ def llama_cpp_args(p: Plan) -> dict:
             "n_cpu_moe_exact": exact, "gpu_expert_layers": sorted(gpu_layers),
             "note": "llama.cpp cannot split a layer's stacked experts: the plan's per-expert hot set is rounded to "
                     f"{len(gpu_layers)} whole layers of experts on the GPU"}
+
+
+def _cpu_only_args(p: Plan) -> dict:
+    """Nothing on a GPU: -ot and --n-cpu-moe mean nothing without offloaded layers. A CPU build needs no -ngl;
+    where the plan saw a GPU (too small to use), -ngl 0 keeps a CUDA build from offloading layers by default."""
+    args = (["-ngl", "0"] if p.hw.gpus else []) + ["-c", str(p.options.context), "-t", str(p.hw.cpu_cores),
+                                                   "-fa", "on"]
+    return {"args": args, "command": "llama-server -m MODEL.gguf " + " ".join(args), "n_cpu_moe_command": None,
+            "n_cpu_moe_exact": True, "gpu_expert_layers": [], "note": "CPU-only plan: every layer runs on the CPU, so no -ot or --n-cpu-moe "
+                                             "(they only split layers between a GPU and the CPU)"}
 
 
 def _quote(a: str) -> str:

@@ -159,9 +159,9 @@ def blocks(d: dict) -> list[tuple]:
         out.append(("list", "Fallbacks (always-GPU set does not fit)",
                     [("[applied] " if f["applied"] else "") + f["detail"] for f in d["fallbacks"]]))
     lc = d["llama_cpp"]
-    out.append(("code", "Equivalent llama.cpp arguments", [lc["command"], "# or, simpler: " + lc["n_cpu_moe_command"]
-                                                           + ("" if lc["n_cpu_moe_exact"] else "  (approximate)"),
-                                                           "# " + lc["note"]]))
+    simpler = (["# or, simpler: " + lc["n_cpu_moe_command"] + ("" if lc["n_cpu_moe_exact"] else "  (approximate)")]
+               if lc["n_cpu_moe_command"] else [])  # (none for a CPU-only plan)
+    out.append(("code", "Equivalent llama.cpp arguments", [lc["command"], *simpler, "# " + lc["note"]]))
     if d["distributed"]:
         r = d["distributed"]
         lines = [f"# {r['checkpoint']}: {r['weights']} of FP8 weights"]

@@ -67,8 +67,9 @@ def plan_cmd(
     d = report.to_json(p)
     if export == "llama-cpp":
         typer.echo(d["llama_cpp"]["command"])
-        typer.echo("# or: " + d["llama_cpp"]["n_cpu_moe_command"]
-                   + ("" if d["llama_cpp"]["n_cpu_moe_exact"] else "  (approximate: other layers)"))
+        if d["llama_cpp"]["n_cpu_moe_command"]:  # (none for a CPU-only plan)
+            typer.echo("# or: " + d["llama_cpp"]["n_cpu_moe_command"]
+                       + ("" if d["llama_cpp"]["n_cpu_moe_exact"] else "  (approximate: other layers)"))
         typer.echo("# " + d["llama_cpp"]["note"])
     elif fmt == "table" and not output:
         report.print_table(d)
