@@ -65,12 +65,12 @@ def find_hardware(gpu: list[str] | None = None, gpu_mem: list[str] | None = None
             gpus.append(H.GPU(name or f"GPU{i} (4090-class)", H.parse_size(size, "--gpu"), bw, tf))
         flags["gpus"] = gpus
     elif gpu_mem:
+        budgets = [H.parse_size(s, "--gpu-mem") for s in gpu_mem]  # (an error names the flag given)
         if not hw.gpus:  # nothing detected: plan for GPUs of these budgets (offload.load refuses before this)
             return find_hardware(list(gpu_mem), None, ram, dram_bw, pcie_bw, gpu_bw, cpu_cores, cpu_tflops,
                                  disk_bw, hardware, use_gpus)
         if len(gpu_mem) > len(hw.gpus):
             raise ConfigError(f"--gpu-mem given {len(gpu_mem)} times but {len(hw.gpus)} GPU(s) found")
-        budgets = [H.parse_size(s, "--gpu-mem") for s in gpu_mem]
         flags["gpus"] = [replace(g, memory_bytes=min(g.memory_bytes, budgets[i])) if i < len(budgets) else g
                          for i, g in enumerate(hw.gpus)]
     if ram:

@@ -131,3 +131,10 @@ def test_profile_records_routing(tmp_path):
                             "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["routing"]["uniform"] is False
+
+
+def test_a_bad_gpu_budget_names_the_flag_given(monkeypatch):
+    """--gpu-mem on a machine with no GPU plans for GPUs of that budget: a bad size is still a --gpu-mem error."""
+    monkeypatch.setattr("offload.planning.detect_gpus", lambda: [])
+    r = runner.invoke(app, ["plan", "glm-4.5-air", "--gpu-mem", "0"])
+    assert r.exit_code != 0 and "--gpu-mem" in str(r.exception) and "'0' must be positive" in str(r.exception)
