@@ -1,5 +1,6 @@
 """The Python API: `offload.load(path)` -> `LLM` with tokenizer, logits, generate, stream and chat."""
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -8,7 +9,7 @@ import torch
 
 from offload.checkpoint import Checkpoint
 from offload.errors import ConfigError, PlacementError, RequestError
-from offload.generation import Chunk, GenerationResult, stream_chunks
+from offload.generation import Chunk, GenerationResult, forget_step, stream_chunks
 from offload.kv_memory import check_context_fits
 from offload.models import architecture
 from offload.models.loading import LoadContext
@@ -119,6 +120,8 @@ class LLM:
 
     def _cache_for(self, n: int):
         if self._cache is None or self._cache.max_len < n:
+            if self._cache is not None:
+                forget_step(self._cache)  # the step refers to the cache: dropped with it, not at the next gc
             self._cache = None  # freed first: the check below counts what is free without it
             check_context_fits(self.model, max(n, self.context_length))  # the numbers, before allocating
             self._cache = self.model.new_cache(max(n, self.context_length))
@@ -183,16 +186,19 @@ class LLM:
 def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, placement="auto",
          gpu_mem: str | list[str] | None = None, ram: str | None = None, profile: str | Path | None = None,
          hardware: str | Path | None = None, page_from_disk: bool = False, expert_quant: str | None = None,
-         progress: bool = True, act_quant: bool = False, overlap: bool = True) -> LLM:
+         progress: bool = True, act_quant: bool = False, overlap: bool = True, graphs: bool | None = None) -> LLM:
     """Load a checkpoint directory or GGUF file, placed by `placement`:
     "auto" (the plan `offload plan` prints for the same options: hardware found, `gpu_mem` budget per GPU,
     `ram`, routing `profile`, `ctx`); "cpu" / "gpu" (every routed expert there); a plan .json; a dict
     {layer: [home per expert]} or a callable(layer, n_experts) -> homes. A model that does not fit stops before
     its weights are read (PlacementError) unless page_from_disk. act_quant (GGUF only): round matmul inputs as
     llama.cpp's CPU backend does, to compare like for like. overlap: a GPU layer's CPU experts run on a worker
-    thread while the GPU computes the shared and GPU-resident experts (the same logits either way)."""
+    thread while the GPU computes the shared and GPU-resident experts (the same logits either way). graphs: decode
+    tokens go through a recorded static step (offload.graphs.DecodeStep: a CUDA graph where the whole step is on
+    one GPU); None: on when the embedding is on a GPU, or as the OFFLOAD_GRAPHS=0/1 environment variable says."""
     path = Path(path)
     start = time.perf_counter()
+    graphs = graphs_option(graphs)  # checked before a byte is read
     if isinstance(gpu_mem, str):
         gpu_mem = [gpu_mem]
     plan_options = dict(gpu_mem=gpu_mem, ram=ram, profile=profile, hardware=hardware, page_from_disk=page_from_disk)
@@ -205,6 +211,7 @@ def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, pl
         llm = load_gguf(path, device=device, ctx=ctx, dtype=dtype, placement=placement, progress=progress,
                         act_quant=act_quant, plan_options=plan_options)
         llm.model.runtime.overlap = overlap
+        llm.model.graphs = use_graphs(graphs, llm.model)
         return llm
     dev = resolve_device(device)
     _check_gpu_mem(gpu_mem, dev)
@@ -241,7 +248,26 @@ def load(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=None, pl
     ckpt.close()
     check_context_fits(model, ctx)  # a ctx whose cache cannot fit stops here, not in the middle of a prompt
     model.runtime.overlap = overlap
+    model.graphs = use_graphs(graphs, model)
     return LLM(model, tokenizer, ctx, path.name, time.perf_counter() - start, plan)
+
+
+def graphs_option(graphs: bool | None) -> bool | None:
+    """load's graphs=, or when None (auto) the OFFLOAD_GRAPHS=0/1 environment variable's; None: still auto."""
+    if graphs is not None:
+        if not isinstance(graphs, bool):
+            raise ConfigError(f"graphs must be True, False or None (auto), got {graphs!r}")
+        return graphs
+    env = os.environ.get("OFFLOAD_GRAPHS", "").strip()
+    if env and env not in ("0", "1"):
+        raise ConfigError(f"OFFLOAD_GRAPHS={env!r}: expected 0 or 1 (or unset: on when the model is on a GPU)")
+    return env == "1" if env else None
+
+
+def use_graphs(graphs: bool | None, model) -> bool:
+    """Whether decode goes through offload.graphs.DecodeStep. Auto: on when the embedding lives on a CUDA
+    device; off on a CPU-only model, where the static step is slower (it attends over the cache's capacity)."""
+    return model.embed.device.type == "cuda" if graphs is None else graphs
 
 
 def _check_gpu_mem(gpu_mem, dev: torch.device) -> None:

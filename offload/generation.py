@@ -3,6 +3,10 @@
 The loop is a generator: closing it (`gen.close()`) stops generation between two tokens, which is how
 the server cancels a request whose client went away. A long prefill cannot be closed from outside while it
 runs, so inside `cancel_on(event)` it also stops between two chunks once the event is set.
+
+With `model.graphs` (offload.load's graphs=) the decode tokens go through a recorded static step
+(offload.graphs.DecodeStep) kept on the cache, so the next turn of a conversation replays the same recording;
+the prefill stays model.forward.
 """
 
 import threading
@@ -65,6 +69,35 @@ def prefill(model, cache: Cache, ids: list[int]) -> torch.Tensor:
     return logits
 
 
+def tensor_addresses(caches) -> tuple:
+    """Where every cache tensor lives now: a recording reads these addresses."""
+    return tuple(t.data_ptr() for cache in caches for layer in cache.layers for t in vars(layer).values()
+                 if isinstance(t, torch.Tensor))
+
+
+def decode(model, cache: Cache, token: int) -> torch.Tensor:
+    """One decode token appended to `cache` -> logits (V,): with model.graphs through the recorded step kept on
+    the cache (it lives as long as the cache; a dict keyed by the cache would keep the cache alive through the
+    step), else model.forward. DecodeStep re-records when its own growth changes a capacity; tensors moved
+    between requests at the same capacity (shrunk, then regrown) get a new step here, so a CUDA graph never
+    replays on freed memory. A step that fails is not kept."""
+    if not getattr(model, "graphs", False):
+        return model.forward(torch.tensor([token], dtype=torch.long), cache)[-1]
+    from offload.graphs import DecodeStep
+
+    kept = cache.__dict__.pop("decode_step", None)
+    step = kept[0] if kept is not None and kept[1] == tensor_addresses([cache]) else DecodeStep(model, cache)
+    logits = step(token)[-1]  # (V,)
+    cache.decode_step = (step, tensor_addresses([cache]))  # what its recording reads now
+    return logits
+
+
+def forget_step(cache: Cache) -> None:
+    """Drop the recording kept on `cache` (before dropping the cache: the step and the cache refer to each
+    other, so without this the memory waits for the cyclic garbage collector)."""
+    cache.__dict__.pop("decode_step", None)
+
+
 def stream_chunks(model, tokenizer, cache: Cache, prompt_ids: list[int], max_new_tokens: int | None,
                   params: SamplingParams, stop: list[str] | None = None,
                   stop_token_ids: list[int] | None = None) -> Iterator[Chunk]:
@@ -114,5 +147,5 @@ def stream_chunks(model, tokenizer, cache: Cache, prompt_ids: list[int], max_new
             yield Chunk(text + tail, [token], "stop" if stopped else "length", n_prompt, len(generated), skip)
             return
         yield Chunk(text, [token], None, n_prompt, len(generated), skip)
-        logits = model.forward(torch.tensor([token], dtype=torch.long), cache)[-1]
+        logits = decode(model, cache, token)
         cache.tokens.append(token)
