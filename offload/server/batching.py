@@ -9,6 +9,10 @@ expert's weights are read once a step for every sequence that routed to it. A se
 forward (tokenising and the prefix-cache restore do not hold the others up) and leaves when its generator
 closes (finished, stopped, or its client gone: the next step runs without it).
 
+With model.graphs (offload.load's graphs=), a step where every sequence brings one token (all decoding) goes
+through a recorded static step (offload.graphs.DecodeStep) for exactly that set of caches, kept while the set
+is unchanged (the last KEEP_STEPS sets); a step with a prompt chunk stays forward_segments.
+
 Each sequence keeps a cache of its own from a pool of slots; a request takes the free slot whose tokens share
 the longest prefix with its prompt (the prefix cache then resumes there or restores from the store), and a
 finished slot gives its spare blocks back (offload.cache grows by need).
@@ -24,14 +28,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import torch
 
+from offload.generation import tensor_addresses
 from offload.prefix_cache import common_prefix
 
 
 GATHER_WAIT = 0.05  # seconds a step waits for the running sequences' next segments
+KEEP_STEPS = 4  # recorded decode steps kept, one per set of sequences (each may hold a CUDA graph's memory)
 
 
 class _Call:
@@ -52,6 +59,8 @@ class Batcher:
         self.members = 0  # sequences that will call forward again (joined, not left)
         self.pending: list[_Call] = []
         self.steps = self.rows = 0  # forwards run, segments run: rows / steps is the mean batch
+        self.graph_steps = self.graph_rows = 0  # of those, the steps (and their rows) run as a recorded step
+        self.recorded: OrderedDict[frozenset, tuple] = OrderedDict()  # cache ids -> (DecodeStep, addresses)
         self._stop = False
         threading.Thread(target=self._loop, name="offload-batch", daemon=True).start()
 
@@ -97,7 +106,10 @@ class Batcher:
                 batch, self.pending = self.pending, []
             full = not all(c.last_only for c in batch)  # only when a caller asked for every position
             try:
-                outs = self.model.forward_segments([(c.tokens, c.cache) for c in batch], last_only=not full)
+                if self._all_decoding(batch):
+                    outs = self._decode(batch)
+                else:
+                    outs = self.model.forward_segments([(c.tokens, c.cache) for c in batch], last_only=not full)
                 for c, out in zip(batch, outs):
                     c.logits = out[-1:] if c.last_only else out
             except BaseException as exc:  # every caller of this step gets it (a kernel failure, say)
@@ -110,9 +122,38 @@ class Batcher:
                     c.done = True
                 self.cv.notify_all()
 
+    def _all_decoding(self, batch: list[_Call]) -> bool:
+        return (getattr(self.model, "graphs", False) and all(c.tokens.shape[0] == 1 for c in batch)
+                and len({id(c.cache) for c in batch}) == len(batch))
+
+    def _decode(self, batch: list[_Call]) -> list[torch.Tensor]:
+        """One token for each sequence through the recorded step for this set of caches -> [(1, V)] in batch
+        order. A set whose tensors moved since (a slot shrunk and regrown, a restore) gets a new recording."""
+        from offload.graphs import DecodeStep
+
+        key = frozenset(id(c.cache) for c in batch)
+        kept = self.recorded.pop(key, None)
+        if kept is not None and kept[1] == tensor_addresses(kept[0].caches):
+            step = kept[0]
+        else:
+            step = DecodeStep(self.model, *[c.cache for c in batch])
+        row = {id(cache): i for i, cache in enumerate(step.caches)}
+        tokens = [0] * len(batch)
+        for c in batch:
+            tokens[row[id(c.cache)]] = int(c.tokens[0])
+        logits = step(*tokens)  # (B, V) in the step's cache order; a step that fails is not kept
+        self.recorded[key] = (step, tensor_addresses(step.caches))
+        while len(self.recorded) > KEEP_STEPS:
+            self.recorded.popitem(last=False)
+        self.graph_steps += 1
+        self.graph_rows += len(batch)
+        return [logits[row[id(c.cache)]:row[id(c.cache)] + 1] for c in batch]
+
 
 class _Sequence:
     """What offload.generation sees as the model for one request: forward() goes through the Batcher."""
+
+    graphs = False  # generation calls forward for every token; the Batcher decides how a step runs
 
     def __init__(self, batcher: Batcher, model):
         self.batcher, self.model, self.joined = batcher, model, False

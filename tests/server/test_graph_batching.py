@@ -1,0 +1,67 @@
+"""The server's continuous batching with graphs on (offload.server.batching.Batcher): a step where every
+sequence decodes one token runs one recorded static step (offload.graphs.DecodeStep) for exactly that set of
+sequences; steps with a prompt chunk stay forward_segments. Three concurrent requests (different prompt lengths,
+so the prefill chunks and decode tokens mix; different lengths, so the set changes as they finish) each equal
+their solo run; a second round in the same slots (shrunk when given back) too."""
+
+import threading
+
+import pytest
+import torch
+
+import offload
+from offload.server import batching
+from offload.server.batching import BatchLLM
+from offload.testing import make_tiny_checkpoint
+
+MAX_NEW = [5, 9, 13]
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "glm_moe_dsa"])
+def llm(request, tmp_path_factory):
+    pytest.importorskip("transformers")
+    path = make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param) / request.param)
+    return offload.load(path, device="cpu", ctx=320, dtype="float32", progress=False, graphs=True)
+
+
+def prompts(vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (7, 30, 270)]
+
+
+def concurrent(engine: BatchLLM, asks: list[list[int]]) -> list[list[int]]:
+    """Each prompt in its own thread, started together: the tokens each generated."""
+    out: list = [None] * len(asks)
+
+    def run(i):
+        chunks = engine.stream_chunks(asks[i], max_new_tokens=MAX_NEW[i], temperature=0.0, stop_token_ids=[])
+        out[i] = [t for c in chunks for t in c.token_ids]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(asks))]
+    with engine.batcher.cv:  # steps wait until all three are in
+        for t in threads:
+            t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_batched_decode_steps_equal_solo_runs(llm, monkeypatch):
+    monkeypatch.setattr(batching, "GATHER_WAIT", 2.0)  # each step waits for every running sequence
+    vocab = llm.model.args.vocab_size
+    engine = BatchLLM(llm, 3)
+    try:
+        for seed in (1, 2):  # the second round takes the slots the first gave back (shrunk)
+            asks = prompts(vocab, seed)
+            solo = [llm.generate(a, max_new_tokens=n, temperature=0.0, stop_token_ids=[]).token_ids
+                    for a, n in zip(asks, MAX_NEW)]
+            before = engine.batcher.graph_steps
+            assert concurrent(engine, asks) == solo
+            assert engine.batcher.graph_steps > before
+        b = engine.batcher
+        assert b.graph_rows > b.graph_steps  # recorded steps of several sequences ran
+        assert b.steps > b.graph_steps  # and the prefill steps ran as forward_segments
+        assert 0 < len(b.recorded) <= batching.KEEP_STEPS
+        assert b.members == 0
+    finally:
+        engine.close()
