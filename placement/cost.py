@@ -15,9 +15,8 @@ import math
 
 import numpy as np
 
-from offload.gguf.types import BLOCK_FORMATS, CPU_COMPUTE_TYPE, GGMLType
-
 from .hardware import GB, Hardware
+from .quant import held_on_cpu
 
 CPU_EFFICIENCY = 0.80  # fraction of DRAM bandwidth offload's CPU expert kernels reach in decode
 GPU_EFFICIENCY = 0.70  # fraction of GPU memory bandwidth small-batch GEMV reaches
@@ -66,16 +65,6 @@ def step_reads(freq: np.ndarray, batch: int) -> np.ndarray:
     return 1.0 - (1.0 - p) ** batch
 
 
-def _computed_as(t: str) -> tuple[str, float]:
-    """The type the CPU kernels run a stored type in (gguf.types.CPU_COMPUTE_TYPE: IQ4_NL as Q8_0) and how many
-    bytes they read per stored byte."""
-    if t not in GGMLType.__members__ or int(GGMLType[t]) not in CPU_COMPUTE_TYPE:
-        return t, 1.0
-    src = BLOCK_FORMATS[int(GGMLType[t])]
-    dst = BLOCK_FORMATS[CPU_COMPUTE_TYPE[int(GGMLType[t])]]
-    return dst.name, (dst.type_size / dst.block_size) / (src.type_size / src.block_size)
-
-
 def _mixed(shares: dict[str, float] | str, rate) -> float:
     """The rate of weights stored in several types, by their shares of the bytes: 1 / sum(share / rate)."""
     if isinstance(shares, str):
@@ -94,7 +83,7 @@ def cpu_read_bw(hw: Hardware, shares: dict[str, float] | str, cpu_eff: float | N
     kernels = hw.calibration.get("kernels", {})
 
     def rate(t: str) -> float:  # stored bytes per second
-        name, grow = _computed_as(t)
+        name, grow = held_on_cpu(t)
         return (kernels[name]["gemv_gbs"] * GB if name in kernels else hw.dram_bw * CPU_EFFICIENCY) / grow
 
     return _mixed(shares, rate)
@@ -107,7 +96,7 @@ def cpu_flops(hw: Hardware, shares: dict[str, float] | str, experts: bool = Fals
     kernels = hw.calibration.get("kernels", {})
 
     def rate(t: str) -> float:
-        k = kernels.get(_computed_as(t)[0], {})
+        k = kernels.get(held_on_cpu(t)[0], {})
         return (k.get("moe_prefill_tflops") if experts else None) or k.get("prefill_tflops") or hw.cpu_tflops
 
     return _mixed(shares, lambda t: rate(t) * 1e12)

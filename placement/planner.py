@@ -86,11 +86,13 @@ class Plan:
         return out
 
     def usage(self) -> dict[str, dict[str, int]]:
-        """device -> tensor class -> bytes (weights and KV cache; GPU reserves not included)."""
+        """device -> tensor class -> bytes (weights and KV cache; GPU reserves not included), in RAM as the CPU
+        kernels hold them (an IQ4_NL part as Q8_0: quant.held_on_cpu)."""
         by: dict[str, dict[str, int]] = {f"gpu:{i}": {} for i in range(len(self.hw.gpus))}
         by["cpu"] = {}
 
         def add(dev: str, cls: str, n: float) -> None:
+            n *= self.quant.cpu_growth(cls) if dev == "cpu" else 1.0
             by[dev][cls] = by[dev].get(cls, 0) + int(round(n))
 
         add(self.emb_device, "embeddings", self.emb.bytes)
@@ -381,7 +383,8 @@ def _check_ram(p: Plan) -> None:
             k: v for k, v in p.quant.measured.items() if k != "routed_experts"},
             mix={k: v for k, v in p.quant.mix.items() if k != "routed_experts"})
         n_exp = sum(len(it.freq) for it in p.items) * expert_params(p.spec)
-        delta = n_exp * (alt.bytes_per_weight("routed_experts") - p.quant.bytes_per_weight("routed_experts"))
+        delta = n_exp * (alt.bytes_per_weight("routed_experts") * alt.cpu_growth("routed_experts")
+                         - p.quant.bytes_per_weight("routed_experts") * p.quant.cpu_growth("routed_experts"))
         if delta < 0 and need + delta + margin <= p.hw.ram_bytes:
             fits.append(f"routed experts at {q} ({fmt_bytes(need + delta)} in RAM)")
             break

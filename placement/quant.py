@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from offload.errors import ConfigError
-from offload.gguf.types import BLOCK_FORMATS
+from offload.gguf.types import BLOCK_FORMATS, CPU_COMPUTE_TYPE, GGMLType
 
 # name -> (weights per block, bytes per block): every ggml type of the table, then the non-ggml ones
 QUANT_BLOCKS: dict[str, tuple[int, int]] = {
@@ -49,6 +49,16 @@ def tensor_bytes(n_params: int, qtype: str) -> int:
     return -(-n_params // block) * size
 
 
+def held_on_cpu(qtype: str) -> tuple[str, float]:
+    """The type the CPU holds and computes a stored type in (gguf.types.CPU_COMPUTE_TYPE: IQ4_NL rewritten as Q8_0
+    at load) and its bytes per stored byte (1.89 for IQ4_NL, 1.0 for every type the kernels take as stored)."""
+    if qtype not in GGMLType.__members__ or int(GGMLType[qtype]) not in CPU_COMPUTE_TYPE:
+        return qtype, 1.0
+    src = BLOCK_FORMATS[int(GGMLType[qtype])]
+    dst = BLOCK_FORMATS[CPU_COMPUTE_TYPE[int(GGMLType[qtype])]]
+    return dst.name, (dst.type_size / dst.block_size) / (src.type_size / src.block_size)
+
+
 @dataclass
 class QuantScheme:
     """Storage type per tensor class. `measured` holds bytes per weight read from a GGUF file's
@@ -68,6 +78,10 @@ class QuantScheme:
         if cls in ("norms", "router"):  # kept in fp32 by every loader (routers need fp32 logits)
             return 4.0
         return bytes_per_weight(self.types.get(cls, "BF16"))
+
+    def cpu_growth(self, cls: str) -> float:
+        """Bytes the CPU holds per stored byte of a class: its IQ4_NL share is held as Q8_0 (held_on_cpu)."""
+        return sum(f * held_on_cpu(t)[1] for t, f in self.shares(cls).items())
 
     def label(self, cls: str) -> str:
         if cls in ("norms", "router"):
