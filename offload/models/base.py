@@ -164,8 +164,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_po
                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """q (h, T, d) attends to k (h, S, d), v (h, S, dv); query i sits at position start_pos + i.
 
-    `mask` (T, S) bool, True = may attend, replaces the plain causal mask (sparse attention).
-    Softmax in fp32, as transformers' eager attention does."""
+    The plain reference the fused paths (grouped_attention, models.mla) are tested against: explicit
+    (h, T, S) scores, as transformers' eager attention computes them, softmax in fp32.
+    `mask` (T, S) bool, True = may attend, replaces the plain causal mask (sparse attention)."""
     t, s = q.shape[1], k.shape[1]
     if mask is None:
         mask = causal_mask(t, s, start_pos, q.device)

@@ -13,9 +13,10 @@ K keys selected per query.
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from offload.cache import MLACache
-from offload.models.base import Rope, causal_mask, length_mask, rms_norm
+from offload.models.base import Rope, causal_attention, causal_mask, length_mask, rms_norm
 from offload.models.loading import LoadContext
 from offload.models.workspace import workspace
 from offload.models.weights import linears
@@ -134,24 +135,33 @@ class MLAAttention:
     def attend_causal(self, q_nope, q_rot, latent_all, k_rot_all, start: int, mask=None) -> torch.Tensor:
         """Every key up to each query's position (or `mask` (T, S), the DSA test reference) -> (T, h, v)."""
         t, s = q_nope.shape[0], latent_all.shape[0]
-        expanded = t >= EXPANDED_MIN_TOKENS
-        if expanded:  # prefill: expand keys and values per head, (n + r + v) per score instead of (2c + r)
-            k_nope = torch.einsum("sc,hnc->hsn", latent_all, self.w_uk)  # (h, S, n)
-            scores = torch.matmul(q_nope.transpose(0, 1), k_nope.transpose(1, 2))  # (h, T, S)
-        else:  # decode: absorb W_UK into the query, attend over the cached latents directly
-            q_lat = self.absorb_q(q_nope)  # (h, T, c)
-            scores = torch.matmul(q_lat, latent_all.T)  # (h, T, S)
-        scores = scores + torch.matmul(q_rot.transpose(0, 1), k_rot_all.T)  # (h, T, S)
-        scores = scores * self.scale
+        if t >= EXPANDED_MIN_TOKENS:  # prefill: keys and values per head, (n + r + v) per score instead of (2c + r)
+            return self.attend_expanded(q_nope, q_rot, latent_all, k_rot_all, start, mask)
+        # decode: W_UK absorbed into the query, which attends over the cached latents directly
+        q_lat = self.absorb_q(q_nope)  # (h, T, c)
         if mask is None:
             mask = causal_mask(t, s, start, q_nope.device)  # (T, S)
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (h, T, S)
-        if expanded:
-            v_all = torch.einsum("sc,hvc->hsv", latent_all, self.w_uv)  # (h, S, v)
-            return torch.matmul(probs, v_all).transpose(0, 1)  # (T, h, v)
-        out_lat = torch.matmul(probs, latent_all)  # (h, T, c)
-        return self.expand_out(out_lat)  # (T, h, v)
+        bias = rope_bias(q_rot.transpose(0, 1), k_rot_all, mask, self.scale)  # (h, T, S)
+        out_lat = latent_attention(q_lat.reshape(1, self.h * t, self.c), latent_all[None],
+                                   bias.view(1, self.h * t, s), self.scale)  # (1, h*T, c)
+        return self.expand_out(out_lat.view(self.h, t, self.c))  # (T, h, v)
+
+    def attend_expanded(self, q_nope, q_rot, latent_all, k_rot_all, start: int, mask=None) -> torch.Tensor:
+        """attend_causal for a long chunk: keys [W_UK latent, k_rot] and values W_UV latent per head, through
+        torch's fused attention (no (h, T, S) scores held) -> (T, h, v)."""
+        t, s = q_nope.shape[0], latent_all.shape[0]
+        h, d = self.h, max(self.nope + self.r, self.v)
+        q = _pad(torch.cat([q_nope, q_rot], -1).transpose(0, 1), d)  # (h, T, d)
+        k_nope = torch.einsum("sc,hnc->hsn", latent_all, self.w_uk)  # (h, S, n)
+        k = _pad(torch.cat([k_nope, k_rot_all.expand(h, s, self.r)], -1), d)  # (h, S, d)
+        v = _pad(torch.einsum("sc,hvc->hsv", latent_all, self.w_uv), d)  # (h, S, d)
+        # is_causal aligns the diagonal top-left: right only for a whole prompt; a chunk after a cached prefix
+        # needs the offset mask
+        if mask is None and t != s:
+            mask = causal_mask(t, s, start, q.device)  # (T, S)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                             scale=self.scale)  # (1, h, T, d)
+        return out[0, :, :, : self.v].transpose(0, 1)  # (T, h, v)
 
     def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope (T, h, n) -> the queries in latent space (h, T, c). Few tokens (decode) read the blocks; a
@@ -184,13 +194,46 @@ class MLAAttention:
             lat = torch.index_select(latent_all, 0, i, out=lat_out).view(-1, k, self.c)  # (tq, K, c)
             k_rot = torch.index_select(k_rot_all, 0, i, out=rot_out.view(n, self.r))
             k_rot = k_rot.view(-1, k, self.r)  # (tq, K, r)
-            scores = torch.bmm(q_lat[q0:q0 + tq], lat.transpose(1, 2))  # (tq, h, K)
-            scores = scores + torch.bmm(q_rot[q0:q0 + tq], k_rot.transpose(1, 2))
-            hidden = ~valid[q0:q0 + tq, None]  # (tq, 1, K)
-            scores = (scores * self.scale).masked_fill_(hidden, torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)  # (tq, h, K)
-            out_lat[q0:q0 + tq] = torch.bmm(probs, lat)  # (tq, h, c)
+            bias = rope_bias(q_rot[q0:q0 + tq], k_rot, valid[q0:q0 + tq, None], self.scale)  # (tq, h, K)
+            out_lat[q0:q0 + tq] = latent_attention(q_lat[q0:q0 + tq], lat, bias, self.scale)  # (tq, h, c)
         return self.expand_out(out_lat.transpose(0, 1))  # (T, h, v)
+
+
+def mla_attention_reference(q_nope, q_rot, latent, k_rot, w_uk, w_uv, start: int, scale: float,
+                            mask=None) -> torch.Tensor:
+    """MLA by its definition, the plain reference of attend_causal / attend_selected: keys [W_UK latent, k_rot]
+    and values W_UV latent expanded per head, explicit scores and softmax (base.causal_attention).
+    q_nope (T, h, n), q_rot (T, h, r), latent (S, c), k_rot (S, r), w_uk (h, n, c), w_uv (h, v, c),
+    mask (T, S) or None (causal from start) -> (T, h, v)."""
+    h, s = w_uk.shape[0], latent.shape[0]
+    q = torch.cat([q_nope, q_rot], -1).transpose(0, 1)  # (h, T, n + r)
+    k = torch.cat([torch.einsum("sc,hnc->hsn", latent, w_uk), k_rot.expand(h, s, -1)], -1)  # (h, S, n + r)
+    v = torch.einsum("sc,hvc->hsv", latent, w_uv)  # (h, S, v)
+    return causal_attention(q, k, v, start, scale, mask).transpose(0, 1)  # (T, h, v)
+
+
+def rope_bias(q_rot: torch.Tensor, k_rot: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """The rope half of the absorbed scores, scaled, the float minimum where `keep` is False (as the reference's
+    masked_fill, so a row with no key averages rather than NaNs): q_rot (B, M, r), k_rot (B or none, S, r),
+    keep broadcast to (B, M, S) -> (B, M, S), the additive mask of latent_attention."""
+    bias = torch.matmul(q_rot, k_rot.transpose(-1, -2)) * scale  # (B, M, S)
+    return bias.masked_fill_(~keep, torch.finfo(bias.dtype).min)
+
+
+def latent_attention(q_lat: torch.Tensor, latent: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q_lat latent^T + bias) latent through torch's fused attention: q_lat (B, M, c), latent
+    (B, S, c), bias (B, M, S) -> (B, M, c). The latent is one KV head read once as both keys and values, and the
+    M rows (heads x tokens) are that head's queries (FlashMLA's layout): SDPA's GQA form (h heads over one KV
+    head) copies the cache per head on the CPU, 3-8x slower here, and a [latent, k_rot] key would copy the cache
+    every step to concatenate."""
+    return F.scaled_dot_product_attention(q_lat[:, None], latent[:, None], latent[:, None], attn_mask=bias[:, None],
+                                          scale=scale)[:, 0]  # (B, M, c)
+
+
+def _pad(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Zeros appended to the last dim up to d: torch's flash attention (CPU and CUDA) wants one head dim for
+    q, k and v; zero columns change no score, and the output's extra columns are dropped."""
+    return F.pad(x, (0, d - x.shape[-1])) if x.shape[-1] < d else x
 
 
 _pinned_rows: dict = {}
