@@ -1,39 +1,178 @@
-"""A single-token decode step on static buffers, recorded once and replayed (CUDA graphs, llama.cpp / gpt-fast's
+"""A single-token decode step on static buffers, recorded once and replayed (CUDA graphs: llama.cpp / gpt-fast's
 way of taking the per-op launch cost off decode).
 
 The step's inputs, token id and position, live in device tensors of fixed address updated in place before
 each replay; the caches are preallocated to a capacity outside the step (Runtime.step_static writes at the
 device position and masks attention by it), so nothing in the recorded step depends on a Python position.
-On a GPU whose model has no host work in the step (every layer and expert group on that GPU, the groups
-sync-free, the KV with the layers) the step is captured as one torch.cuda.CUDAGraph per capacity; anywhere
-else `record` keeps the step function itself and replay calls it on the same buffers (the CPU emulation the
-tests check, and the path a model with CPU experts takes: capturing the GPU segments between CPU expert calls
-is not done yet).
+A layer's CPU expert group is host work inside the step: the recording is cut there (llama.cpp's graph
+splits), so it is a program of recorded segments and host calls. Per MoE layer with CPU experts: segment
+[.. attention, router, copies of x / ids / weights into pinned buffers], host call (start the CPU group on the
+worker), segment [shared expert, GPU experts], host call (wait for it), then the next segment starts with the
+copy of its partial from its pinned buffer. On a GPU each segment is a torch.cuda.CUDAGraph (one memory pool,
+replayed in order); on the CPU `Emulated` records the segments' tensor ops at the dispatch level and replays
+them on the same tensors, so whatever Python computed at record time stays baked in, as in a CUDA graph (the
+tests' check). A model the recording cannot hold (capture_blocker says why) runs the step function itself.
 """
 
+from collections.abc import Callable
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves, tree_map
 
 from offload.cache import Cache
 from offload.models.moe import MoE
 
+# ops that make the host wait for the device: a recorded step cannot hold them (a CUDA graph capture fails)
+HOST_READS = {"_local_scalar_dense", "nonzero", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+              "masked_select"}
+
 
 def capture_blocker(model) -> str | None:
-    """Why the decode step of `model` cannot be one CUDA graph, or None when it can."""
-    if not torch.cuda.is_available():
-        return "no CUDA"
+    """Why the decode step of `model` cannot be recorded, or None when it can: every layer, the embedding and
+    the head on one device, their weights device ops (not the native CPU kernels), KV with the layers, GPU
+    expert groups sync-free; CPU expert groups are host calls between segments."""
     device = model.embed.device
-    if device.type != "cuda":
-        return "the embedding is not on a GPU"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA"
+    for name, obj in (("the embedding", model.embed), ("the head", model.lm_head)):
+        if (found := _host_weight(obj)) is not None:
+            return f"{name} is {found} (host work)"
+    if not _same(model.lm_head.device, device):
+        return f"the head is not on {device}"
     for i, layer in enumerate(model.layers):
-        if layer.device != device or model.lm_head.device != device:
-            return f"layer {i} or the head is not on {device} (one graph per device is not done)"
-        if getattr(layer.attn, "kv_device", device) != device:
+        if not _same(layer.device, device):
+            return f"layer {i} is not on {device} (one recording per device is not done)"
+        if not _same(getattr(layer.attn, "kv_device", device), device):
             return f"layer {i} keeps its KV in RAM (the indices are read on the host)"
+        for part in (layer.attn, layer.mlp):
+            if (found := _host_weight(part)) is not None:
+                return f"layer {i}: {found} runs on the host inside the step"
         if isinstance(layer.mlp, MoE):
+            if layer.mlp.observer is not None:
+                return f"layer {i}: a routing observer reads the ids on the host"
             for g in layer.mlp.groups:
-                if g.device != device or not getattr(g, "sync_free", False):
-                    return f"layer {i}: an expert group on {g.device} or not sync-free (host work in the step)"
+                if g.device != layer.device and getattr(g, "runs_in_background", False):
+                    continue  # handed off between two segments
+                if not _same(g.device, device) or not getattr(g, "sync_free", False):
+                    return f"layer {i}: an expert group on {g.device} that is not sync-free (host reads)"
     return None
+
+
+def _same(a: torch.device, b: torch.device) -> bool:
+    """One device (cuda and cuda:0 alike; a test's stand-in GPU cpu:0 holds tensors that say cpu)."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _host_weight(obj, depth: int = 3) -> str | None:
+    """The type name of a native CPU weight (host work the recording would miss) among obj's attributes."""
+    from offload.kernels.cpu.weights import HOST_WEIGHTS
+
+    if isinstance(obj, HOST_WEIGHTS):
+        return type(obj).__name__
+    if depth == 0 or isinstance(obj, (torch.Tensor, Cache)):
+        return None
+    if isinstance(obj, MoE):  # its groups are checked as groups
+        return _host_weight(obj.shared, depth - 1)
+    items = obj if isinstance(obj, (list, tuple)) else getattr(obj, "__dict__", {}).values()
+    for v in items:
+        if (found := _host_weight(v, depth - 1)) is not None:
+            return found
+    return None
+
+
+class CudaSegments:
+    """The step captured as CUDA graphs cut at each host call, one memory pool, replayed in capture order."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.program: list[Callable] = []  # graph replays and host calls, in order
+        self.host_calls = 0
+        self.graph = None
+
+    def record(self, step: Callable) -> torch.Tensor:
+        """step(host) run once under capture (nothing computes; host calls are noted, not made) -> its output,
+        a buffer of the pool each replay rewrites."""
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._begin()
+            out = step(self.host)
+            self._cut()
+        torch.cuda.current_stream().wait_stream(stream)
+        return out
+
+    def _begin(self):
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.capture_begin(pool=self.pool)
+
+    def _cut(self):
+        self.graph.capture_end()
+        self.program.append(self.graph.replay)
+
+    def host(self, fn: Callable[[], None]) -> None:
+        self._cut()
+        self.program.append(fn)
+        self.host_calls += 1
+        self._begin()
+
+    def replay(self, out: torch.Tensor) -> torch.Tensor:
+        for f in self.program:
+            f()
+        return out.clone()  # the pool's buffer is rewritten by the next replay
+
+
+class Emulated:
+    """The CPU's stand-in for CudaSegments: the step's tensor ops recorded at the dispatch level (executed as
+    they are recorded) and replayed on the same tensors, outputs renamed to the replay's; host calls made and
+    kept. Python values and host reads are not replayed, as in a graph: a host read is refused."""
+
+    def __init__(self):
+        self.program: list = []  # (op, args, kwargs, recorded output) or a host call
+        self.host_calls = 0
+
+    def record(self, step: Callable) -> torch.Tensor:
+        with _Recorder(self.program):
+            return step(self.host)
+
+    def host(self, fn: Callable[[], None]) -> None:
+        with _disable_current_modes():  # the host work itself is not part of a segment
+            fn()
+        self.program.append(fn)
+        self.host_calls += 1
+
+    @torch.inference_mode()
+    def replay(self, out: torch.Tensor) -> torch.Tensor:
+        made: dict[int, torch.Tensor] = {}  # id of a recorded output -> this replay's tensor
+
+        def now(a):
+            return made.get(id(a), a) if isinstance(a, torch.Tensor) else a
+
+        for entry in self.program:
+            if not isinstance(entry, tuple):
+                entry()
+                continue
+            op, args, kwargs, recorded = entry
+            res = op(*tree_map(now, args), **tree_map(now, kwargs))
+            for r, o in zip(tree_leaves(res), tree_leaves(recorded)):
+                if isinstance(o, torch.Tensor):
+                    made[id(o)] = r
+        return now(out)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, program: list):
+        super().__init__()
+        self.program = program
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name.split("::")[-1] in HOST_READS:
+            raise RuntimeError(f"{func} reads the device from the host inside a recorded step")
+        out = func(*args, **kwargs)
+        self.program.append((func, args, kwargs, out))  # keeps every recorded tensor alive: ids stay unique
+        return out
 
 
 class DecodeStep:
@@ -45,34 +184,40 @@ class DecodeStep:
         device, b = model.embed.device, len(caches)
         self.tokens = torch.zeros(b, dtype=torch.long, device=device)  # (B,) the token ids, updated in place
         self.pos = torch.zeros(b, dtype=torch.long, device=device)  # (B,) their positions, updated in place
-        self.recorded = None  # the replayable step: a CUDA graph's replay, or the step function (emulation)
+        self.recorded = None  # the replayable step: a recording's replay, or the step function itself
         self.capacities: tuple = ()  # the caches' capacities (tensor addresses) the recording was made for
-        self.logits: torch.Tensor | None = None  # the graph's output buffer
+        self.blocker: str | None = None  # why the last record() could not record (the step function runs)
+        self.segments = 0  # recorded segments (host calls + 1)
 
-    def run(self) -> torch.Tensor:
+    def run(self, host: Callable | None = None) -> torch.Tensor:
         """The step's body: reads only the buffers and the caches."""
-        return self.model.runtime.step_static(self.tokens, self.pos, self.caches)
+        if host is None:
+            return self.model.runtime.step_static(self.tokens, self.pos, self.caches)
+        return self.model.runtime.step_static(self.tokens, self.pos, self.caches, host=host)
 
     def record(self):
         """Record the step for the current caches; -> the replay function (call after updating the buffers)."""
         self.capacities = self.held()
-        if capture_blocker(self.model) is not None:
-            self.recorded = self.run
+        self.blocker = capture_blocker(self.model)
+        if self.blocker is not None:
+            self.recorded, self.segments = self.run, 0
             return self.recorded
-        # warm-up on a side stream (lazy allocations, kernels' first-call setup), then capture; both write
-        # the current token's cache entries, which the replay writes again with the same values
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self.run()  # (B, V) in the graph's pool, rewritten by each replay
+        if self.model.embed.device.type == "cuda":
+            # warm-up first (lazy allocations, the staging buffers at their size, kernels' first-call setup);
+            # it and the recording write the current token's cache entries, which a replay writes again
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.run()
+            torch.cuda.current_stream().wait_stream(stream)
+            recording = CudaSegments()
+        else:
+            recording = Emulated()
+        logits = recording.record(self.run)  # (B, V)
+        self.segments = 1 + recording.host_calls
 
         def replay() -> torch.Tensor:
-            graph.replay()
-            return self.logits.clone()
+            return recording.replay(logits)
 
         self.recorded = replay
         return replay
@@ -101,3 +246,4 @@ class DecodeStep:
         for cache, n in zip(self.caches, lengths):
             cache.length = n + 1
         return logits
+

@@ -5,7 +5,20 @@ work; the worker thread waits for the event. Two slots, chosen by layer parity: 
 again only by layer L + 2, after layer L's partial was waited for and its copy back enqueued before that.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def worker() -> ThreadPoolExecutor:
+    """The one thread CPU expert groups run on while the caller works: the native pool runs one call at a time
+    anyway (kernels/cpu/csrc/pool.h)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="offload-cpu-experts")
+    return _pool
 
 
 class Slot:
@@ -47,15 +60,20 @@ class Staging:
 class Staged:
     """A group's inputs in one slot, and what the worker waits for before it reads them."""
 
-    __slots__ = ("slot", "x", "ids", "weights", "event")
+    __slots__ = ("slot", "x", "ids", "weights", "device", "event")
 
     def __init__(self, slot: Slot, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         self.slot = slot
         self.x = slot.to_host("x", x)  # (T, H)
         self.ids = slot.to_host("ids", ids)  # (T, K)
         self.weights = slot.to_host("weights", weights)  # (T, K)
+        self.device = x.device
         self.event = None
-        if x.device.type == "cuda":  # the copies are enqueued on the current stream; the worker waits for them
+
+    def mark(self) -> None:
+        """Called on the caller's thread once the copies are enqueued (on a GPU: an event after them on the
+        current stream; a recorded step calls it after replaying the segment that holds them)."""
+        if self.device.type == "cuda":
             self.event = torch.cuda.Event()
             self.event.record()
 
@@ -63,10 +81,3 @@ class Staged:
         """Blocks (the worker thread) until the inputs are on the host."""
         if self.event is not None:
             self.event.synchronize()
-
-    def output(self, out: torch.Tensor, device: torch.device, name: str = "out") -> torch.Tensor:
-        """The partial as the caller gets it: through the slot's pinned buffer `name` (one per group of the
-        layer) when it goes back to a GPU, so that copy is asynchronous too."""
-        if device.type != "cuda":
-            return out  # a fresh tensor: nothing to copy, nothing aliased
-        return self.slot.to_host(name, out)

@@ -11,8 +11,6 @@ T tokens, K top-k, H hidden, I expert intermediate, E experts of the group.
 """
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 
@@ -22,17 +20,7 @@ from offload.kernels.cpu.moe import CpuExperts, moe_cpu, one_native_call, shares
 from offload.kernels.cpu.weights import QuantMLP, as_native
 
 from offload.models.experts import Pending, Ready
-from offload.staging import Staged
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def _worker() -> ThreadPoolExecutor:
-    """One thread for every CPU group: the native pool runs one call at a time anyway (csrc/pool.h)."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(1, thread_name_prefix="offload-cpu-experts")
-    return _pool
+from offload.staging import worker
 
 
 class CpuExpertGroup:
@@ -40,7 +28,7 @@ class CpuExpertGroup:
     whose blocks match the experts' and so runs inside their native call; the group's partial then includes it."""
 
     device = torch.device("cpu")
-    runs_in_background = True  # the runtime may start it on the worker thread (submit's background, staged)
+    runs_in_background = True  # the runtime hands it off (offload.runtime: staged, on the worker with overlap)
 
     def __init__(self, experts: CpuExperts, shared: QuantMLP | None = None, background: bool | None = None):
         self.experts = experts
@@ -60,17 +48,14 @@ class CpuExpertGroup:
     def nbytes(self) -> int:
         return sum(int(m.nbytes) for m in (self.experts.gate, self.experts.up, self.experts.down))
 
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, background: bool | None = None,
-               staged: Staged | None = None, out: str = "out"):
-        """background (else this group's own `background`; None: when x is not on the CPU): on the worker thread,
-        reading `staged` (the runtime's host copies of x, ids, weights) when given, the partial going back
-        through the staging buffer `out`. Otherwise computed now, on the host."""
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, background: bool | None = None):
+        """background (else this group's own `background`; None: when x is not on the CPU): on the worker thread
+        (the runtime's hand-off stages the inputs itself and calls this with background=False on the host
+        copies). Otherwise computed now, on the host."""
         bg = self.background if background is None else background
         if bg or (bg is None and x.device.type != "cpu"):
-            if staged is not None:
-                return Pending(_worker().submit(self._run_staged, staged, x.device, out), x.device)
             args = x.to("cpu"), ids.to("cpu"), weights.to("cpu")  # (T, H), (T, K), (T, K)
-            return Pending(_worker().submit(self._run_inference, *args), x.device)
+            return Pending(worker().submit(self._run_inference, *args), x.device)
         if x.device.type != "cpu":  # serial (overlap off), as llama.cpp: to the host and back
             return Ready(self._run(x.cpu(), ids.cpu(), weights.cpu()).to(x.device))
         return Ready(self._run(x, ids, weights))
@@ -78,10 +63,6 @@ class CpuExpertGroup:
     def _run_inference(self, x, ids, weights) -> torch.Tensor:
         with torch.inference_mode():  # grad mode is per thread
             return self._run(x, ids, weights)
-
-    def _run_staged(self, staged: Staged, device: torch.device, out: str) -> torch.Tensor:
-        staged.ready()  # the caller's copies to the host have landed
-        return staged.output(self._run_inference(staged.x, staged.ids, staged.weights), device, out)
 
     def _run(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         fuse = self.shared is not None and one_native_call(self.experts, x.shape[0])

@@ -169,3 +169,7 @@ class QuantMLP:
             return self.down(F.silu(self.gate(x)) * self.up(x))
         y = native.moe_rows(x2, np.array([0, m], np.int64), np.zeros(1, np.int64), *self._stacked, self.qtypes)
         return torch.from_numpy(y).reshape(x.shape).to(x.dtype)
+
+
+# weights whose matmul is a native call on the host: a recorded decode step (offload.graphs) cannot hold them
+HOST_WEIGHTS = (QuantWeight, HeadsQuantWeight, QuantLinears, QuantMLP)

@@ -87,6 +87,8 @@ class MoE:
         for group, h in zip(self.groups, handles):
             try:
                 part = h.wait()
+            except ExpertGroupError:
+                raise  # named where it was raised (the runtime's hand-off)
             except Exception as exc:
                 raise ExpertGroupError(f"layer {self.layer_idx}: expert group {type(group).__name__} on "
                                        f"{group.device} failed: {type(exc).__name__}: {exc}") from exc

@@ -141,10 +141,15 @@ def test_cuda_graph_equals_eager(arch, tiny_checkpoint):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gpu_step_with_cpu_experts_equals_eager(arch, tiny_checkpoint):
-    """Half the experts on the CPU: host work inside the step, so no graph (capturing the GPU segments between
-    the CPU expert calls is not done); the static step still equals eager."""
+    """Half the experts on the CPU: the step is recorded as CUDA graph segments cut at each CPU expert call
+    (offload.graphs.CudaSegments), its replays equal eager."""
     model = gpu_model(arch, tiny_checkpoint, ["gpu", "cpu"])
-    assert capture_blocker(model) is not None
+    assert capture_blocker(model) is None, capture_blocker(model)
     want = eager_logits(model, NEXT)
     for g, w in zip(replayed_logits(model, DecodeStep, NEXT), want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    cache = model.new_cache(64)
+    model.forward(torch.tensor(PROMPT), cache)
+    step = DecodeStep(model, cache)
+    step(NEXT[0])
+    assert step.segments == 1 + 2 * len(model.moe_layers())
