@@ -18,6 +18,8 @@ BENCHES = {  # name -> (module with main(argv), what it measures)
     "long-context": ("offload.bench_long", "DSA decode ms/token, prefill tok/s and peak RSS at 1k-128k tokens"),
     "concurrent": ("offload.bench_concurrent", "aggregate decode tok/s at 1-8 streams decoding together and "
                    "first-token time beside 3 streams, with llama.cpp's batched decode"),
+    "mla-attention": ("offload.bench_mla", "MLA attention through torch SDPA against explicit scores + softmax: "
+                      "time and peak memory of one call, prefill and decode"),
     "hybrid": ("offload.bench_hybrid", "CPU+GPU decode / prefill tok/s of a GGUF against llama.cpp, the time per "
                "layer split, beside the plan's prediction"),
 }

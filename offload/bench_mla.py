@@ -1,0 +1,181 @@
+"""`offload bench mla-attention`: MLA attention through torch's fused attention (models.mla) against the
+explicit scores + softmax it replaced (kept here as the baseline), time and peak memory of one attention call.
+
+Cases (random data, DeepSeek-V3's head dims n 128, r 64, v 128, c 512; DSA cases GLM-5's n 192, r 64,
+v 256, c 512, 64 heads, 2048 keys selected):
+  prefill-T   a T-token prompt from 0 (the expanded form)
+  decode-S    one token over S cached positions (the absorbed form)
+  dsa-decode-S, dsa-prefill-T   DSA's gathered keys (attend_selected), S cached
+Each (case, path) runs in its own process: the peak is VmHWM after one call less VmRSS before it (the
+high-water mark reset through /proc/self/clear_refs), the time the best of --reps calls after a warm-up.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from offload.models import mla
+from offload.models.base import causal_mask
+from offload.models.weights import Linear
+from offload.models.workspace import workspace
+
+MLA_DIMS = dict(nope=128, rope_dim=64, v_dim=128, kv_lora=512)  # DeepSeek-V3
+DSA_DIMS = dict(nope=192, rope_dim=64, v_dim=256, kv_lora=512)  # GLM-5
+DSA_HEADS, DSA_TOPK = 64, 2048
+
+
+def old_causal(self, q_nope, q_rot, latent_all, k_rot_all, start: int) -> torch.Tensor:
+    """MLAAttention.attend_causal before torch's fused attention: explicit (h, T, S) scores."""
+    t, s = q_nope.shape[0], latent_all.shape[0]
+    expanded = t >= mla.EXPANDED_MIN_TOKENS
+    if expanded:
+        k_nope = torch.einsum("sc,hnc->hsn", latent_all, self.w_uk)  # (h, S, n)
+        scores = torch.matmul(q_nope.transpose(0, 1), k_nope.transpose(1, 2))  # (h, T, S)
+    else:
+        q_lat = self.absorb_q(q_nope)  # (h, T, c)
+        scores = torch.matmul(q_lat, latent_all.T)  # (h, T, S)
+    scores = scores + torch.matmul(q_rot.transpose(0, 1), k_rot_all.T)  # (h, T, S)
+    scores = scores * self.scale
+    mask = causal_mask(t, s, start, q_nope.device)  # (T, S)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (h, T, S)
+    if expanded:
+        v_all = torch.einsum("sc,hvc->hsv", latent_all, self.w_uv)  # (h, S, v)
+        return torch.matmul(probs, v_all).transpose(0, 1)  # (T, h, v)
+    return self.expand_out(torch.matmul(probs, latent_all))  # (T, h, v)
+
+
+def old_selected(self, q_nope, q_rot, latent_all, k_rot_all, idx, valid) -> torch.Tensor:
+    """MLAAttention.attend_selected before torch's fused attention: explicit (tq, h, K) scores per block."""
+    t, k = idx.shape
+    q_lat = self.absorb_q(q_nope).transpose(0, 1).contiguous()  # (T, h, c)
+    out_lat = torch.empty_like(q_lat)  # (T, h, c)
+    row = k * ((self.c + self.r) * latent_all.element_size() + 2 * 4 * self.h)
+    tq = min(t, max(1, mla.SELECTED_WORKSPACE_BYTES // row))
+    buf = workspace("mla.gathered", tq * k * (self.c + self.r), latent_all.device, latent_all.dtype)
+    for q0 in range(0, t, tq):
+        i = idx[q0:q0 + tq].reshape(-1)  # (tq * K,)
+        n = i.shape[0]
+        lat_out, rot_out = buf[: n * self.c].view(n, self.c), buf[n * self.c: n * (self.c + self.r)]
+        lat = torch.index_select(latent_all, 0, i, out=lat_out).view(-1, k, self.c)  # (tq, K, c)
+        k_rot = torch.index_select(k_rot_all, 0, i, out=rot_out.view(n, self.r)).view(-1, k, self.r)
+        scores = torch.bmm(q_lat[q0:q0 + tq], lat.transpose(1, 2))  # (tq, h, K)
+        scores = scores + torch.bmm(q_rot[q0:q0 + tq], k_rot.transpose(1, 2))
+        scores = (scores * self.scale).masked_fill_(~valid[q0:q0 + tq, None], torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)  # (tq, h, K)
+        out_lat[q0:q0 + tq] = torch.bmm(probs, lat)  # (tq, h, c)
+    return self.expand_out(out_lat.transpose(0, 1))  # (T, h, v)
+
+
+def build(heads: int, dims: dict, dtype) -> mla.MLAAttention:
+    n, r, v, c = dims["nope"], dims["rope_dim"], dims["v_dim"], dims["kv_lora"]
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(torch.zeros(1, 1, dtype=dtype))  # the projections are not timed
+    kv_b = (torch.randn(heads * (n + v), c, generator=g) * c ** -0.5).to(dtype)
+    return mla.MLAAttention(q_a=None, q_a_norm=None, q_b=None, q_proj=lin, kv_a=lin, kv_a_norm=None, kv_b=kv_b,
+                            wo=lin, n_heads=heads, rope=None, scale=(n + r) ** -0.5, eps=1e-6, device="cpu",
+                            dtype=dtype, **dims)
+
+
+def case_call(case: str, heads: int, path: str, dtype):
+    """The attention call of one case on one path (old / new), its inputs made: a no-argument function."""
+    kind, size = case.rsplit("-", 1)
+    size = int(size[:-1]) * 1024 if size.endswith("k") else int(size)
+    dsa = kind.startswith("dsa")
+    attn = build(DSA_HEADS if dsa else heads, DSA_DIMS if dsa else MLA_DIMS, dtype)
+    t = 1 if kind.endswith("decode") else size
+    s = size if kind.endswith("decode") else (max(2 * DSA_TOPK, t) if dsa else t)
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    q_nope, q_rot = rand(t, attn.h, attn.nope), rand(t, attn.h, attn.r)  # (T, h, n), (T, h, r)
+    latent, k_rot = rand(s, attn.c), rand(s, attn.r)  # (S, c), (S, r)
+    start = s - t
+    if not dsa:
+        f = old_causal if path == "old" else mla.MLAAttention.attend_causal
+        return lambda: f(attn, q_nope, q_rot, latent, k_rot, start)
+    idx = torch.randint(0, s, (t, DSA_TOPK), generator=g) % (torch.arange(start, s)[:, None] + 1)  # (T, K) causal
+    valid = torch.ones(t, DSA_TOPK, dtype=torch.bool)
+    f = old_selected if path == "old" else mla.MLAAttention.attend_selected
+    return lambda: f(attn, q_nope, q_rot, latent, k_rot, idx, valid)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(case: str, heads: int, path: str, dtype_name: str, reps: int) -> dict:
+    """In this process: peak MB above the inputs of one call, then the best and median ms of `reps` calls."""
+    dtype = getattr(torch, dtype_name)
+    call = case_call(case, heads, path, dtype)
+    before = _status_kb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        reset = True
+    except OSError:
+        reset = False
+    call()
+    peak_mb = (_status_kb("VmHWM") - before) / 1024 if reset else float("nan")
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return {"case": case, "path": path, "ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times),
+            "peak_mb": peak_mb}
+
+
+def run_child(case: str, heads: int, path: str, dtype: str, reps: int, timeout: float) -> dict:
+    args = json.dumps([case, heads, path, dtype, reps])
+    code = ("import json, sys; from offload.bench_mla import measure; "
+            "print('RESULT ' + json.dumps(measure(*json.loads(sys.argv[1]))))")
+    try:
+        out = subprocess.run([sys.executable, "-P", "-c", code, args], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "path": path, "error": f"over {timeout:.0f} s"}
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"case": case, "path": path, "error": tail[:200]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="offload bench mla-attention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="prefill-512,prefill-2048,decode-4k,decode-16k,dsa-decode-16k,dsa-prefill-128",
+                   help="comma-separated cases (k = 1024)")
+    p.add_argument("--heads", default="16", help="comma-separated head counts for the MLA cases (DSA: 64)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--reps", type=int, default=5, help="timed calls per case and path (best reported)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per case and path")
+    a = p.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}; old: explicit scores + "
+          f"softmax, new: torch SDPA (models.mla); ratio = old / new")
+    print("| case | h | old ms | new ms | speed-up | old peak MB | new peak MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for case in a.cases.split(","):
+        for heads in [DSA_HEADS] if case.startswith("dsa") else [int(h) for h in a.heads.split(",")]:
+            old, new = (run_child(case, heads, path, a.dtype, a.reps, a.timeout) for path in ("old", "new"))
+            if "error" in old or "error" in new:
+                print(f"| {case} | {heads} | {old.get('error', '')} | {new.get('error', '')} | | | | |")
+                continue
+            ratio = old["peak_mb"] / new["peak_mb"] if new["peak_mb"] > 0 else float("nan")
+            print(f"| {case} | {heads} | {old['ms']:.2f} | {new['ms']:.2f} | {old['ms'] / new['ms']:.2f}x | "
+                  f"{old['peak_mb']:.0f} | {new['peak_mb']:.0f} | {ratio:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
