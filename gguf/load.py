@@ -43,7 +43,8 @@ def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=Non
     tokenizer = tokenizer_from_gguf_metadata(gguf.metadata)
     source = GGUFSource(gguf, act_quant)
     # the plan, after the header and tokenizer are checked and before a byte of weights is read
-    homes, plan = resolve_homes(path, placement, dev, ctx, None, None, **plan_options)
+    # (planned from this open file: its header is parsed once for the plan and the weights)
+    homes, plan = resolve_homes(gguf, placement, dev, ctx, None, None, **plan_options)
     report_plan(plan, progress)
     lctx = LoadContext(source, dev, dt)
     homes.apply(lctx)

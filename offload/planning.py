@@ -131,18 +131,18 @@ def _checkpoint_scheme(spec, ckpt: Path, dtype: str | None):
     return QuantScheme(types)
 
 
-def model_spec(model: str | Path, dtype: str | None = None, overrides: dict[str, str] | None = None):
-    """(ModelSpec, QuantScheme) of a catalog name, config.json, checkpoint directory or GGUF file; a checkpoint
-    directory with weights is planned in its load dtype, a GGUF with its own tensors' types."""
+def model_spec(model, dtype: str | None = None, overrides: dict[str, str] | None = None):
+    """(ModelSpec, QuantScheme) of a catalog name, config.json, checkpoint directory or GGUF file (a path, or the
+    loader's open GGUFFile: its header is not parsed again); a checkpoint directory with weights is planned in its
+    load dtype, a GGUF with its own tensors' types."""
     from offload.placement.model import load_model
     from offload.placement.quant import default_scheme
 
     spec = load_model(model)
-    path = Path(model)
-    if "quant" in spec.extra:
+    if "quant" in spec.extra:  # (every GGUF)
         quant = spec.extra["quant"]
-    elif path.is_dir() and any(path.glob("*.safetensors")):
-        quant = _checkpoint_scheme(spec, path, dtype)
+    elif Path(model).is_dir() and any(Path(model).glob("*.safetensors")):
+        quant = _checkpoint_scheme(spec, Path(model), dtype)
     else:
         quant = default_scheme()
     overrides = {k: v for k, v in (overrides or {}).items() if v}
@@ -154,12 +154,12 @@ def model_spec(model: str | Path, dtype: str | None = None, overrides: dict[str,
     return spec, quant
 
 
-def make_plan(model: str | Path, *, context: int, concurrency: int = 1, mtp: bool = False,
+def make_plan(model, *, context: int, concurrency: int = 1, mtp: bool = False,
               profile: str | Path | None = None, dtype: str | None = None,
               quant_overrides: dict[str, str] | None = None, page_from_disk: bool = False, kv_home: str = "auto",
               **hardware_flags):
-    """The plan for `model` on this machine (or the one the flags describe): planner.Plan, not raising when the
-    model does not fit RAM (its status says so; `check_fits` raises)."""
+    """The plan for `model` (as model_spec takes it) on this machine (or the one the flags describe): planner.Plan,
+    not raising when the model does not fit RAM (its status says so; `check_fits` raises)."""
     from offload.placement import planner
     from offload.placement.profile import load_profile
 

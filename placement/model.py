@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from offload.errors import ConfigError
+from offload.gguf.reader import GGUFFile
 
 from . import catalog
 
@@ -145,19 +146,27 @@ def from_catalog(name: str) -> ModelSpec:
     return spec
 
 
+def _gguf_magic(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:  # (the first 4 bytes, not the whole file)
+        return f.read(4) == b"GGUF"
+
+
 def _replace(spec: ModelSpec, **kw) -> ModelSpec:
     from dataclasses import replace
 
     return replace(spec, **kw)
 
 
-def load_model(ref: str | Path) -> ModelSpec:
-    """A catalog name, a config.json, a checkpoint directory holding one, or a .gguf file."""
-    path = Path(ref)
-    if str(ref).endswith(".gguf") or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+def load_model(ref: str | Path | GGUFFile) -> ModelSpec:
+    """A catalog name, a config.json, a checkpoint directory holding one, or a .gguf file (or one already open:
+    the loader's, whose header is then not parsed again)."""
+    if isinstance(ref, GGUFFile) or str(ref).endswith(".gguf") or _gguf_magic(Path(ref)):
         from .gguf_meta import spec_from_gguf
 
-        return spec_from_gguf(path)
+        return spec_from_gguf(ref)
+    path = Path(ref)
     if path.is_dir():
         path = path / "config.json"
         if not path.exists():

@@ -67,3 +67,15 @@ def test_planned_ram_of_cpu_experts_is_what_the_loader_holds(tmp_path, iq4_nl, e
     assert planned == held
     cpu = next(d for d in p.devices() if d["name"] == "cpu")
     assert cpu["by_class"]["routed_experts"] == held  # the report (and _check_ram) count the same bytes
+
+
+def test_a_gguf_load_parses_the_header_once(iq4_nl, monkeypatch):
+    """The plan (placement="auto") and the weights read one GGUFFile: the reader parses each shard once."""
+    from offload.gguf import reader
+
+    parses = []
+    parse = reader._parse
+    monkeypatch.setattr(reader, "_parse", lambda path, i: parses.append(path) or parse(path, i))
+    llm = offload.load(iq4_nl, device="cpu", ctx=64, progress=False)
+    assert llm.plan is not None  # the plan was made
+    assert parses == [iq4_nl]
