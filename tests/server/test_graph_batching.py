@@ -2,7 +2,9 @@
 sequence decodes one token runs one recorded static step (offload.graphs.DecodeStep) for exactly that set of
 sequences; steps with a prompt chunk stay forward_segments. Three concurrent requests (different prompt lengths,
 so the prefill chunks and decode tokens mix; different lengths, so the set changes as they finish) each equal
-their solo run; a second round in the same slots (shrunk when given back) too."""
+their solo run; a second round in the same slots (shrunk when given back) too, and a third repeating the
+second's prompts (the prefix cache resumes each slot one token short of its prompt: that 1-token prefill chunk
+joins the recorded steps)."""
 
 import threading
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 import offload
+from offload.prefix_cache import enable
 from offload.server import batching
 from offload.server.batching import BatchLLM
 from offload.testing import make_tiny_checkpoint
@@ -50,14 +53,18 @@ def test_batched_decode_steps_equal_solo_runs(llm, monkeypatch):
     monkeypatch.setattr(batching, "GATHER_WAIT", 2.0)  # each step waits for every running sequence
     vocab = llm.model.args.vocab_size
     engine = BatchLLM(llm, 3)
+    enable(llm, 0)  # only the live sequences are reused
     try:
-        for seed in (1, 2):  # the second round takes the slots the first gave back (shrunk)
+        for seed in (1, 2, 2):  # the later rounds take the slots the first gave back (shrunk)
             asks = prompts(vocab, seed)
             solo = [llm.generate(a, max_new_tokens=n, temperature=0.0, stop_token_ids=[]).token_ids
                     for a, n in zip(asks, MAX_NEW)]
-            before = engine.batcher.graph_steps
+            before, steps = engine.batcher.graph_steps, engine.batcher.steps
             assert concurrent(engine, asks) == solo
             assert engine.batcher.graph_steps > before
+        # the third round brought one token a step, its 1-token prefill included: every step was a recorded one
+        assert engine.batcher.graph_steps - before == engine.batcher.steps - steps
+        assert llm.model.prefix_cache.tokens_reused >= sum(len(a) - 1 for a in asks)
         b = engine.batcher
         assert b.graph_rows > b.graph_steps  # recorded steps of several sequences ran
         assert b.steps > b.graph_steps  # and the prefill steps ran as forward_segments
