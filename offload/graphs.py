@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves, tree_map
 
 from offload.cache import Cache
+from offload.models.experts import STATIC_PAIRS
 from offload.models.moe import MoE
 
 # ops that make the host wait for the device: a recorded step cannot hold them (a CUDA graph capture fails)
@@ -199,6 +200,9 @@ class DecodeStep:
         """Record the step for the current caches; -> the replay function (call after updating the buffers)."""
         self.capacities = self.held()
         self.blocker = capture_blocker(self.model)
+        pairs = len(self.caches) * getattr(self.model.args, "num_experts_per_tok", 0)
+        if self.blocker is None and pairs > STATIC_PAIRS:
+            self.blocker = f"{pairs} (token, expert) pairs: more than the groups' static path takes ({STATIC_PAIRS})"
         if self.blocker is not None:
             self.recorded, self.segments = self.run, 0
             return self.recorded
