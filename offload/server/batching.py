@@ -244,7 +244,9 @@ def metrics(scheduler, batcher: Batcher) -> str:
              scheduler.kv_reserved),
             ("offload_batch_steps_total", "counter", "Batched forwards run.", batcher.steps),
             ("offload_batch_sequences_total", "counter", "Sequences in those forwards (over steps: the mean "
-             "batch).", batcher.rows)):
+             "batch).", batcher.rows),
+            ("offload_batch_graph_steps_total", "counter", "Of those forwards, the decode steps run as a recorded "
+             "step (offload.load graphs=).", batcher.graph_steps)):
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,7 @@ second's prompts (the prefix cache resumes each slot one token short of its prom
 joins the recorded steps)."""
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -70,5 +71,7 @@ def test_batched_decode_steps_equal_solo_runs(llm, monkeypatch):
         assert b.steps > b.graph_steps  # and the prefill steps ran as forward_segments
         assert 0 < len(b.recorded) <= batching.KEEP_STEPS
         assert b.members == 0
+        text = batching.metrics(SimpleNamespace(kv_budget=0, kv_reserved=0), b)
+        assert f"offload_batch_graph_steps_total {b.graph_steps}\n" in text
     finally:
         engine.close()
