@@ -76,6 +76,25 @@ class Offload:
         _sync(self.device)
         return steps / (time.perf_counter() - t)
 
+    def decode_recorded(self, ids: list[int], steps: int) -> tuple[float, str]:
+        """decode() through a recorded step (offload.graphs.DecodeStep: CUDA graph segments cut at the CPU expert
+        calls), recorded at the first step, outside the timing -> (tok/s, what was recorded)."""
+        from offload.graphs import DecodeStep
+
+        cache = self.model.new_cache(self.n_ctx)
+        self.model.forward(torch.tensor(ids[:PROMPT]), cache, last_only=True)
+        step = DecodeStep(self.model, cache)
+        for layer in cache.layers:  # the capacity fixed up front: one recording
+            layer.reserve(PROMPT + steps + 1)
+        step(ids[PROMPT])
+        _sync(self.device)
+        t = time.perf_counter()
+        for tok in ids[PROMPT + 1:PROMPT + 1 + steps]:
+            step(tok)
+        _sync(self.device)
+        what = f"{step.segments} segments" if step.blocker is None else f"not recorded: {step.blocker}"
+        return steps / (time.perf_counter() - t), what
+
     def gpu_idle(self, ids: list[int], steps: int) -> float | None:
         """1 - (GPU kernel time / wall time) over `steps` decode steps; None off a GPU."""
         if self.device.type != "cuda":
@@ -292,6 +311,10 @@ def report(r: dict) -> str:
     serial = r["offload"]["decode_serial"]
     lines += ["", f"offload decode with overlap off: {serial:.1f} tok/s (overlap on / off: "
               f"{r['offload']['decode'] / serial:.2f})"]
+    rec = r["offload"].get("decode_recorded")
+    if rec:
+        lines += [f"offload decode through the recorded step ({r['offload']['recorded']}): {rec:.1f} tok/s "
+                  f"(recorded / eager: {rec / r['offload']['decode']:.2f})"]
     if r["offload"].get("prefill_cpu_experts"):
         n = max(r["prefills"])
         off = r["offload"]["prefill_cpu_experts"]
@@ -343,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     vocab = engine.model.args.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = {n: torch.randint(0, vocab, (n,), generator=g).tolist() for n in prefills}
-    ids = torch.randint(0, vocab, (PROMPT + a.tokens,), generator=g).tolist()
+    ids = torch.randint(0, vocab, (PROMPT + a.tokens + 1,), generator=g).tolist()
 
     baseline, base_name, base_cmd = {"prefill": {}, "decode": None}, "none", None
     if a.llama_bench:
@@ -372,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
                 e.model.runtime.overlap = False
                 runs[name]["decode_serial"].append(e.decode(ids, a.tokens))
                 e.model.runtime.overlap = True
+                tok_s, recorded = e.decode_recorded(ids, a.tokens)
+                runs[name]["decode_recorded"].append(tok_s)
                 if e.streams():  # the longest prompt again with its CPU experts computed on the CPU
                     for st in e.streams():
                         st.enabled = False
@@ -386,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
          "placement": a.placement, "prefills": prefills, "baseline_name": base_name, "baseline_cmd": base_cmd,
          "offload": {"decode": med["offload"]["decode"], "prefill": {n: med["offload"][n] for n in prefills},
                      "decode_serial": med["offload"]["decode_serial"],
+                     "decode_recorded": med["offload"]["decode_recorded"], "recorded": recorded,
                      "prefill_cpu_experts": med["offload"].get("prefill_cpu_experts"),
                      "stream_from": engine.stream_from()},
          "baseline": baseline, "gpu_idle": _try(engine.gpu_idle, ids, a.tokens),
