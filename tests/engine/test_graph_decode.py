@@ -157,3 +157,26 @@ def test_the_load_option_and_its_environment_variable(tiny_checkpoint, monkeypat
         load(path)
     with pytest.raises(ConfigError, match="graphs must be True, False or None"):
         load(path, graphs="on")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ALL)
+def test_cuda_graph_generation_equals_eager(arch, tiny_checkpoint):
+    """On a GPU, graphs are on by default; every layer and expert there (sync-free groups, as in
+    test_graph_step): the decode tokens replay one captured CUDA graph, re-captured when the cache passes its
+    first block, and greedy tokens equal the eager decode's. Not yet run on a GPU (none lent so far)."""
+    from offload.graphs import capture_blocker
+
+    llm = offload.load(tiny_checkpoint(arch), device="cuda", ctx=CTX, dtype="float32", progress=False,
+                       placement="gpu")
+    assert llm.model.graphs is True
+    for moe in llm.model.moe_layers():
+        for g in moe.groups:
+            if hasattr(g, "sync_free"):
+                g.sync_free = True
+    assert capture_blocker(llm.model) is None, capture_blocker(llm.model)
+    ids = prompt(llm.model.args.vocab_size, 250, seed=1)
+    got = llm.generate(ids, max_new_tokens=12, temperature=0.0)
+    llm.model.graphs = False
+    want = llm.generate(ids, max_new_tokens=12, temperature=0.0)
+    assert got.token_ids == want.token_ids
