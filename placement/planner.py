@@ -85,14 +85,14 @@ class Plan:
         out.append(row(self.head, None, None, self.head_device))
         return out
 
-    def usage(self) -> dict[str, dict[str, int]]:
-        """device -> tensor class -> bytes (weights and KV cache; GPU reserves not included), in RAM as the CPU
-        kernels hold them (an IQ4_NL part as Q8_0: quant.held_on_cpu)."""
+    def usage(self, held: bool = True) -> dict[str, dict[str, int]]:
+        """device -> tensor class -> bytes (weights and KV cache; GPU reserves not included); held: in RAM as the
+        CPU kernels hold them (an IQ4_NL part as Q8_0: quant.held_on_cpu), else as stored in the file."""
         by: dict[str, dict[str, int]] = {f"gpu:{i}": {} for i in range(len(self.hw.gpus))}
         by["cpu"] = {}
 
         def add(dev: str, cls: str, n: float) -> None:
-            n *= self.quant.cpu_growth(cls) if dev == "cpu" else 1.0
+            n *= self.quant.cpu_growth(cls) if held and dev == "cpu" else 1.0
             by[dev][cls] = by[dev].get(cls, 0) + int(round(n))
 
         add(self.emb_device, "embeddings", self.emb.bytes)
@@ -448,7 +448,7 @@ def _predict(p: Plan) -> None:
                         gpu_eff=cost.GPU_EFFICIENCY)
     moe = [lay for lay in lays if lay.moe]
     ex = moe[0] if moe else None
-    usage = p.usage()
+    usage = p.usage(held=False)  # the load reads the file's bytes
     weights = sum(n for by in usage.values() for c, n in by.items() if c != "kv_cache")  # (index keys included)
     gpu_bytes = weights - sum(n for c, n in usage["cpu"].items() if c != "kv_cache")
     n_gpu_exp = sum(int(m.sum()) for m in p.gpu_experts.values())
@@ -502,7 +502,8 @@ def _predict(p: Plan) -> None:
 def budget_sweep(p: Plan, steps: int = 24) -> list[dict]:
     """Decode tok/s of the same model on one GPU of this kind (or a 4090-class one) from 0 to all-fits."""
     base = p.hw.gpus[0] if p.hw.gpus else GPU("RTX 4090-class", 24 * GiB)
-    total = sum(n for by in p.usage().values() for c, n in by.items() if c != "embeddings")
+    total = sum(n for by in p.usage(held=False).values() for c, n in by.items()  # (as a GPU holds it)
+                if c != "embeddings")
     reserve = gpu_reserve(p.spec, base, p.options, max((it.expert_bytes for it in p.items), default=0))
     top = (total + reserve) / (1 - p.options.safety_fraction) * 1.02
     out = []

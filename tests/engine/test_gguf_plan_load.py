@@ -6,6 +6,7 @@ import pytest
 from gguf import GGUFValueType
 
 import offload
+from offload.gguf.reader import GGUFFile
 from offload.planning import make_plan
 
 from tests.gguf.gguf_forge import write_model
@@ -79,3 +80,16 @@ def test_a_gguf_load_parses_the_header_once(iq4_nl, monkeypatch):
     llm = offload.load(iq4_nl, device="cpu", ctx=64, progress=False)
     assert llm.plan is not None  # the plan was made
     assert parses == [iq4_nl]
+
+
+def test_load_time_reads_the_file_bytes(iq4_nl):
+    """Only RAM grows: the load reads the file as stored, so the RAM count and the bytes loaded differ by the
+    IQ4_NL experts' growth."""
+    p = make_plan(iq4_nl, context=64, ram="64GiB", use_gpus=False)
+    held, stored = p.usage()["cpu"], p.usage(held=False)["cpu"]
+    assert held["routed_experts"] == stored["routed_experts"] * 34 // 18
+    assert {c: n for c, n in held.items() if c != "routed_experts"} == \
+        {c: n for c, n in stored.items() if c != "routed_experts"}
+    with GGUFFile(iq4_nl) as f:
+        file_bytes = sum(t.nbytes for t in f.tensors.values())
+    assert sum(n for c, n in stored.items() if c != "kv_cache") == file_bytes
