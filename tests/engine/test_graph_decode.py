@@ -10,6 +10,7 @@ import torch
 import offload
 from offload.errors import ConfigError
 from offload.generation import decode, prefill, tensor_addresses
+from offload.graphs import capture_blocker
 from offload.prefix_cache import enable
 from tests.engine.conftest import ARCHS
 from tests.gguf.fixtures_models import gguf_models  # noqa: F401  (session fixture)
@@ -18,8 +19,17 @@ ALL = ARCHS + ["llama", "qwen2", "qwen3"]
 CTX = 320
 
 
-def load(path, **kw):
-    return offload.load(path, device="cpu", ctx=CTX, dtype="float32", progress=False, **kw)
+def load(path, sync_free: bool = False, **kw):
+    """sync_free: the expert groups take their GPU-home static path, so on this CPU the step is recorded
+    (offload.graphs.Emulated, replayed on the same tensors as a CUDA graph is) rather than run as a function."""
+    llm = offload.load(path, device="cpu", ctx=CTX, dtype="float32", progress=False, **kw)
+    for moe in llm.model.moe_layers() if sync_free else ():
+        for g in moe.groups:
+            if hasattr(g, "sync_free"):
+                g.sync_free = True
+    if sync_free:
+        assert capture_blocker(llm.model) is None, capture_blocker(llm.model)
+    return llm
 
 
 def prompt(vocab: int, n: int, seed: int) -> list[int]:
@@ -29,17 +39,17 @@ def prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 @pytest.fixture
 def static_steps(monkeypatch):
-    """Counts the static steps run (Runtime.step_static: DecodeStep's body) on any model."""
-    from offload.runtime import Runtime
+    """Counts the recorded decode steps run (DecodeStep calls) on any model."""
+    from offload.graphs import DecodeStep
 
     calls = []
-    original = Runtime.step_static
+    original = DecodeStep.__call__
 
-    def counted(self, tokens, pos, caches):
-        calls.append(len(caches))
-        return original(self, tokens, pos, caches)
+    def counted(self, *tokens):
+        calls.append(len(tokens))
+        return original(self, *tokens)
 
-    monkeypatch.setattr(Runtime, "step_static", counted)
+    monkeypatch.setattr(DecodeStep, "__call__", counted)
     return calls
 
 
@@ -52,7 +62,7 @@ def decode_count(out) -> int:
 def test_greedy_generation_equals_eager(arch, tiny_checkpoint, static_steps):
     """A 250-token prompt and 12 new tokens: the cache passes its first block (256) during decode, so the step
     records again mid-way. Greedy tokens equal the eager decode's."""
-    llm = load(tiny_checkpoint(arch), graphs=True)
+    llm = load(tiny_checkpoint(arch), sync_free=True, graphs=True)
     assert llm.model.graphs is True
     ids = prompt(llm.model.args.vocab_size, 250, seed=1)
     got = llm.generate(ids, max_new_tokens=12, temperature=0.0)
@@ -103,11 +113,11 @@ def two_turn_chat(llm, kept: list) -> list[list[int]]:
     return replies
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "glm_moe_dsa"])
-def test_chat_turns_through_the_prefix_cache(arch, tiny_checkpoint):
+@pytest.mark.parametrize("arch, sync_free", [("qwen3_moe", True), ("glm_moe_dsa", False)])
+def test_chat_turns_through_the_prefix_cache(arch, sync_free, tiny_checkpoint):
     """Two turns sharing a prefix, with another conversation between them (the prefix cache saves and restores
     it) and a live continuation: the same replies as eager, and the live turn replays the kept recording."""
-    llm = load(tiny_checkpoint(arch), graphs=True)
+    llm = load(tiny_checkpoint(arch), sync_free=sync_free, graphs=True)
     enable(llm, 1 << 26)
     steps: list = []
     got = two_turn_chat(llm, steps)
@@ -120,8 +130,9 @@ def test_chat_turns_through_the_prefix_cache(arch, tiny_checkpoint):
 
 def test_moved_tensors_get_a_new_recording(tiny_checkpoint):
     """A cache shrunk and regrown to the same capacity holds new tensors at the same capacity (DecodeStep's own
-    check compares capacities): decode makes a new step for it. Unmoved, the step is kept."""
-    model = load(tiny_checkpoint("qwen3_moe"), graphs=True).model
+    check compares capacities): decode makes a new step for it, or its replay would read the old tensors.
+    Unmoved, the step is kept."""
+    model = load(tiny_checkpoint("qwen3_moe"), sync_free=True, graphs=True).model
     ids = prompt(model.args.vocab_size, 300, seed=2)
     cache, eager = model.new_cache(1024), model.new_cache(1024)
     for c in (cache, eager):
@@ -165,8 +176,6 @@ def test_cuda_graph_generation_equals_eager(arch, tiny_checkpoint):
     """On a GPU, graphs are on by default; every layer and expert there (sync-free groups, as in
     test_graph_step): the decode tokens replay one captured CUDA graph, re-captured when the cache passes its
     first block, and greedy tokens equal the eager decode's. Not yet run on a GPU (none lent so far)."""
-    from offload.graphs import capture_blocker
-
     llm = offload.load(tiny_checkpoint(arch), device="cuda", ctx=CTX, dtype="float32", progress=False,
                        placement="gpu")
     assert llm.model.graphs is True
