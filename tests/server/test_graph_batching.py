@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import offload
+from offload.graphs import capture_blocker
 from offload.prefix_cache import enable
 from offload.server import batching
 from offload.server.batching import BatchLLM
@@ -21,11 +22,20 @@ from offload.testing import make_tiny_checkpoint
 MAX_NEW = [5, 9, 13]
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "glm_moe_dsa"])
+@pytest.fixture(scope="module", params=[("qwen3_moe", True), ("glm_moe_dsa", False)],
+                ids=["qwen3_moe-recorded", "glm_moe_dsa-function"])
 def llm(request, tmp_path_factory):
+    """sync_free: the expert groups on their GPU-home static path, so the step is recorded (offload.graphs'
+    CPU emulation, replayed on the same tensors as a CUDA graph is); else the step function runs."""
     pytest.importorskip("transformers")
-    path = make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param) / request.param)
-    return offload.load(path, device="cpu", ctx=320, dtype="float32", progress=False, graphs=True)
+    arch, sync_free = request.param
+    path = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(arch) / arch)
+    llm = offload.load(path, device="cpu", ctx=320, dtype="float32", progress=False, graphs=True)
+    for moe in llm.model.moe_layers() if sync_free else ():
+        for g in moe.groups:
+            g.sync_free = True
+    assert (capture_blocker(llm.model) is None) == sync_free
+    return llm
 
 
 def prompts(vocab: int, seed: int) -> list[list[int]]:
