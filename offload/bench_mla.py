@@ -6,13 +6,13 @@ v 256, c 512, 64 heads, 2048 keys selected):
   prefill-T   a T-token prompt from 0 (the expanded form)
   decode-S    one token over S cached positions (the absorbed form)
   dsa-decode-S, dsa-prefill-T   DSA's gathered keys (attend_selected), S cached
-Each (case, path) runs in its own process: the peak is VmHWM after one call less VmRSS before it (the
-high-water mark reset through /proc/self/clear_refs), the time the best of --reps calls after a warm-up.
+The peak memory of each (case, path) is measured in its own process: VmHWM after one call less VmRSS before it
+(the high-water mark reset through /proc/self/clear_refs). The time is the best of --reps calls after a warm-up,
+old and new called in turn in one process.
 """
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -83,12 +83,15 @@ def build(heads: int, dims: dict, dtype) -> mla.MLAAttention:
                             dtype=dtype, **dims)
 
 
-def case_call(case: str, heads: int, path: str, dtype):
-    """The attention call of one case on one path (old / new), its inputs made: a no-argument function."""
+def case_calls(case: str, heads: int, dtype) -> dict:
+    """The attention call of one case, its inputs made: {"old": f, "new": f}, no-argument functions."""
     kind, size = case.rsplit("-", 1)
     size = int(size[:-1]) * 1024 if size.endswith("k") else int(size)
     dsa = kind.startswith("dsa")
     attn = build(DSA_HEADS if dsa else heads, DSA_DIMS if dsa else MLA_DIMS, dtype)
+    # W_UK / W_UV as their own tensors: the engine's strided views of kv_b cost bf16 absorb_q / expand_out 3-8x
+    # here (a copy per call), the same on both paths, which would hide the attention itself
+    attn.w_uk, attn.w_uv = attn.w_uk.contiguous(), attn.w_uv.contiguous()
     t = 1 if kind.endswith("decode") else size
     s = size if kind.endswith("decode") else (max(2 * DSA_TOPK, t) if dsa else t)
     g = torch.Generator().manual_seed(1)
@@ -100,12 +103,12 @@ def case_call(case: str, heads: int, path: str, dtype):
     latent, k_rot = rand(s, attn.c), rand(s, attn.r)  # (S, c), (S, r)
     start = s - t
     if not dsa:
-        f = old_causal if path == "old" else mla.MLAAttention.attend_causal
-        return lambda: f(attn, q_nope, q_rot, latent, k_rot, start)
+        return {"old": lambda: old_causal(attn, q_nope, q_rot, latent, k_rot, start),
+                "new": lambda: attn.attend_causal(q_nope, q_rot, latent, k_rot, start)}
     idx = torch.randint(0, s, (t, DSA_TOPK), generator=g) % (torch.arange(start, s)[:, None] + 1)  # (T, K) causal
     valid = torch.ones(t, DSA_TOPK, dtype=torch.bool)
-    f = old_selected if path == "old" else mla.MLAAttention.attend_selected
-    return lambda: f(attn, q_nope, q_rot, latent, k_rot, idx, valid)
+    return {"old": lambda: old_selected(attn, q_nope, q_rot, latent, k_rot, idx, valid),
+            "new": lambda: attn.attend_selected(q_nope, q_rot, latent, k_rot, idx, valid)}
 
 
 def _status_kb(field: str) -> int:
@@ -115,41 +118,45 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def measure(case: str, heads: int, path: str, dtype_name: str, reps: int) -> dict:
-    """In this process: peak MB above the inputs of one call, then the best and median ms of `reps` calls."""
-    dtype = getattr(torch, dtype_name)
-    call = case_call(case, heads, path, dtype)
+def peak(case: str, heads: int, path: str, dtype_name: str) -> dict:
+    """In this process: MB above the inputs at the high-water mark of one call of `path`."""
+    call = case_calls(case, heads, getattr(torch, dtype_name))[path]
     before = _status_kb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        reset = True
     except OSError:
-        reset = False
+        return {"peak_mb": float("nan")}
     call()
-    peak_mb = (_status_kb("VmHWM") - before) / 1024 if reset else float("nan")
-    times = []
+    return {"peak_mb": (_status_kb("VmHWM") - before) / 1024}
+
+
+def times(case: str, heads: int, dtype_name: str, reps: int) -> dict:
+    """In this process: old and new called in turn (so a busy box slows both alike), best ms of each."""
+    calls = case_calls(case, heads, getattr(torch, dtype_name))
+    out = {path: [] for path in calls}
+    for path, call in calls.items():
+        call()  # warm-up
     for _ in range(reps):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return {"case": case, "path": path, "ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times),
-            "peak_mb": peak_mb}
+        for path, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            out[path].append(1e3 * (time.perf_counter() - t0))
+    return {path: min(ms) for path, ms in out.items()}
 
 
-def run_child(case: str, heads: int, path: str, dtype: str, reps: int, timeout: float) -> dict:
-    args = json.dumps([case, heads, path, dtype, reps])
-    code = ("import json, sys; from offload.bench_mla import measure; "
-            "print('RESULT ' + json.dumps(measure(*json.loads(sys.argv[1]))))")
+def run_child(fn: str, args: list, timeout: float) -> dict:
+    code = (f"import json, sys; from offload.bench_mla import {fn}; "
+            f"print('RESULT ' + json.dumps({fn}(*json.loads(sys.argv[1]))))")
     try:
-        out = subprocess.run([sys.executable, "-P", "-c", code, args], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(args)], capture_output=True, text=True,
                              timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"case": case, "path": path, "error": f"over {timeout:.0f} s"}
+        return {"error": f"over {timeout:.0f} s"}
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"case": case, "path": path, "error": tail[:200]}
+    return {"error": tail[:200]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,14 +175,15 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for case in a.cases.split(","):
         for heads in [DSA_HEADS] if case.startswith("dsa") else [int(h) for h in a.heads.split(",")]:
-            old, new = (run_child(case, heads, path, a.dtype, a.reps, a.timeout) for path in ("old", "new"))
-            if "error" in old or "error" in new:
-                print(f"| {case} | {heads} | {old.get('error', '')} | {new.get('error', '')} | | | | |")
+            mem = [run_child("peak", [case, heads, path, a.dtype], a.timeout) for path in ("old", "new")]
+            ms = run_child("times", [case, heads, a.dtype, a.reps], a.timeout)
+            errors = [r["error"] for r in (*mem, ms) if "error" in r]
+            if errors:
+                print(f"| {case} | {heads} | {'; '.join(errors)} | | | | | |", flush=True)
                 continue
-            ratio = old["peak_mb"] / new["peak_mb"] if new["peak_mb"] > 0 else float("nan")
-            print(f"| {case} | {heads} | {old['ms']:.2f} | {new['ms']:.2f} | {old['ms'] / new['ms']:.2f}x | "
-                  f"{old['peak_mb']:.0f} | {new['peak_mb']:.0f} | {ratio:.1f}x |", flush=True)
-
+            (old_mb, new_mb), ratio = [m["peak_mb"] for m in mem], mem[0]["peak_mb"] / max(mem[1]["peak_mb"], 1)
+            print(f"| {case} | {heads} | {ms['old']:.2f} | {ms['new']:.2f} | {ms['old'] / ms['new']:.2f}x | "
+                  f"{old_mb:.0f} | {new_mb:.0f} | {ratio:.1f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -214,20 +214,34 @@ def mla_attention_reference(q_nope, q_rot, latent, k_rot, w_uk, w_uv, start: int
 
 def rope_bias(q_rot: torch.Tensor, k_rot: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """The rope half of the absorbed scores, scaled, the float minimum where `keep` is False (as the reference's
-    masked_fill, so a row with no key averages rather than NaNs): q_rot (B, M, r), k_rot (B or none, S, r),
-    keep broadcast to (B, M, S) -> (B, M, S), the additive mask of latent_attention."""
-    bias = torch.matmul(q_rot, k_rot.transpose(-1, -2)) * scale  # (B, M, S)
-    return bias.masked_fill_(~keep, torch.finfo(bias.dtype).min)
+    masked_fill, so a row with no key averages rather than NaNs): q_rot (B, M, r) with k_rot (B, S, r), or
+    q_rot (..., r) with one k_rot (S, r) for all; keep broadcast to the result (B, M, S) / (..., S)."""
+    if k_rot.dim() == 2:  # one (rows, r) x (r, S) product: matmul of a batch with a matrix would copy k_rot per batch
+        bias = (q_rot.reshape(-1, q_rot.shape[-1]) @ k_rot.T).view(*q_rot.shape[:-1], -1)
+    else:
+        bias = torch.bmm(q_rot, k_rot.transpose(1, 2))  # (B, M, S)
+    return (bias * scale).masked_fill_(~keep, torch.finfo(bias.dtype).min)
+
+
+def fused_latent(q: torch.Tensor) -> bool:
+    """Whether latent_attention goes through torch's fused attention. Not for bf16 / fp16 on the CPU: there
+    oneDNN's half-precision GEMMs (AVX512-BF16 / AMX) run the explicit form 1.5-2x faster than torch's CPU
+    flash kernel (measured: `offload bench mla-attention`, docs/benchmarks.md); float32 on the CPU 1.0-1.5x
+    the other way."""
+    return q.device.type != "cpu" or q.dtype == torch.float32
 
 
 def latent_attention(q_lat: torch.Tensor, latent: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scale q_lat latent^T + bias) latent through torch's fused attention: q_lat (B, M, c), latent
-    (B, S, c), bias (B, M, S) -> (B, M, c). The latent is one KV head read once as both keys and values, and the
-    M rows (heads x tokens) are that head's queries (FlashMLA's layout): SDPA's GQA form (h heads over one KV
-    head) copies the cache per head on the CPU, 3-8x slower here, and a [latent, k_rot] key would copy the cache
-    every step to concatenate."""
-    return F.scaled_dot_product_attention(q_lat[:, None], latent[:, None], latent[:, None], attn_mask=bias[:, None],
-                                          scale=scale)[:, 0]  # (B, M, c)
+    """softmax(scale q_lat latent^T + bias) latent: q_lat (B, M, c), latent (B, S, c), bias (B, M, S) (rope_bias)
+    -> (B, M, c). Fused: the latent is one KV head read once as both keys and values, and the M rows (heads x
+    tokens) are that head's queries (FlashMLA's layout): SDPA's GQA form (h heads over one KV head) copies the
+    cache per head on the CPU, 3-8x slower here, and a [latent, k_rot] key would copy the cache every step."""
+    if fused_latent(q_lat):
+        return F.scaled_dot_product_attention(q_lat[:, None], latent[:, None], latent[:, None],
+                                              attn_mask=bias[:, None], scale=scale)[:, 0]  # (B, M, c)
+    scores = torch.baddbmm(bias, q_lat, latent.transpose(1, 2), alpha=scale)  # (B, M, S)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)
+    return torch.bmm(probs, latent)  # (B, M, c)
 
 
 def _pad(x: torch.Tensor, d: int) -> torch.Tensor:

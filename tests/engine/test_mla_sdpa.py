@@ -1,7 +1,8 @@
 """MLA through torch's fused attention (models.mla: attend_expanded, latent_attention) against the plain
 reference (mla_attention_reference: keys and values expanded per head, explicit scores + softmax), float32,
 fresh random data, awkward sizes: a prompt from 0, a chunk after a cached prefix, decode, the static step's
-length-masked decode over a whole preallocated cache, and DSA's gathered keys.
+length-masked decode over a whole preallocated cache, and DSA's gathered keys. The absorbed forms run both ways
+(`fused`): torch's fused attention (GPUs, float32 on the CPU) and the explicit scores (bf16 on the CPU).
 
 T new tokens, S keys, h heads, n nope dim, r rope dim, v value dim, c latent dim, K selected keys.
 """
@@ -11,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from offload.models import mla
-from offload.models.base import length_mask
+from offload.models.base import causal_attention, grouped_attention, length_mask
 from offload.models.glm_moe_dsa import selection_mask
 from offload.models.mla import MLAAttention, mla_attention_reference
 from offload.models.weights import Linear
@@ -44,10 +45,16 @@ def reference(attn, q_nope, q_rot, latent, k_rot, start, mask=None):
     return mla_attention_reference(q_nope, q_rot, latent, k_rot, attn.w_uk, attn.w_uv, start, attn.scale, mask)
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "explicit"])
+def fused(request, monkeypatch):
+    monkeypatch.setattr(mla, "fused_latent", lambda q: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("t,start", [(1, 0), (7, 0), (17, 0), (255, 0),  # a prompt from 0
                                      (1, 599), (7, 300), (17, 300), (255, 300)])  # after a cached prefix
-def test_causal_matches_reference(dims, t, start):
+def test_causal_matches_reference(dims, t, start, fused):
     g = torch.Generator().manual_seed(t * 1000 + start + dims[2])
     attn = make_attn(*dims, g)
     q_nope, q_rot, latent, k_rot = inputs(attn, t, start + t, g)
@@ -59,7 +66,7 @@ def test_causal_matches_reference(dims, t, start):
 
 @pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("pos", [0, 1, 255, 570])
-def test_static_length_mask_decode(dims, pos):
+def test_static_length_mask_decode(dims, pos, fused):
     """decode_static's attention: the whole preallocated cache (capacity 600; the rows past pos hold stale
     values, which must get no weight), masked by the device position."""
     g = torch.Generator().manual_seed(pos + dims[2])
@@ -86,7 +93,7 @@ def selection(t: int, start: int, k: int, g: torch.Generator):
 
 @pytest.mark.parametrize("dims", DIMS[:2])
 @pytest.mark.parametrize("t,start,k", [(1, 599, 40), (7, 300, 40), (17, 200, 64), (255, 100, 33)])
-def test_selected_matches_reference(dims, t, start, k, monkeypatch):
+def test_selected_matches_reference(dims, t, start, k, fused, monkeypatch):
     monkeypatch.setattr(mla, "SELECTED_WORKSPACE_BYTES", 5000)  # several query blocks
     g = torch.Generator().manual_seed(t + start + k)
     attn = make_attn(*dims, g)
@@ -99,7 +106,7 @@ def test_selected_matches_reference(dims, t, start, k, monkeypatch):
 
 
 @pytest.mark.parametrize("t,start", [(7, 40), (40, 0), (40, 30)])
-def test_bf16_within_rounding(t, start):
+def test_bf16_within_rounding(t, start, fused):
     """bf16 inputs: the fused paths stay within bf16 rounding of the float32 reference."""
     g = torch.Generator().manual_seed(t + start)
     attn = make_attn(16, 8, 12, g)
@@ -109,6 +116,18 @@ def test_bf16_within_rounding(t, start):
     attn.w_uk, attn.w_uv = w_uk.bfloat16(), w_uv.bfloat16()
     ours = attn.attend_causal(*[x.bfloat16() for x in x32], start).float()
     torch.testing.assert_close(ours, ref, rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize("t,start", [(1, 0), (7, 300), (17, 0), (255, 300)])
+def test_grouped_attention_matches_reference(t, start):
+    """GQA's fused path (base.grouped_attention) against the same reference: 6 query heads over 2 KV heads."""
+    g = torch.Generator().manual_seed(t + start)
+    s = start + t
+    q = torch.randn(6, t, 16, generator=g)  # (h, T, d)
+    k, v = torch.randn(2, s, 16, generator=g), torch.randn(2, s, 16, generator=g)  # (kv, S, d)
+    ours = grouped_attention(q, k, v, start, 0.25)
+    ref = causal_attention(q, k.repeat_interleave(3, 0), v.repeat_interleave(3, 0), start, 0.25)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
 class Largest(TorchDispatchMode):
