@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed calls per case and path (best reported)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per case and path")
     a = p.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}; old: explicit scores + "
-          f"softmax, new: torch SDPA (models.mla); ratio = old / new")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}; old: the explicit scores + "
+          f"softmax models.mla had (kept here), new: models.mla now (torch SDPA; bf16 decode / DSA on the CPU: "
+          f"explicit scores, see mla.fused_latent); ratios old / new")
     print("| case | h | old ms | new ms | speed-up | old peak MB | new peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for case in a.cases.split(","):

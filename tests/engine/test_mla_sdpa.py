@@ -156,3 +156,30 @@ def test_prefill_holds_no_scores(t, start):
     with Largest() as seen:
         attn.attend_causal(*x, start)
     assert seen.numel < H * t * (start + t) // 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_cuda_matches_reference(dtype, atol):
+    """On a GPU (whichever SDPA backend torch picks): a prompt, a chunk after a prefix, decode, the static
+    length mask and DSA's gathered keys against the float32 reference computed on the CPU."""
+    g = torch.Generator().manual_seed(5)
+    attn = make_attn(16, 8, 12, g)
+    w_uk, w_uv = attn.w_uk, attn.w_uv
+    attn.w_uk, attn.w_uv = w_uk.to("cuda", dtype), w_uv.to("cuda", dtype)
+    for t, start in [(255, 0), (17, 300), (1, 599), (7, 300)]:
+        x = inputs(attn, t, start + t, g)
+        ours = attn.attend_causal(*[a.to("cuda", dtype) for a in x], start).float().cpu()
+        ref = mla_attention_reference(*x, w_uk, w_uv, start, attn.scale)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+    x = inputs(attn, 1, 600, g)
+    mask = length_mask(torch.tensor([300], device="cuda"), 600)  # (1, C)
+    ours = attn.attend_causal(*[a.to("cuda", dtype) for a in x], 0, mask).float().cpu()
+    ref = mla_attention_reference(*[a[:301] if i >= 2 else a for i, a in enumerate(x)], w_uk, w_uv, 300, attn.scale)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+    idx, valid = selection(17, 200, 40, g)
+    x = inputs(attn, 17, 217, g)
+    ours = attn.attend_selected(*[a.to("cuda", dtype) for a in x], idx.cuda(), valid.cuda()).float().cpu()
+    mask = selection_mask((idx, valid), 17, 217, 200, "cpu")  # (T, S)
+    ref = mla_attention_reference(*x, w_uk, w_uv, 200, attn.scale, mask)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
