@@ -130,9 +130,23 @@ def peak(case: str, heads: int, path: str, dtype_name: str) -> dict:
     return {"peak_mb": (_status_kb("VmHWM") - before) / 1024}
 
 
-def times(case: str, heads: int, dtype_name: str, reps: int) -> dict:
-    """In this process: old and new called in turn (so a busy box slows both alike), best ms of each."""
+def forced(fused: bool, call):
+    """call with mla.fused_latent answering `fused` (the absorbed forms' SDPA / explicit choice)."""
+    def run():
+        saved, mla.fused_latent = mla.fused_latent, lambda q: fused
+        try:
+            return call()
+        finally:
+            mla.fused_latent = saved
+    return run
+
+
+def times(case: str, heads: int, dtype_name: str, reps: int, forms: bool = False) -> dict:
+    """In this process: old and new called in turn (so a busy box slows both alike), best ms of each; forms:
+    instead new's absorbed form both ways, "sdpa" and "explicit"."""
     calls = case_calls(case, heads, getattr(torch, dtype_name))
+    if forms:
+        calls = {"sdpa": forced(True, calls["new"]), "explicit": forced(False, calls["new"])}
     out = {path: [] for path in calls}
     for path, call in calls.items():
         call()  # warm-up
@@ -168,7 +182,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--reps", type=int, default=5, help="timed calls per case and path (best reported)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per case and path")
+    p.add_argument("--forms", action="store_true",
+                   help="time only the absorbed form (decode / dsa cases) both ways: SDPA against explicit scores")
     a = p.parse_args(argv)
+    if a.forms:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}; models.mla's absorbed form "
+              f"through SDPA and through explicit scores + softmax (mla.fused_latent forced); ratio explicit / sdpa")
+        print("| case | h | sdpa ms | explicit ms | explicit / sdpa |")
+        print("|---|---|---|---|---|")
+        for case in a.cases.split(","):
+            for heads in [DSA_HEADS] if case.startswith("dsa") else [int(h) for h in a.heads.split(",")]:
+                ms = run_child("times", [case, heads, a.dtype, a.reps, True], a.timeout)
+                if "error" in ms:
+                    print(f"| {case} | {heads} | {ms['error']} | | |", flush=True)
+                    continue
+                print(f"| {case} | {heads} | {ms['sdpa']:.2f} | {ms['explicit']:.2f} | "
+                      f"{ms['explicit'] / ms['sdpa']:.2f}x |", flush=True)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}; old: the explicit scores + "
           f"softmax models.mla had (kept here), new: models.mla now (torch SDPA; bf16 decode / DSA on the CPU: "
           f"explicit scores, see mla.fused_latent); ratios old / new")
@@ -185,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             (old_mb, new_mb), ratio = [m["peak_mb"] for m in mem], mem[0]["peak_mb"] / max(mem[1]["peak_mb"], 1)
             print(f"| {case} | {heads} | {ms['old']:.2f} | {ms['new']:.2f} | {ms['old'] / ms['new']:.2f}x | "
                   f"{old_mb:.0f} | {new_mb:.0f} | {ratio:.1f}x |", flush=True)
+
 
 if __name__ == "__main__":
     main()
