@@ -225,9 +225,9 @@ def rope_bias(q_rot: torch.Tensor, k_rot: torch.Tensor, keep: torch.Tensor, scal
 
 def fused_latent(q: torch.Tensor) -> bool:
     """Whether latent_attention goes through torch's fused attention. Not for bf16 / fp16 on the CPU: there
-    oneDNN's half-precision GEMMs (AVX512-BF16 / AMX) run the explicit form 1.5-2x faster than torch's CPU
-    flash kernel (measured: `offload bench mla-attention`, docs/benchmarks.md); float32 on the CPU 1.0-1.5x
-    the other way."""
+    oneDNN's half-precision GEMMs (AVX512-BF16 / AMX) run the explicit form 1.35-1.7x faster than torch's CPU
+    flash kernel; in float32 SDPA is 1.0-1.5x faster (`offload bench mla-attention --forms`,
+    docs/benchmarks.md)."""
     return q.device.type != "cpu" or q.dtype == torch.float32
 
 

@@ -183,3 +183,17 @@ def test_cuda_matches_reference(dtype, atol):
     mask = selection_mask((idx, valid), 17, 217, 200, "cpu")  # (T, S)
     ref = mla_attention_reference(*x, w_uk, w_uv, 200, attn.scale, mask)
     torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("t,start", [(1, 300), (17, 40)])
+def test_bench_baseline_is_the_reference(t, start):
+    """`offload bench mla-attention`'s baseline (the code the fused paths replaced) computes the same attention."""
+    from offload.bench_mla import old_causal, old_selected
+
+    g = torch.Generator().manual_seed(t)
+    attn = make_attn(16, 8, 12, g)
+    x = inputs(attn, t, start + t, g)
+    torch.testing.assert_close(old_causal(attn, *x, start), reference(attn, *x, start), rtol=0, atol=1e-5)
+    idx, valid = selection(t, start, 20, g)
+    mask = selection_mask((idx, valid), t, start + t, start, "cpu")  # (T, S)
+    torch.testing.assert_close(old_selected(attn, *x, idx, valid), reference(attn, *x, start, mask), rtol=0, atol=1e-5)
