@@ -234,8 +234,8 @@ def fused_latent(q: torch.Tensor) -> bool:
 def latent_attention(q_lat: torch.Tensor, latent: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(scale q_lat latent^T + bias) latent: q_lat (B, M, c), latent (B, S, c), bias (B, M, S) (rope_bias)
     -> (B, M, c). Fused: the latent is one KV head read once as both keys and values, and the M rows (heads x
-    tokens) are that head's queries (FlashMLA's layout): SDPA's GQA form (h heads over one KV head) copies the
-    cache per head on the CPU, 3-8x slower here, and a [latent, k_rot] key would copy the cache every step."""
+    tokens) are that head's queries (FlashMLA's layout): SDPA's GQA form (h heads over one KV head) ran slower on
+    the CPU in every shape tried, and a [latent, k_rot] key would copy the cache every step to concatenate."""
     if fused_latent(q_lat):
         return F.scaled_dot_product_attention(q_lat[:, None], latent[:, None], latent[:, None],
                                               attn_mask=bias[:, None], scale=scale)[:, 0]  # (B, M, c)
