@@ -186,7 +186,7 @@ class DecodeStep:
         self.tokens = torch.zeros(b, dtype=torch.long, device=device)  # (B,) the token ids, updated in place
         self.pos = torch.zeros(b, dtype=torch.long, device=device)  # (B,) their positions, updated in place
         self.recorded = None  # the replayable step: a recording's replay, or the step function itself
-        self.capacities: tuple = ()  # the caches' capacities (tensor addresses) the recording was made for
+        self.capacities: tuple = ()  # the caches' tensors (held()) the recording was made for
         self.blocker: str | None = None  # why the last record() could not record (the step function runs)
         self.segments = 0  # recorded segments (host calls + 1)
 
@@ -227,7 +227,10 @@ class DecodeStep:
         return replay
 
     def held(self) -> tuple:
-        return tuple(layer.capacity for cache in self.caches for layer in cache.layers)
+        """Where the caches' tensors are now (address, size): the recording reads them there. Growth moves them,
+        and so does a shrink and regrowth to the same capacity between two requests."""
+        return tuple((t.data_ptr(), t.numel()) for cache in self.caches for layer in cache.layers
+                     for t in vars(layer).values() if isinstance(t, torch.Tensor))
 
     def set_inputs(self, tokens: list[int], positions: list[int]) -> None:
         """Update the buffers in place (their addresses are what the recording reads)."""
