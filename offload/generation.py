@@ -69,26 +69,17 @@ def prefill(model, cache: Cache, ids: list[int]) -> torch.Tensor:
     return logits
 
 
-def tensor_addresses(caches) -> tuple:
-    """Where every cache tensor lives now: a recording reads these addresses."""
-    return tuple(t.data_ptr() for cache in caches for layer in cache.layers for t in vars(layer).values()
-                 if isinstance(t, torch.Tensor))
-
-
 def decode(model, cache: Cache, token: int) -> torch.Tensor:
     """One decode token appended to `cache` -> logits (V,): with model.graphs through the recorded step kept on
     the cache (it lives as long as the cache; a dict keyed by the cache would keep the cache alive through the
-    step), else model.forward. DecodeStep re-records when its own growth changes a capacity; tensors moved
-    between requests at the same capacity (shrunk, then regrown) get a new step here, so a CUDA graph never
-    replays on freed memory. A step that fails is not kept."""
+    step; the step records again when the cache's tensors move), else model.forward."""
     if not getattr(model, "graphs", False):
         return model.forward(torch.tensor([token], dtype=torch.long), cache)[-1]
     from offload.graphs import DecodeStep
 
-    kept = cache.__dict__.pop("decode_step", None)
-    step = kept[0] if kept is not None and kept[1] == tensor_addresses([cache]) else DecodeStep(model, cache)
+    step = cache.__dict__.pop("decode_step", None) or DecodeStep(model, cache)
     logits = step(token)[-1]  # (V,)
-    cache.decode_step = (step, tensor_addresses([cache]))  # what its recording reads now
+    cache.decode_step = step  # kept only after a step that worked: a failed recording is not replayed
     return logits
 
 

@@ -33,7 +33,6 @@ from typing import Any, Iterator
 
 import torch
 
-from offload.generation import tensor_addresses
 from offload.prefix_cache import common_prefix
 
 
@@ -60,7 +59,7 @@ class Batcher:
         self.pending: list[_Call] = []
         self.steps = self.rows = 0  # forwards run, segments run: rows / steps is the mean batch
         self.graph_steps = self.graph_rows = 0  # of those, the steps (and their rows) run as a recorded step
-        self.recorded: OrderedDict[frozenset, tuple] = OrderedDict()  # cache ids -> (DecodeStep, addresses)
+        self.recorded: OrderedDict[frozenset, Any] = OrderedDict()  # the caches' ids -> their DecodeStep
         self._stop = False
         threading.Thread(target=self._loop, name="offload-batch", daemon=True).start()
 
@@ -127,22 +126,19 @@ class Batcher:
                 and len({id(c.cache) for c in batch}) == len(batch))
 
     def _decode(self, batch: list[_Call]) -> list[torch.Tensor]:
-        """One token for each sequence through the recorded step for this set of caches -> [(1, V)] in batch
-        order. A set whose tensors moved since (a slot shrunk and regrown, a restore) gets a new recording."""
+        """One token for each sequence through the recorded step for this set of caches (in any arrival
+        order) -> [(1, V)] in batch order. The step records again when a cache's tensors moved (growth, a slot
+        shrunk and regrown)."""
         from offload.graphs import DecodeStep
 
         key = frozenset(id(c.cache) for c in batch)
-        kept = self.recorded.pop(key, None)
-        if kept is not None and kept[1] == tensor_addresses(kept[0].caches):
-            step = kept[0]
-        else:
-            step = DecodeStep(self.model, *[c.cache for c in batch])
+        step = self.recorded.pop(key, None) or DecodeStep(self.model, *[c.cache for c in batch])
         row = {id(cache): i for i, cache in enumerate(step.caches)}
         tokens = [0] * len(batch)
         for c in batch:
             tokens[row[id(c.cache)]] = int(c.tokens[0])
-        logits = step(*tokens)  # (B, V) in the step's cache order; a step that fails is not kept
-        self.recorded[key] = (step, tensor_addresses(step.caches))
+        logits = step(*tokens)  # (B, V) in the step's cache order
+        self.recorded[key] = step  # kept only after a step that worked: a failed recording is not replayed
         while len(self.recorded) > KEEP_STEPS:
             self.recorded.popitem(last=False)
         self.graph_steps += 1

@@ -85,3 +85,44 @@ def test_batched_decode_steps_equal_solo_runs(llm, monkeypatch):
         assert f"offload_batch_graph_steps_total {b.graph_steps}\n" in text
     finally:
         engine.close()
+
+
+def test_one_recording_per_set_of_sequences(llm):
+    """The Batcher's recordings, driven directly (its thread idles: no calls are queued): a set of sequences in
+    any arrival order replays its one recording; a subset gets its own; a cache shrunk and regrown to the same
+    capacity (new tensors) is read there. Every row equals its eager decode."""
+    from offload.generation import prefill
+    from offload.server.batching import Batcher, _Call
+
+    model = llm.model
+    asks = prompts(model.args.vocab_size, seed=3)
+    caches = [model.new_cache(1024) for _ in asks]
+    refs = [model.new_cache(1024) for _ in asks]
+    for a, c, r in zip(asks, caches, refs):
+        prefill(model, c, a)
+        prefill(model, r, a)
+    batcher = Batcher(model)
+    try:
+        def step(order: list[int], token: int):
+            got = batcher._decode([_Call(torch.tensor([token]), caches[i], False) for i in order])
+            for i, g in zip(order, got):
+                want = model.forward(torch.tensor([token]), refs[i])  # (1, V)
+                torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
+
+        step([0, 1, 2], 5)
+        first = next(iter(batcher.recorded.values()))
+        step([2, 0, 1], 6)  # another arrival order: the same set, the same recording
+        step([2, 0], 7)  # a subset: a recording of its own
+        assert len(batcher.recorded) == 2 and batcher.recorded[frozenset(map(id, caches))] is first
+        assert caches[2].layers[0].capacity == 512
+        for c in (caches[2], refs[2]):  # sequence 2 continues from position 20 with 250 new tokens
+            c.length = 20
+        caches[2].shrink()  # its slot given back (256 positions), then taken again and regrown to 512
+        for c in (caches[2], refs[2]):
+            prefill(model, c, asks[1][:25] * 10)
+        assert caches[2].layers[0].capacity == 512
+        step([2, 0], 8)  # the steps of {0, 2} and {0, 1, 2} record again: sequence 2's tensors moved
+        step([0, 1, 2], 9)
+        assert len(batcher.recorded) == 2 and batcher.recorded[frozenset(map(id, caches))] is first
+    finally:
+        batcher.close()
