@@ -106,7 +106,8 @@ class CudaSegments:
 
     def _begin(self):
         self.graph = torch.cuda.CUDAGraph()
-        self.graph.capture_begin(pool=self.pool)
+        # thread_local: the server's other threads (sampling, a prefix-cache restore) may use the GPU meanwhile
+        self.graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
 
     def _cut(self):
         self.graph.capture_end()
@@ -198,13 +199,13 @@ class DecodeStep:
 
     def record(self):
         """Record the step for the current caches; -> the replay function (call after updating the buffers)."""
-        self.capacities = self.held()
+        self.recorded, self.capacities = None, ()  # nothing stale stays if recording fails
         self.blocker = capture_blocker(self.model)
         pairs = len(self.caches) * getattr(self.model.args, "num_experts_per_tok", 0)
         if self.blocker is None and pairs > STATIC_PAIRS:
             self.blocker = f"{pairs} (token, expert) pairs: more than the groups' static path takes ({STATIC_PAIRS})"
         if self.blocker is not None:
-            self.recorded, self.segments = self.run, 0
+            self.recorded, self.segments, self.capacities = self.run, 0, self.held()
             return self.recorded
         if self.model.embed.device.type == "cuda":
             # warm-up first (lazy allocations, the staging buffers at their size, kernels' first-call setup);
@@ -223,7 +224,7 @@ class DecodeStep:
         def replay() -> torch.Tensor:
             return recording.replay(logits)
 
-        self.recorded = replay
+        self.recorded, self.capacities = replay, self.held()
         return replay
 
     def held(self) -> tuple:

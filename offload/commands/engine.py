@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from offload.commands.options import (Ctx, Demo, Device, ExpertQuant, GpuMem, MaxTokens, ModelPath, PageFromDisk,
-                                      Placement, Profile, Ram, Temperature, load_options, model_or_demo)
+from offload.commands.options import (Ctx, Demo, Device, ExpertQuant, GpuMem, Graphs, MaxTokens, ModelPath,
+                                      PageFromDisk, Placement, Profile, Ram, Temperature, load_options, model_or_demo)
 
 
 def _load(path: Path | None, demo: bool, device: str, ctx: int, expert_quant: str | None, **placement):
@@ -49,11 +49,12 @@ def register(app: typer.Typer) -> None:
         ram: Ram = None,
         profile: Profile = None,
         page_from_disk: PageFromDisk = False,
+        graphs: Graphs = None,
         demo: Demo = False,
     ):
         """Generate a continuation of PROMPT, streamed to stdout."""
         llm = _load(path, demo, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram,
-                    profile=profile, page_from_disk=page_from_disk)
+                    profile=profile, page_from_disk=page_from_disk, graphs=graphs)
         n, to_first, rest = write_stream(llm.stream_chunks(prompt, max_new_tokens=max_tokens, temperature=temperature,
                                                          top_p=top_p, top_k=top_k, seed=seed))
         decode = f", {(n - 1) / rest:.1f} tok/s decode" if n > 1 and rest > 0 else ""
@@ -73,11 +74,12 @@ def register(app: typer.Typer) -> None:
         ram: Ram = None,
         profile: Profile = None,
         page_from_disk: PageFromDisk = False,
+        graphs: Graphs = None,
         demo: Demo = False,
     ):
         """Interactive multi-turn chat (/reset, /system, /save, /load, /exit; Ctrl-C stops a reply)."""
         from offload.chat_ui import run_chat
 
         llm = _load(path, demo, device, ctx, expert_quant, placement=placement, gpu_mem=gpu_mem, ram=ram,
-                    profile=profile, page_from_disk=page_from_disk)
+                    profile=profile, page_from_disk=page_from_disk, graphs=graphs)
         run_chat(llm, system=system, max_new_tokens=max_tokens, temperature=temperature)

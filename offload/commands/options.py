@@ -25,15 +25,18 @@ Ram = Annotated[Optional[str], typer.Option(
     "--ram", help="system RAM to plan for, e.g. 256GiB (default: this machine's); max(8 GiB, 5 %) stays free for the OS")]
 Profile = Annotated[Optional[Path], typer.Option(
     "--profile", help="routing profile from `offload profile`: its hot experts go to the GPU")]
+Graphs = Annotated[Optional[bool], typer.Option(
+    "--graphs/--no-graphs", help="decode through the recorded step (CUDA graphs; default: on when the model is on "
+                                 "a GPU; env OFFLOAD_GRAPHS=0/1)")]
 PageFromDisk = Annotated[bool, typer.Option(
     "--page-from-disk", help="load a model bigger than RAM anyway, reading what RAM cannot hold from disk (slow)")]
 
 
 def load_options(placement: str, gpu_mem: list[str] | None, ram: str | None, profile: Path | None,
-                 page_from_disk: bool) -> dict:
+                 page_from_disk: bool, graphs: bool | None = None) -> dict:
     """Keywords for offload.load."""
     return dict(placement=placement, gpu_mem=gpu_mem or None, ram=ram, profile=profile,
-                page_from_disk=page_from_disk)
+                page_from_disk=page_from_disk, graphs=graphs)
 
 
 def model_or_demo(path: Path | None, demo: bool) -> Path:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
-from offload.commands.options import (Ctx, Demo, Device, GpuMem, ModelPath, PageFromDisk, Placement, Profile, Ram,
-                                      load_options, model_or_demo)
+from offload.commands.options import (Ctx, Demo, Device, GpuMem, Graphs, ModelPath, PageFromDisk, Placement,
+                                      Profile, Ram, load_options, model_or_demo)
 from offload.errors import ConfigError
 
 
@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
         ram: Ram = None,
         profile: Profile = None,
         page_from_disk: PageFromDisk = False,
+        graphs: Graphs = None,
         demo: Demo = False,
     ):
         """Serve MODEL over the OpenAI and Anthropic APIs (loads in the background; /health is 503 until ready)."""
@@ -91,7 +92,7 @@ def register(app: typer.Typer) -> None:
         from offload.server.app import create_app
 
         name = model_name or default_model_name(model)
-        options = load_options(placement, gpu_mem, ram, profile, page_from_disk)
+        options = load_options(placement, gpu_mem, ram, profile, page_from_disk, graphs)
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         server: uvicorn.Server | None = None
 
