@@ -129,6 +129,8 @@ class _Walk:
                 sub = "shared_experts"  # a CPU group's fused shared expert
             elif cls == "attention" and name == "rope":
                 sub = "buffers"
+            elif cls == "attention" and "norm" in name:  # (a GGUF's attn_q_a_norm, indexer.k_norm: class norms)
+                sub = "norms"
             self.visit(x, home, sub, f"{path}.{name}")
 
 

@@ -151,6 +151,7 @@ def model_spec(model, dtype: str | None = None, overrides: dict[str, str] | None
         quant = default_scheme({**base.types, **overrides})
         quant.measured = {k: v for k, v in base.measured.items() if k not in overrides}
         quant.mix = {k: v for k, v in base.mix.items() if k not in overrides}
+        quant.layers = {k: v for k, v in base.layers.items() if k not in overrides}
     return spec, quant
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from offload.errors import GGUFError
 from offload.gguf.reader import GGUFFile
 
+from .held import gpu_bytes
 from .model import ModelSpec, from_hf_config
 from .quant import QUANT_BLOCKS, QuantScheme, default_scheme
 
@@ -134,9 +135,17 @@ def scheme_from_tensors(tensors: list[tuple[str, list[int], str]], n_layers: int
     params: dict[str, int] = {}
     nbytes: dict[str, int] = {}
     by_type: dict[str, dict[str, int]] = {}
+    layers: dict[str, dict[int, list[int]]] = {}
     for name, dims, qtype in tensors:
         cls = _class_of(name, n_layers)
         n, b = _bytes(dims, qtype)
+        m = re.match(r"blk\.(\d+)\.", name)
+        layer = int(m.group(1)) if m else -1
+        key = "lm_head" if name == "output_norm.weight" else cls  # the plan counts the final norm with the head
+        if cls != "mtp" and (layer >= 0 or key in ("embeddings", "lm_head")):
+            row = layers.setdefault(key, {}).setdefault(layer, [0, 0])
+            row[0] += b
+            row[1] += gpu_bytes(name, dims, qtype, b)
         params[cls] = params.get(cls, 0) + n
         nbytes[cls] = nbytes.get(cls, 0) + b
         by_type.setdefault(cls, {})[qtype] = by_type.setdefault(cls, {}).get(qtype, 0) + b
@@ -146,4 +155,5 @@ def scheme_from_tensors(tensors: list[tuple[str, list[int], str]], n_layers: int
             scheme.measured[cls] = nbytes[cls] / n
             scheme.types[cls] = max(by_type[cls], key=by_type[cls].get)
             scheme.mix[cls] = {t: round(b / nbytes[cls], 4) for t, b in sorted(by_type[cls].items()) if b}
+    scheme.layers = {c: {i: (s, g) for i, (s, g) in by.items()} for c, by in layers.items()}
     return scheme

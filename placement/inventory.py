@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import model as M
+from .held import gpu_group_bytes
 from .model import ModelSpec
 from .profile import RoutingProfile
 from .quant import QuantScheme
@@ -20,6 +21,12 @@ class Group:
     bytes: float
     quant: str
     device: str | None = None  # a home of its own (a DSA latent cache in RAM), None: the layer's
+    held: float | None = None  # bytes on a GPU home where they differ from `bytes` (placement.held)
+
+    @property
+    def gpu_bytes(self) -> float:
+        """What a GPU home holds of this group (`bytes` is what the file stores and a load reads)."""
+        return self.bytes if self.held is None else self.held
 
 
 KV_TENSORS = ("kv_cache", "index_keys")
@@ -36,8 +43,8 @@ class LayerItems:
 
     @property
     def fixed_bytes(self) -> float:
-        """What lives on the layer's home (a latent cache with a home of its own not counted)."""
-        return sum(g.bytes for g in self.fixed if g.device is None)
+        """What lives on the layer's home when it is a GPU (a latent cache with a home of its own not counted)."""
+        return sum(g.gpu_bytes for g in self.fixed if g.device is None)
 
     @property
     def weight_bytes(self) -> float:
@@ -48,8 +55,19 @@ class LayerItems:
         return sum(g.params for g in self.fixed)
 
 
-def _group(tensor: str, cls: str, kind: str, params: int, q: QuantScheme) -> Group:
-    return Group(tensor, cls, params, params * q.bytes_per_weight(kind), q.label(kind))
+def _group(tensor: str, cls: str, kind: str, params: int, q: QuantScheme, spec: ModelSpec | None = None,
+           layer: int | None = None) -> Group:
+    """A group's bytes from its parameters and storage type; for a layer (or the embedding / head, layer -1) the
+    file's own bytes where the scheme has them, and what a GPU home holds of it (placement.held)."""
+    g = Group(tensor, cls, params, params * q.bytes_per_weight(kind), q.label(kind))
+    if layer is None:
+        return g
+    found = q.layer_bytes(kind, layer)
+    if found is not None:
+        g.bytes, g.held = found
+    elif spec is not None and layer >= 0:
+        g.held = gpu_group_bytes(spec, layer, kind, params, g.bytes)
+    return g
 
 
 def layer_items(spec: ModelSpec, q: QuantScheme, profile: RoutingProfile, context: int, concurrency: int,
@@ -66,15 +84,17 @@ def layer_items(spec: ModelSpec, q: QuantScheme, profile: RoutingProfile, contex
         def cls(c: str) -> str:
             return "mtp" if is_mtp else c
 
-        fixed = [_group("attn", cls("attention"), "mtp" if is_mtp else "attention", parts["attention"], q),
-                 _group("norms", cls("norms"), "norms", parts["norms"], q)]
+        at = None if is_mtp else i  # (the MTP layer: from its parameters)
+        fixed = [_group("attn", cls("attention"), "mtp" if is_mtp else "attention", parts["attention"], q, spec, at),
+                 _group("norms", cls("norms"), "norms", parts["norms"], q, spec, at)]
         if "dense_ffn" in parts:
-            fixed.append(_group("ffn", cls("dense_ffn"), "mtp" if is_mtp else "dense_ffn", parts["dense_ffn"], q))
+            fixed.append(_group("ffn", cls("dense_ffn"), "mtp" if is_mtp else "dense_ffn", parts["dense_ffn"], q,
+                                spec, at))
         else:
-            fixed.append(_group("router", cls("router"), "router", parts["router"], q))
+            fixed.append(_group("router", cls("router"), "router", parts["router"], q, spec, at))
             if parts["shared_experts"]:
                 fixed.append(_group("shared_experts", cls("shared_experts"), "mtp" if is_mtp else "shared_experts",
-                                    parts["shared_experts"], q))
+                                    parts["shared_experts"], q, spec, at))
         if is_mtp:
             fixed.append(_group("mtp_proj", "mtp", "mtp", M.mtp_extra_params(spec), q))
         n, bits = context * concurrency, f"{kv_dtype_bytes * 8:.0f}-bit"
@@ -87,6 +107,9 @@ def layer_items(spec: ModelSpec, q: QuantScheme, profile: RoutingProfile, contex
         if "routed_experts" in parts:
             item.expert_params = M.expert_params(spec)
             item.expert_bytes = item.expert_params * q.bytes_per_weight("routed_experts")
+            found = None if is_mtp else q.layer_bytes("routed_experts", i)
+            if found is not None:  # the file's own bytes: a GGUF mixes types from layer to layer
+                item.expert_bytes = found[0] / spec.n_experts
             item.freq = profile.freq(i)
         out.append(item)
     return out
@@ -94,9 +117,11 @@ def layer_items(spec: ModelSpec, q: QuantScheme, profile: RoutingProfile, contex
 
 def global_items(spec: ModelSpec, q: QuantScheme) -> tuple[Group, Group]:
     """(embeddings, lm_head incl. the final norm)."""
-    emb = _group("embeddings", "embeddings", "embeddings", spec.vocab * spec.hidden, q)
+    emb = _group("embeddings", "embeddings", "embeddings", spec.vocab * spec.hidden, q, layer=-1)
     head_params = 0 if spec.tie_embeddings else spec.vocab * spec.hidden
-    head = _group("lm_head", "lm_head", "lm_head", head_params, q)
-    head.bytes += spec.hidden * 4  # final norm, fp32
+    head = _group("lm_head", "lm_head", "lm_head", head_params, q, layer=-1)
+    if q.layer_bytes("lm_head", -1) is None:
+        head.bytes += spec.hidden * 4  # final norm, fp32 in the file
+        head.held = head.bytes - spec.hidden * 2  # (held in the load dtype, bf16 on a GPU)
     head.params += spec.hidden
     return emb, head

@@ -75,7 +75,10 @@ def kv_summary(p: Plan) -> dict:
     if not p.hw.gpus:
         return out
     usable = sum(max(g.memory_bytes - r, 0.0) for g, r in zip(p.hw.gpus, p.reserves))
-    weights = sum(it.weight_bytes for it in p.items) + p.head.bytes
+    from .planner import head_gpu_bytes
+
+    weights = sum(g.gpu_bytes for it in p.items for g in it.fixed if g.tensor not in KV_TENSORS) + \
+        head_gpu_bytes(spec, p.emb, p.head)
     main = [it.index for it in p.items]
     seq = opts.concurrency
     per_tok = sum(kv_bytes_per_token(spec, i, opts.kv_dtype_bytes) for i in main) * seq

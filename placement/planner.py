@@ -86,8 +86,9 @@ class Plan:
         return out
 
     def usage(self, held: bool = True) -> dict[str, dict[str, int]]:
-        """device -> tensor class -> bytes (weights and KV cache; GPU reserves not included); held: in RAM as the
-        CPU kernels hold them (an IQ4_NL part as Q8_0: quant.held_on_cpu), else as stored in the file."""
+        """device -> tensor class -> bytes (weights and KV cache; GPU reserves not included); held: as the loader
+        holds them, on a GPU (placement.held: float kv_b, norms, expanded matrices) and in RAM (an IQ4_NL part as
+        Q8_0: quant.held_on_cpu), else as stored in the file."""
         by: dict[str, dict[str, int]] = {f"gpu:{i}": {} for i in range(len(self.hw.gpus))}
         by["cpu"] = {}
 
@@ -95,12 +96,15 @@ class Plan:
             n *= self.quant.cpu_growth(cls) if held and dev == "cpu" else 1.0
             by[dev][cls] = by[dev].get(cls, 0) + int(round(n))
 
-        add(self.emb_device, "embeddings", self.emb.bytes)
-        add(self.head_device, "lm_head", self.head.bytes)
+        def size(g: Group, dev: str) -> float:
+            return g.gpu_bytes if held and dev != "cpu" else g.bytes
+
+        add(self.emb_device, "embeddings", size(self.emb, self.emb_device))
+        add(self.head_device, "lm_head", size(self.head, self.head_device))
         for it in self.items:
             home = self.homes[it.index]
             for g in it.fixed:
-                add(g.device or home, g.cls, g.bytes)
+                add(g.device or home, g.cls, size(g, g.device or home))
             if len(it.freq):
                 n_gpu = int(self.gpu_experts[it.index].sum())
                 if n_gpu:
@@ -309,13 +313,17 @@ def plan(spec: ModelSpec, hw: Hardware, quant: QuantScheme | None = None, profil
         notes.append("the GPU budget is smaller than the reserve for CUDA context and activations: "
                      "nothing is placed on the GPU")
         usable = []
-    k, split, head_gpu = _fit(items, head.bytes, usable)
+    k, split, head_gpu = _fit(items, head_gpu_bytes(spec, emb, head), usable)
+    if k and spec.tie_embeddings:  # a tied head takes the embedding table along: layers first if that saves some
+        k2, split2, _ = _fit(items, 0.0, usable)
+        if k2 < k:
+            k, split, head_gpu = k2, split2, False
     main = [it for it in items if not it.mtp]
     homes = {it.index: "cpu" for it in items}
     for it, g in zip(main[k:] + [it for it in items if it.mtp], split):
         homes[it.index] = f"gpu:{g}"
-    if not head_gpu and usable:  # not even the head plus zero layers: try the head alone
-        head_gpu = head.bytes <= usable[-1]
+    if not head_gpu and usable and not split:  # not even the head plus zero layers: try the head alone
+        head_gpu = head_gpu_bytes(spec, emb, head) <= usable[-1]
     head_device = f"gpu:{len(usable) - 1}" if head_gpu and usable else "cpu"
     p = Plan(spec, hw, quant, opts, profile, items, homes, {it.index: np.zeros(len(it.freq), bool) for it in items},
              emb, head, "cpu", head_device, reserves, notes=notes, kv_ram=kv_ram)
@@ -331,12 +339,12 @@ def plan(spec: ModelSpec, hw: Hardware, quant: QuantScheme | None = None, profil
         if homes[it.index] != "cpu":
             used[int(homes[it.index][4:])] += it.fixed_bytes
     if head_device != "cpu":
-        used[-1] += head.bytes
+        used[-1] += head_gpu_bytes(spec, emb, head)
     left = [u - x for u, x in zip(usable, used)]
     if usable:
         _place_hot(p, left)
     all_hot = all(m.all() for i, m in p.gpu_experts.items() if len(m) and not items[i].mtp)
-    if usable and all_hot and k == 0 and emb.bytes <= left[0]:
+    if usable and all_hot and k == 0 and emb.gpu_bytes <= left[0]:
         p.emb_device = "gpu:0"
     elif usable or spec.tie_embeddings:
         if spec.tie_embeddings:
@@ -350,6 +358,11 @@ def plan(spec: ModelSpec, hw: Hardware, quant: QuantScheme | None = None, profil
     _check_ram(p)
     _predict(p)
     return p
+
+
+def head_gpu_bytes(spec: ModelSpec, emb: Group, head: Group) -> float:
+    """What the head takes on a GPU: with tied embeddings the table itself goes with it (load_embeddings)."""
+    return head.gpu_bytes + (emb.gpu_bytes if spec.tie_embeddings else 0.0)
 
 
 def head_read_bytes(p: Plan) -> float:
@@ -405,15 +418,17 @@ def _fallbacks(spec, hw, quant, profile, opts, usable, k) -> list[dict]:
     changed = ("attention", "dense_ffn", "shared_experts", "lm_head")
     harder = replace(quant, types={**quant.types, **{c: "Q4_K" for c in changed}},
                      measured={c: v for c, v in quant.measured.items() if c not in changed},
-                     mix={c: m for c, m in quant.mix.items() if c not in changed})
+                     mix={c: m for c, m in quant.mix.items() if c not in changed},
+                     layers={c: m for c, m in quant.layers.items() if c not in changed})
     kv_ram = kv_home.latent_in_ram(spec, hw, opts)
     items = layer_items(spec, harder, profile, opts.context, opts.concurrency, opts.mtp, opts.kv_dtype_bytes, kv_ram)
-    _, head = global_items(spec, harder)
-    k2, _, _ = _fit(items, head.bytes, usable)
+    emb, head = global_items(spec, harder)
+    k2, _, _ = _fit(items, head_gpu_bytes(spec, emb, head), usable)
     quick = replace(opts, full=False, strict=False)
     tok = plan(spec, hw, harder, profile, quick).prediction["decode_tok_s"]
     out.append({"option": "harder_attention_quant", "applied": False,
-                "always_gpu_bytes": int(sum(it.fixed_bytes for it in items) + head.bytes), "decode_tok_s": tok,
+                "always_gpu_bytes": int(sum(it.fixed_bytes for it in items) + head_gpu_bytes(spec, emb, head)),
+                "decode_tok_s": tok,
                 "detail": "attention, dense, shared experts and lm_head at Q4_K: "
                           + ("the always-GPU set fits" if k2 == 0 else f"still {k2} layers on the CPU")
                           + f", decode {tok:.2f} tok/s"})
@@ -421,8 +436,8 @@ def _fallbacks(spec, hw, quant, profile, opts, usable, k) -> list[dict]:
     while ctx > 1024:
         ctx //= 2
         items = layer_items(spec, quant, profile, ctx, opts.concurrency, opts.mtp, opts.kv_dtype_bytes, kv_ram)
-        _, head = global_items(spec, quant)
-        if _fit(items, head.bytes, usable)[0] == 0:
+        emb, head = global_items(spec, quant)
+        if _fit(items, head_gpu_bytes(spec, emb, head), usable)[0] == 0:
             tok = plan(spec, hw, quant, profile, replace(quick, context=ctx)).prediction["decode_tok_s"]
             out.append({"option": "shorter_context", "applied": False, "context": ctx, "decode_tok_s": tok,
                         "detail": f"context {ctx} tokens: the always-GPU set fits, decode {tok:.2f} tok/s"})

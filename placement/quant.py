@@ -67,6 +67,13 @@ class QuantScheme:
     types: dict[str, str]
     measured: dict[str, float] = field(default_factory=dict)
     mix: dict[str, dict[str, float]] = field(default_factory=dict)  # class -> {type: share of its bytes} (GGUF)
+    # class -> layer -> (bytes stored, bytes a GPU home holds: placement.held) from a GGUF's tensor table;
+    # layer -1 holds the embedding table and the head (+ final norm)
+    layers: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+
+    def layer_bytes(self, cls: str, layer: int) -> tuple[int, int] | None:
+        """(stored, held on a GPU) bytes of class `cls` in `layer` as the file has them, or None (no file)."""
+        return self.layers.get(cls, {}).get(layer)
 
     def shares(self, cls: str) -> dict[str, float]:
         """The storage types of a class and their shares of its bytes (a GGUF mixes types inside a class)."""
