@@ -265,13 +265,17 @@ def predictions(path: str, engine: Offload, n_ctx: int, prefills: list[int], har
     else:
         layer = {"attention": first, "gpu_experts": beside, "cpu_experts": cpu, "sync": sync,
                  "total": first + max(beside, cpu) + sync}
+    # the plan's bytes for the engine's own expert homes (its placement may not be the plan's)
+    p.gpu_experts = {lay.index: lay.on_gpu for lay in lays if lay.moe}
     usage = p.usage()
     return {"decode": decode_step(p, lays)["tok_s"],
             # the runtime streams a chunk's CPU experts to the GPU from `stream_from` tokens (offload.streaming)
             "prefill": {n: cost.prefill(lays, p.hw, n, "stream" if stream_from is not None and n >= stream_from
                                         else "cpu") for n in prefills},
             "layer": layer, "hardware": p.hw.source + (", calibrated now" if calibrate else ""),
-            "gpu_bytes": sum(sum(v.values()) for k, v in usage.items() if k != "cpu") or None}
+            "gpu_bytes": sum(sum(v.values()) for k, v in usage.items() if k != "cpu") or None,
+            "gpu_weight_bytes": sum(n for k, v in usage.items() if k != "cpu" for c, n in v.items()
+                                    if c != "kv_cache") or None}
 
 
 def _log(msg: str) -> None:
@@ -325,7 +329,11 @@ def report(r: dict) -> str:
     if r.get("gpu_mem_peak_bytes"):
         plan_mem = r["plan"]["gpu_bytes"]
         lines.append(f"GPU memory: peak allocated {r['gpu_mem_peak_bytes'] / 2**30:.2f} GiB; the plan's GPU part "
-                     f"{_fmt(None if plan_mem is None else plan_mem / 2**30, '.2f')} GiB (its own placement)")
+                     f"{_fmt(None if plan_mem is None else plan_mem / 2**30, '.2f')} GiB (weights and KV cache)")
+    held, planned = r.get("gpu_held_bytes"), r["plan"].get("gpu_weight_bytes")
+    if held:  # weights only, counted on the loaded model (offload.held_bytes) against the plan's count
+        lines.append(f"GPU weights: held {held / 2**30:.3f} GiB, planned {_fmt(planned and planned / 2**30, '.3f')} "
+                     f"GiB, held / planned {_fmt(planned and held / planned, '.3f')}")
     lines += ["", "| per MoE layer and decode step (a pass synchronised around each part) | measured µs | plan µs |",
               "|---|---|---|"]
     us = lambda v: _fmt(None if v is None else v * 1e6, ".0f")  # noqa: E731
@@ -422,6 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.is_available() and engine.device.type == "cuda":
         r["gpu"] = torch.cuda.get_device_name(engine.device)
         r["gpu_mem_peak_bytes"] = torch.cuda.max_memory_allocated(engine.device)
+        from offload.held_bytes import held_bytes
+
+        held = held_bytes(engine.model)
+        r["gpu_held_bytes"] = sum(held.total(h) for h in held.by_home if h != "cpu")
     if a.json:  # first: the numbers survive a failing report
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1, default=str)
