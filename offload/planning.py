@@ -152,6 +152,8 @@ def model_spec(model, dtype: str | None = None, overrides: dict[str, str] | None
         quant.measured = {k: v for k, v in base.measured.items() if k not in overrides}
         quant.mix = {k: v for k, v in base.mix.items() if k not in overrides}
         quant.layers = {k: v for k, v in base.layers.items() if k not in overrides}
+        quant.cpu_layers = {k: v for k, v in base.cpu_layers.items() if k not in overrides}
+        quant.cpu_float = base.cpu_float
     return spec, quant
 
 

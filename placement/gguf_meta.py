@@ -15,7 +15,7 @@ import numpy as np
 from offload.errors import GGUFError
 from offload.gguf.reader import GGUFFile
 
-from .held import gpu_bytes
+from .held import cpu_bytes, gpu_bytes
 from .model import ModelSpec, from_hf_config
 from .quant import QUANT_BLOCKS, QuantScheme, default_scheme
 
@@ -136,6 +136,10 @@ def scheme_from_tensors(tensors: list[tuple[str, list[int], str]], n_layers: int
     nbytes: dict[str, int] = {}
     by_type: dict[str, dict[str, int]] = {}
     layers: dict[str, dict[int, list[int]]] = {}
+    cpu: dict[str, dict[int, list[int]]] = {}
+    # layers whose MLA kv_b parts include a float one: no per-head blocks there (LoadContext.heads)
+    float_kv_b = {name.split(".")[1] for name, _, qtype in tensors
+                  if re.search(r"\.attn_[kv]_b\.", name) and qtype in ("F32", "F16", "BF16")}
     for name, dims, qtype in tensors:
         cls = _class_of(name, n_layers)
         n, b = _bytes(dims, qtype)
@@ -146,6 +150,10 @@ def scheme_from_tensors(tensors: list[tuple[str, list[int], str]], n_layers: int
             row = layers.setdefault(key, {}).setdefault(layer, [0, 0])
             row[0] += b
             row[1] += gpu_bytes(name, dims, qtype, b)
+            c_row = cpu.setdefault(key, {}).setdefault(layer, [0, 0])
+            c_b, c_n = cpu_bytes(name, dims, b, heads=str(layer) not in float_kv_b)
+            c_row[0] += c_b
+            c_row[1] += c_n
         params[cls] = params.get(cls, 0) + n
         nbytes[cls] = nbytes.get(cls, 0) + b
         by_type.setdefault(cls, {})[qtype] = by_type.setdefault(cls, {}).get(qtype, 0) + b
@@ -156,4 +164,6 @@ def scheme_from_tensors(tensors: list[tuple[str, list[int], str]], n_layers: int
             scheme.types[cls] = max(by_type[cls], key=by_type[cls].get)
             scheme.mix[cls] = {t: round(b / nbytes[cls], 4) for t, b in sorted(by_type[cls].items()) if b}
     scheme.layers = {c: {i: (s, g) for i, (s, g) in by.items()} for c, by in layers.items()}
+    scheme.cpu_layers = {c: {i: (b, n) for i, (b, n) in by.items()} for c, by in cpu.items()}
+    scheme.cpu_float = 4
     return scheme

@@ -7,6 +7,11 @@ fixtures, tests/engine/test_held_bytes.py), where that differs from the bytes th
 - norms and router weights are float tensors in the load dtype; the router's score bias and the DSA indexer's
   weights_proj are float32.
 Routed experts are held as stored (Triton blocks, or blocks expanded per matmul).
+
+A CPU home holds matrices as stored (the native kernels' blocks; IQ4_NL as Q8_0: quant.held_on_cpu) and its float
+tensors in the load's dtype (float32 for a GGUF on a CPU-only machine, bf16 where a GPU computes); MLA's kv_b both
+as float W_UK / W_UV and as the file's per-head blocks (LoadContext.heads). `cpu_bytes` gives (bytes, float
+elements): the home holds bytes + elements x the load's float size.
 """
 
 from __future__ import annotations
@@ -36,6 +41,37 @@ def gpu_bytes(name: str, dims: list[int], qtype: str, stored: int) -> int:
         return n * GPU_FLOAT
     unit = TRITON_COLS.get(qtype)
     return stored if unit and dims[0] % unit == 0 else n * GPU_FLOAT
+
+
+def cpu_bytes(name: str, dims: list[int], stored: int, heads: bool = True) -> tuple[int, int]:
+    """(bytes, float elements) a CPU home holds of GGUF tensor `name` (see the module docstring); heads: the
+    layer's attn_k_b and attn_v_b are both quantised, so the per-head blocks are kept (not for float parts)."""
+    n = 1
+    for d in dims:
+        n *= d
+    if "_exps." in name:
+        return stored, 0
+    if _FLOAT32.search(name):
+        return n * 4, 0
+    if re.search(r"(attn_k_b|attn_v_b|attn_kv_b)\.", name):
+        return (stored if heads else 0), n  # the per-head blocks beside the float W_UK / W_UV
+    if len(dims) == 1 or _FLOAT.search(name):
+        return 0, n
+    return stored, 0
+
+
+def cpu_group_bytes(s: ModelSpec, layer: int, cls: str, params: int, stored: float) -> tuple[float, float]:
+    """cpu_bytes for a tensor group from its parameter count (no file)."""
+    if cls == "attention":
+        bpw = stored / params if params else 0.0
+        proj = s.hidden * s.index_heads if s.index_heads and layer in s.indexer_layers else 0
+        return stored + proj * (4 - bpw), kv_b_params(s)
+    if cls == "norms":
+        return 0.0, params
+    if cls == "router":
+        bias = s.n_experts if s.router_bias else 0
+        return bias * 4, params - bias
+    return stored, 0.0
 
 
 def kv_b_params(s: ModelSpec) -> int:

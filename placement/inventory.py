@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import model as M
-from .held import gpu_group_bytes
+from .held import cpu_group_bytes, gpu_group_bytes
 from .model import ModelSpec
 from .profile import RoutingProfile
 from .quant import QuantScheme
@@ -22,6 +22,11 @@ class Group:
     quant: str
     device: str | None = None  # a home of its own (a DSA latent cache in RAM), None: the layer's
     held: float | None = None  # bytes on a GPU home where they differ from `bytes` (placement.held)
+    cpu: tuple[float, float] | None = None  # (bytes, float elements) on a CPU home (placement.held), None: `bytes`
+
+    def cpu_bytes(self, float_bytes: int) -> float:
+        """What a CPU home holds of this group where the load keeps floats in `float_bytes` bytes."""
+        return self.bytes if self.cpu is None else self.cpu[0] + self.cpu[1] * float_bytes
 
     @property
     def gpu_bytes(self) -> float:
@@ -65,8 +70,10 @@ def _group(tensor: str, cls: str, kind: str, params: int, q: QuantScheme, spec: 
     found = q.layer_bytes(kind, layer)
     if found is not None:
         g.bytes, g.held = found
+        g.cpu = q.cpu_layer_bytes(kind, layer)
     elif spec is not None and layer >= 0:
         g.held = gpu_group_bytes(spec, layer, kind, params, g.bytes)
+        g.cpu = cpu_group_bytes(spec, layer, kind, params, g.bytes)
     return g
 
 
@@ -123,5 +130,6 @@ def global_items(spec: ModelSpec, q: QuantScheme) -> tuple[Group, Group]:
     if q.layer_bytes("lm_head", -1) is None:
         head.bytes += spec.hidden * 4  # final norm, fp32 in the file
         head.held = head.bytes - spec.hidden * 2  # (held in the load dtype, bf16 on a GPU)
+        head.cpu = (head.bytes - spec.hidden * 4, spec.hidden)
     head.params += spec.hidden
     return emb, head

@@ -96,8 +96,12 @@ class Plan:
             n *= self.quant.cpu_growth(cls) if held and dev == "cpu" else 1.0
             by[dev][cls] = by[dev].get(cls, 0) + int(round(n))
 
+        float_bytes = 2 if self.hw.gpus else self.quant.cpu_float  # a GPU load keeps floats in bf16 everywhere
+
         def size(g: Group, dev: str) -> float:
-            return g.gpu_bytes if held and dev != "cpu" else g.bytes
+            if not held:
+                return g.bytes
+            return g.gpu_bytes if dev != "cpu" else g.cpu_bytes(float_bytes)
 
         add(self.emb_device, "embeddings", size(self.emb, self.emb_device))
         add(self.head_device, "lm_head", size(self.head, self.head_device))
@@ -419,7 +423,8 @@ def _fallbacks(spec, hw, quant, profile, opts, usable, k) -> list[dict]:
     harder = replace(quant, types={**quant.types, **{c: "Q4_K" for c in changed}},
                      measured={c: v for c, v in quant.measured.items() if c not in changed},
                      mix={c: m for c, m in quant.mix.items() if c not in changed},
-                     layers={c: m for c, m in quant.layers.items() if c not in changed})
+                     layers={c: m for c, m in quant.layers.items() if c not in changed},
+                     cpu_layers={c: m for c, m in quant.cpu_layers.items() if c not in changed})
     kv_ram = kv_home.latent_in_ram(spec, hw, opts)
     items = layer_items(spec, harder, profile, opts.context, opts.concurrency, opts.mtp, opts.kv_dtype_bytes, kv_ram)
     emb, head = global_items(spec, harder)

@@ -70,10 +70,17 @@ class QuantScheme:
     # class -> layer -> (bytes stored, bytes a GPU home holds: placement.held) from a GGUF's tensor table;
     # layer -1 holds the embedding table and the head (+ final norm)
     layers: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    # class -> layer -> (bytes, float elements) a CPU home holds (placement.held.cpu_bytes), same keys
+    cpu_layers: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    cpu_float: int = 2  # bytes of a float on a CPU-only load: 4 for a GGUF (float32, as llama.cpp computes)
 
     def layer_bytes(self, cls: str, layer: int) -> tuple[int, int] | None:
         """(stored, held on a GPU) bytes of class `cls` in `layer` as the file has them, or None (no file)."""
         return self.layers.get(cls, {}).get(layer)
+
+    def cpu_layer_bytes(self, cls: str, layer: int) -> tuple[int, int] | None:
+        """(bytes, float elements) a CPU home holds of class `cls` in `layer`, or None (no file)."""
+        return self.cpu_layers.get(cls, {}).get(layer)
 
     def shares(self, cls: str) -> dict[str, float]:
         """The storage types of a class and their shares of its bytes (a GGUF mixes types inside a class)."""
