@@ -151,7 +151,7 @@ def scheme_from_tensors(tensors: list[tuple[str, list[int], str]], n_layers: int
             row[0] += b
             row[1] += gpu_bytes(name, dims, qtype, b)
             c_row = cpu.setdefault(key, {}).setdefault(layer, [0, 0])
-            c_b, c_n = cpu_bytes(name, dims, b, heads=str(layer) not in float_kv_b)
+            c_b, c_n = cpu_bytes(name, dims, qtype, b, heads=str(layer) not in float_kv_b)
             c_row[0] += c_b
             c_row[1] += c_n
         params[cls] = params.get(cls, 0) + n

@@ -43,7 +43,7 @@ def gpu_bytes(name: str, dims: list[int], qtype: str, stored: int) -> int:
     return stored if unit and dims[0] % unit == 0 else n * GPU_FLOAT
 
 
-def cpu_bytes(name: str, dims: list[int], stored: int, heads: bool = True) -> tuple[int, int]:
+def cpu_bytes(name: str, dims: list[int], qtype: str, stored: int, heads: bool = True) -> tuple[int, int]:
     """(bytes, float elements) a CPU home holds of GGUF tensor `name` (see the module docstring); heads: the
     layer's attn_k_b and attn_v_b are both quantised, so the per-head blocks are kept (not for float parts)."""
     n = 1
@@ -55,8 +55,8 @@ def cpu_bytes(name: str, dims: list[int], stored: int, heads: bool = True) -> tu
         return n * 4, 0
     if re.search(r"(attn_k_b|attn_v_b|attn_kv_b)\.", name):
         return (stored if heads else 0), n  # the per-head blocks beside the float W_UK / W_UV
-    if len(dims) == 1 or _FLOAT.search(name):
-        return 0, n
+    if len(dims) == 1 or _FLOAT.search(name) or qtype in ("F32", "F16", "BF16"):
+        return 0, n  # (a float matrix: read in the load dtype, not kept as the file has it)
     return stored, 0
 
 

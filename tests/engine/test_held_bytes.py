@@ -122,6 +122,25 @@ def test_a_cpu_layer_of_a_gpu_plan(gguf_models, arch):  # noqa: F811
     check(plan, measured(model, homes), rel=0.01)
 
 
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_cpu_load_holds_what_its_plan_counts(gguf_models, arch, fmt):  # noqa: F811
+    """offload.load on the CPU (float32, the native kernels' blocks, the plan it made kept as llm.plan): RAM holds
+    what the plan's CPU device counts, class by class."""
+    import offload
+
+    llm = offload.load(gguf_models.path(arch, fmt), device="cpu", ctx=64, progress=False)
+    cpu = next(d for d in llm.plan["devices"] if d["name"] == "cpu")
+    held = held_bytes(llm.model)
+    assert set(held.by_home) == {"cpu"}
+    want = {c: n for c, n in cpu["by_class"].items() if c != "kv_cache" and n}
+    got = {c: n for c, n in held.by_home["cpu"].items() if c != "buffers" and n}
+    lines = "\n".join(f"{c}: plan {want.get(c, 0)} held {got.get(c, 0)}" for c in sorted(set(want) | set(got)))
+    assert set(want) == set(got), lines
+    for c in want:
+        assert got[c] == pytest.approx(want[c], rel=0.01, abs=4096), f"{c}\n{lines}"
+
+
 def test_triton_formats_table_matches_the_kernels():
     """placement.held's table (pure Python) is the Triton kernels' own list of formats and column multiples."""
     from offload.gguf.types import GGMLType
