@@ -141,6 +141,35 @@ def test_a_cpu_load_holds_what_its_plan_counts(gguf_models, arch, fmt):  # noqa:
         assert got[c] == pytest.approx(want[c], rel=0.01, abs=4096), f"{c}\n{lines}"
 
 
+def test_counting_rules(tmp_path):
+    """Storages count once whoever shares them (a tied head, a view); a view of a memory-mapped file counts the
+    bytes it spans, as mapped; a numpy view of an array that owns its memory holds the whole array."""
+    import mmap
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from offload.models.decoder import Layer
+    from offload.models.weights import Linear
+
+    table = torch.zeros(100, 8)  # 3200 bytes
+    f = tmp_path / "blob"
+    f.write_bytes(bytes(4096))
+    with open(f, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    owned = np.zeros(1000, np.uint8)
+    foreign = SimpleNamespace(t=torch.zeros(1000))  # not an offload object: not walked
+    layer = Layer(torch.ones(8), Linear(table[:10]), torch.ones(8), Linear(torch.zeros(4, 4)), STAND_IN)
+    layer.attn = Linear(torch.zeros(2, 2))
+    layer.attn.extra = [np.frombuffer(mm, np.uint8, count=512, offset=1024), owned[:10], foreign]
+    model = SimpleNamespace(embed=Linear(table), lm_head=Linear(table), norm=torch.ones(8), layers=[layer],
+                            gguf=SimpleNamespace(_shards=[SimpleNamespace(mm=mm)]))
+    held = held_bytes(model, lambda d: "gpu:0" if d == STAND_IN else "cpu", embed_home="cpu", head_home="cpu")
+    assert held.by_home["cpu"] == {"embeddings": 3200, "lm_head": 32, "attention": 512 + 1000}
+    assert held.by_home["gpu:0"] == {"norms": 64, "attention": 16, "dense_ffn": 64}
+    assert held.mapped == {"cpu": 512}
+
+
 def test_triton_formats_table_matches_the_kernels():
     """placement.held's table (pure Python) is the Triton kernels' own list of formats and column multiples."""
     from offload.gguf.types import GGMLType
