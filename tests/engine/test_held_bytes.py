@@ -25,11 +25,20 @@ def _plan(path, gpu_bytes: int):
 
 def mixed_plan(path, want: str = "experts"):
     """The plan for a GPU sized so that about half the routed experts are on it (want="experts"), or so that
-    the first layer runs on the CPU (want="layers"): bisected on the GPU's size."""
+    the first layer runs on the CPU (want="layers"): bisected on the GPU's size with decode-only plans (the
+    GPU-budget sweep of a full plan is 24 more), then made as `offload plan` makes it."""
+    from dataclasses import replace
+
+    from offload.placement import planner
+    from offload.planning import find_hardware, model_spec
+
+    spec, quant = model_spec(path)
+    hw = find_hardware(gpu=["1GiB"], ram="64GiB")
+    opts = planner.PlanOptions(context=64, strict=False, full=False)
     lo, hi = 2**29, 2**32
-    for _ in range(32):
+    for _ in range(28):
         mid = (lo + hi) // 2
-        p = _plan(path, mid)
+        p = planner.plan(spec, replace(hw, gpus=[replace(hw.gpus[0], memory_bytes=mid)]), quant, None, opts)
         if want == "experts":
             n = sum(int(m.sum()) for m in p.gpu_experts.values())
             low = n < sum(len(m) for m in p.gpu_experts.values()) / 2
