@@ -36,8 +36,9 @@ def capture_blocker(model) -> str | None:
     device = model.embed.device
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA"
+    unseen = _unseen_kinds(device)
     for name, obj in (("the embedding", model.embed), ("the head", model.lm_head)):
-        if (found := _host_weight(obj)) is not None:
+        if (found := _host_weight(obj, unseen)) is not None:
             return f"{name} is {found} (host work)"
     if not _same(model.lm_head.device, device):
         return f"the head is not on {device}"
@@ -47,14 +48,16 @@ def capture_blocker(model) -> str | None:
         if not _same(getattr(layer.attn, "kv_device", device), device):
             return f"layer {i} keeps its KV in RAM (the indices are read on the host)"
         for part in (layer.attn, layer.mlp):
-            if (found := _host_weight(part)) is not None:
-                return f"layer {i}: {found} runs on the host inside the step"
+            if (found := _host_weight(part, unseen)) is not None:
+                return f"layer {i}: {found} runs outside the recording inside the step"
         if isinstance(layer.mlp, MoE):
             if layer.mlp.observer is not None:
                 return f"layer {i}: a routing observer reads the ids on the host"
             for g in layer.mlp.groups:
                 if g.device != layer.device and getattr(g, "runs_in_background", False):
                     continue  # handed off between two segments
+                if isinstance(g, unseen):
+                    return f"layer {i}: {type(g).__name__} runs outside the recording inside the step"
                 if not _same(g.device, device) or not getattr(g, "sync_free", False):
                     return f"layer {i}: an expert group on {g.device} that is not sync-free (host reads)"
     return None
@@ -65,19 +68,31 @@ def _same(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
-def _host_weight(obj, depth: int = 3) -> str | None:
-    """The type name of a native CPU weight (host work the recording would miss) among obj's attributes."""
+def _unseen_kinds(device: torch.device) -> tuple:
+    """The weight and group kinds whose work a recording on `device` would miss: the native CPU kernels (host
+    calls), and off a GPU the Triton kernels too (the interpreter runs them in Python, where the emulation's
+    dispatch-level recording does not see them; on a GPU a CUDA graph captures their launches)."""
+    import sys
+
     from offload.kernels.cpu.weights import HOST_WEIGHTS
 
-    if isinstance(obj, HOST_WEIGHTS):
+    triton = sys.modules.get("offload.kernels.gpu.weights")  # imported where such weights exist
+    if device.type == "cuda" or triton is None:
+        return HOST_WEIGHTS
+    return HOST_WEIGHTS + (triton.TritonQuantWeight, triton.TritonExperts)
+
+
+def _host_weight(obj, kinds: tuple, depth: int = 3) -> str | None:
+    """The type name of a weight of `kinds` (work the recording would miss) among obj's attributes."""
+    if isinstance(obj, kinds):
         return type(obj).__name__
     if depth == 0 or isinstance(obj, (torch.Tensor, Cache)):
         return None
     if isinstance(obj, MoE):  # its groups are checked as groups
-        return _host_weight(obj.shared, depth - 1)
+        return _host_weight(obj.shared, kinds, depth - 1)
     items = obj if isinstance(obj, (list, tuple)) else getattr(obj, "__dict__", {}).values()
     for v in items:
-        if (found := _host_weight(v, depth - 1)) is not None:
+        if (found := _host_weight(v, kinds, depth - 1)) is not None:
             return found
     return None
 

@@ -7,8 +7,12 @@ is chosen when `@triton.jit` runs, so TRITON_INTERPRET is set here, before any k
 """
 
 import os
+import sys
 
 import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    if "triton.language" in sys.modules:  # its library functions were made compiled: the interpreter would fail
+        raise RuntimeError("the Triton kernels need TRITON_INTERPRET=1 without a CUDA device, set before triton is "
+                           "first imported (torch's dynamo imports it): set it in the environment")
     os.environ["TRITON_INTERPRET"] = "1"

@@ -161,3 +161,19 @@ def test_native_weights_block_the_recording(gguf_models):  # noqa: F811
     blocker = capture_blocker(model)
     assert blocker is not None and ("QuantWeight" in blocker or "QuantLinears" in blocker or "QuantMLP" in blocker
                                     or "not sync-free" in blocker), blocker
+
+
+def test_triton_weights_decode_without_host_reads_and_block_the_emulation(gguf_models):  # noqa: F811
+    """A GGUF on the stand-in GPU with its blocks on the Triton kernels (the interpreter here): its decode step
+    reads nothing back (what a CUDA graph needs), but the emulation cannot see kernels the interpreter runs in
+    Python, so off a GPU they block the recording."""
+    from tests.engine.test_sync_free import HostReads
+
+    model = build(gguf_models.path("qwen3_moe", "Q4_K_M"), triton=True, layer_home=lambda i: "gpu:0",
+                  embed_home="gpu:0", head_home="gpu:0")
+    assert "TritonQuantWeight" in capture_blocker(model)
+    cache = model.new_cache(16)
+    model.forward(torch.tensor([3, 1, 4]), cache)
+    with HostReads() as mode:
+        model.forward(torch.tensor([9]), cache)
+    assert mode.found == []

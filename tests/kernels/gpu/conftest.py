@@ -1,15 +1,9 @@
-"""Triton kernels run in the interpreter on CPU tensors where there is no CUDA device. The interpreter is chosen
-when a kernel's `@triton.jit` runs, so the variable is set before any test module imports offload.kernels.gpu
-(which sets it too, for imports from elsewhere)."""
-
-import os
+"""Triton kernels run in the interpreter on CPU tensors where there is no CUDA device (tests/conftest.py sets
+TRITON_INTERPRET before anything imports triton)."""
 
 import numpy as np
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
