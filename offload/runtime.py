@@ -116,7 +116,8 @@ class Runtime:
         off = [j for j, g in enumerate(moe.groups)
                if handles[j] is None and getattr(g, "runs_in_background", False) and g.device != home]
         if off:
-            for j, h in zip(off, self.hand_off(moe, off, x, ids, weights, host)):
+            alone = moe.shared is None and all(h is not None or j in off for j, h in enumerate(handles))
+            for j, h in zip(off, self.hand_off(moe, off, x, ids, weights, host, alone)):
                 handles[j] = h
         shared = moe.shared(x) if moe.shared is not None else None
         for j, g in enumerate(moe.groups):
@@ -124,10 +125,12 @@ class Runtime:
                 handles[j] = g.submit(x, ids, weights)
         return moe.gather(handles, shared)
 
-    def hand_off(self, moe: MoE, off: list[int], x, ids, weights, host: Callable) -> list:
+    def hand_off(self, moe: MoE, off: list[int], x, ids, weights, host: Callable, alone: bool = False) -> list:
         """The groups `off` (host groups of a layer living elsewhere) started on their inputs copied into this
         layer's staging slot; -> their handles. With overlap the groups run on the worker until the handles are
-        waited for; without, they run here at once (llama.cpp's order: to the host and back)."""
+        waited for; without, they run here at once (llama.cpp's order: to the host and back). `alone`: nothing
+        runs beside them (no shared expert, no other group), so one host call starts and finishes them (a
+        recording gets no empty segment between the two)."""
         if self.staging is None:
             self.staging = Staging()
         staged = Staged(self.staging.slot(moe.layer_idx), x, ids, weights)  # device -> host copies, enqueued
@@ -164,6 +167,9 @@ class Runtime:
                     raise ExpertGroupError(f"layer {moe.layer_idx}: expert group {names} failed: "
                                            f"{type(exc).__name__}: {exc}") from exc
 
+        if alone:
+            host(lambda: (start(), finish()))
+            return [HandedOff(out, x.device, host, None) for out in outs]
         host(start)
         # the first handle waited for finishes the host work for all (one cut in a recorded step)
         return [HandedOff(out, x.device, host, finish if n == 0 else None) for n, out in enumerate(outs)]

@@ -177,3 +177,19 @@ def test_triton_weights_decode_without_host_reads_and_block_the_emulation(gguf_m
     with HostReads() as mode:
         model.forward(torch.tensor([9]), cache)
     assert mode.found == []
+
+
+def test_a_layer_whose_experts_all_live_on_the_cpu_is_cut_once(tiny_checkpoint):
+    """Qwen3-MoE (no shared expert) with every routed expert on the CPU: nothing runs beside the CPU group, so
+    one host call starts and finishes it (no empty segment between two), and replays equal the step run op by op."""
+    model = build(tiny_checkpoint("qwen3_moe"), cpu_experts_factory=cpu_experts_factory("q8_0"),
+                  layer_home=lambda i: "gpu:0", embed_home="gpu:0", head_home="gpu:0",
+                  placement=lambda layer, n: ["cpu"] * n)
+    assert capture_blocker(model) is None, capture_blocker(model)
+    unrecorded = replayed_logits(model, Unrecorded, NEXT)
+    assert max_error(replayed_logits(model, DecodeStep, NEXT), unrecorded) == 0
+    cache = model.new_cache(64)
+    model.forward(torch.tensor(PROMPT), cache)
+    step = DecodeStep(model, cache)
+    step(NEXT[0])
+    assert step.segments == 1 + len(model.moe_layers())
