@@ -188,9 +188,8 @@ def test_the_crossover_is_the_cost_models(monkeypatch):
 @stand_in
 def test_the_engine_streams_from_the_prompt_length_offload_plan_prints(gguf_models):  # noqa: F811
     """The plan's per-layer figure (`offload plan`: "CPU experts streamed to the GPU from") is the chunk length
-    from which the loaded layers stream, up to the bytes each side counts: the plan a file's mean bytes per expert
-    (its Q4_K_M mix of Q4_K and Q6_K), the loaded layer its own tensors' (measured: 22501, 22501, 25938 loaded
-    against 23646 planned)."""
+    from which the loaded layers stream: both count each layer's own bytes per expert (its Q4_K_M mix of Q4_K and
+    Q6_K; measured: 22501, 22501, 25938 loaded, as planned since the plan reads the file's bytes per layer)."""
     from offload.placement import report
     from offload.planning import make_plan
 
@@ -203,10 +202,9 @@ def test_the_engine_streams_from_the_prompt_length_offload_plan_prints(gguf_mode
     k = model.args.num_experts_per_tok
     got = {str(moe.layer_idx): moe.groups[0].stream.min_tokens(k) for moe in model.moe_layers()}
     assert got.keys() == by_layer.keys() and min(got.values()) > MIN_TOKENS
-    for layer, n in got.items():
-        assert abs(n - by_layer[layer]) <= 0.15 * by_layer[layer], (layer, n, by_layer[layer])
-    want = f"layers 0-2: {by_layer['0']}" if len(set(by_layer.values())) == 1 else f"layer 0: {by_layer['0']}"
-    assert "CPU experts streamed to the GPU from" in report.to_markdown(plan) and want in report.to_markdown(plan)
+    assert got == by_layer
+    md = report.to_markdown(plan)
+    assert "CPU experts streamed to the GPU from" in md and all(f": {n}" in md for n in by_layer.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
