@@ -4,7 +4,8 @@
 How bytes are counted:
 - Every torch tensor and numpy array reachable from the decoder's parts (embedding, layers, final norm, head) is
   one byte range; ranges are merged by address, so views, shared storages (a tied head, a shared expert inside a
-  CPU expert group, torch.from_numpy over a numpy array) count once, for the first class that reached them.
+  CPU expert group, torch.from_numpy over a numpy array) count once, for the range that starts lowest (the one
+  visited first among ranges that start together: the embedding before a tied head).
 - A torch tensor holds its whole storage (a view keeps the storage alive); a numpy view of an array that owns its
   memory holds the whole owner; a numpy view of a GGUF's memory map holds only the bytes it spans: those are the
   file's pages, shared with the page cache, counted in `mapped` as well as in the total of their home.
