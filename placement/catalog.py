@@ -11,7 +11,7 @@ import difflib
 from offload.errors import ConfigError
 
 # GLM-5.x: `GlmMoeDsaConfig()` defaults in transformers equal zai-org/GLM-5's config.json;
-# GLM-5.1 and GLM-5.2 ship the same architecture (same hidden size, layers, experts, MLA + DSA shapes).
+# GLM-5.1 and GLM-5.2 ship the same shapes (hidden size, layers, experts, MLA + DSA); GLM-5.2 shares indexers.
 _GLM5 = {
     "model_type": "glm_moe_dsa",
     "hidden_size": 6144, "num_hidden_layers": 78, "vocab_size": 154880,
@@ -22,6 +22,12 @@ _GLM5 = {
     "index_n_heads": 32, "index_head_dim": 128, "index_topk": 2048,
     "num_nextn_predict_layers": 1, "max_position_embeddings": 202752, "tie_word_embeddings": False,
 }
+
+# GLM-5.2 adds IndexShare (an indexer every 4th layer from layer 2, plus layers 0-2; the others reuse the last
+# full layer's pick) and a 1M context: `index_topk_freq` 4, `index_skip_topk_offset` 3 (transformers derives
+# `indexer_types` from them), as its config.json reads where public code quotes it (inference engines' GLM-5.2
+# config tests and checks; the checkpoint itself was not at hand offline).
+_GLM52 = {**_GLM5, "index_topk_freq": 4, "index_skip_topk_offset": 3, "max_position_embeddings": 1048576}
 
 _DEEPSEEK_V3 = {
     "model_type": "deepseek_v3",
@@ -47,8 +53,8 @@ _QWEN3_MOE = {"model_type": "qwen3_moe", "decoder_sparse_step": 1, "mlp_only_lay
               "tie_word_embeddings": False, "max_position_embeddings": 40960}
 
 CATALOG: dict[str, dict] = {
-    "glm-5.2": {"config": _GLM5, "hf_repo": "zai-org/GLM-5.2", "fp8_repo": "zai-org/GLM-5.2-FP8",
-                "source": "zai-org/GLM-5.2 config.json (= transformers GlmMoeDsaConfig() defaults)",
+    "glm-5.2": {"config": _GLM52, "hf_repo": "zai-org/GLM-5.2", "fp8_repo": "zai-org/GLM-5.2-FP8",
+                "source": "zai-org/GLM-5.2 config.json (GLM-5's shapes + IndexShare every 4 layers, 1M context)",
                 "published_total": 744e9, "published_active": 40e9},
     "glm-5.1": {"config": _GLM5, "hf_repo": "zai-org/GLM-5.1", "fp8_repo": "zai-org/GLM-5.1-FP8",
                 "source": "zai-org/GLM-5.1 config.json (same architecture as GLM-5)",

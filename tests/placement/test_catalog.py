@@ -45,11 +45,21 @@ def test_param_count_equals_transformers_model(name, config_cls, model_cls):
 
 def test_glm5_catalog_equals_transformers_defaults():
     cfg = transformers.GlmMoeDsaConfig().to_dict()
-    for key, value in catalog.CATALOG["glm-5.2"]["config"].items():
+    for key, value in catalog.CATALOG["glm-5"]["config"].items():
         if key not in ("model_type", "num_nextn_predict_layers"):
             assert cfg[key] == value, key
-    spec = M.from_catalog("glm-5.2")
+    spec = M.from_catalog("glm-5")
     assert spec.indexer_layers == tuple(i for i, t in enumerate(cfg["indexer_types"]) if t == "full")
+
+
+def test_glm52_index_share_schedule_is_transformers():
+    """GLM-5.2's IndexShare: transformers derives indexer_types from index_topk_freq / index_skip_topk_offset;
+    ours is the same schedule, full at layers 0-2 and every 4th from 2 (21 of 78), and the shared layers hold no
+    indexer weights (the parameter count against transformers' model, test above, checks that)."""
+    cfg = transformers.GlmMoeDsaConfig(**_hf("glm-5.2")).to_dict()
+    full = tuple(i for i, t in enumerate(cfg["indexer_types"]) if t == "full")
+    assert M.from_catalog("glm-5.2").indexer_layers == full
+    assert full == (0, 1, 2) + tuple(range(6, 78, 4)) and len(full) == 21
 
 
 def test_glm45_air_equals_transformers_defaults():
