@@ -91,7 +91,7 @@ class MLAAttention:
             sel = static(x, q_resid, pos, cache, state)
         latent_all, k_rot_all = cache.latent, cache.k_rope
         if self.kv_device != self.device:  # the KV home in RAM: a host read of the indices, by design
-            latent_all, k_rot_all, sel = self.fetch_rows(latent_all, k_rot_all, sel, x.device)
+            latent_all, k_rot_all, sel = self.fetch_rows(latent_all, k_rot_all, sel, x.device, state)
         if sel is None:
             out = self.attend_causal(q_nope, q_rot, latent_all, k_rot_all, 0, length_mask(pos, cache.capacity))
         else:
@@ -108,31 +108,38 @@ class MLAAttention:
         # (T, K): the keys each query reads, gathered instead of masking a (T, S) score matrix
         sel = self.selector(x, q_resid, start, cache, state) if self.selector is not None else None
         if self.kv_device != self.device:
-            latent_all, k_rot_all, sel = self.fetch_rows(latent_all, k_rot_all, sel, x.device)
+            latent_all, k_rot_all, sel = self.fetch_rows(latent_all, k_rot_all, sel, x.device, state)
         if sel is None:
             out = self.attend_causal(q_nope, q_rot, latent_all, k_rot_all, start)
         else:
             out = self.attend_selected(q_nope, q_rot, latent_all, k_rot_all, *sel)
         return self.wo(out.reshape(t, self.h * self.v))
 
-    def fetch_rows(self, latent_all, k_rot_all, sel, device):
+    def fetch_rows(self, latent_all, k_rot_all, sel, device, state: dict):
         """The latent cache lives in RAM: copy to `device` only the rows attention reads, all S while no
         selection is made (S <= index_topk), else the distinct selected rows (decode: <= K; a prefill chunk:
         <= min(S, T * K)), gathered on the host, with the indices renumbered into them. The price: the indices
-        are read on the host, one small device -> host copy (and sync) per layer."""
+        are read on the host, one small device -> host copy (and sync) per full indexer layer; IndexShare layers
+        reuse that layer's distinct rows and renumbering (kept in `state` for this forward)."""
         if sel is None:
             self.rows_moved += latent_all.shape[0]
             return latent_all.to(device), k_rot_all.to(device), None
         idx, valid = sel
-        rows, inv = torch.unique(idx.cpu(), return_inverse=True)  # (U,), (T, K)
+        kept = state.get("dsa_rows")
+        if kept is not None and kept[0] is idx:  # a shared layer: the same selection, its own latent cache
+            rows, inv = kept[1], kept[2]
+        else:
+            rows, inv = torch.unique(idx.cpu(), return_inverse=True)  # (U,), (T, K)
+            inv = inv.to(device, non_blocking=True)
+            state["dsa_rows"] = (idx, rows, inv)
         n = rows.shape[0]
-        buf = _host_rows(n * (self.c + self.r), latent_all.dtype, device.type == "cuda")
+        buf = _host_rows.take(n * (self.c + self.r), latent_all.dtype, device.type == "cuda")
         lat = torch.index_select(latent_all, 0, rows, out=buf[: n * self.c].view(n, self.c))  # (U, c)
         rot = torch.index_select(k_rot_all, 0, rows, out=buf[n * self.c:].view(n, self.r))  # (U, r)
         self.rows_moved += n
-        # non_blocking from the pinned buffer: the next layer's idx.cpu() waits for this copy before reusing it
-        return (lat.to(device, non_blocking=True), rot.to(device, non_blocking=True),
-                (inv.to(device, non_blocking=True), valid))
+        lat, rot = lat.to(device, non_blocking=True), rot.to(device, non_blocking=True)
+        _host_rows.copied(buf)  # the buffer is written again only once these copies are done
+        return lat, rot, (inv, valid)
 
     def attend_causal(self, q_nope, q_rot, latent_all, k_rot_all, start: int, mask=None) -> torch.Tensor:
         """Every key up to each query's position (or `mask` (T, S), the DSA test reference) -> (T, h, v)."""
@@ -252,16 +259,39 @@ def _pad(x: torch.Tensor, d: int) -> torch.Tensor:
     return F.pad(x, (0, d - x.shape[-1])) if x.shape[-1] < d else x
 
 
-_pinned_rows: dict = {}
+class _HostRows:
+    """Two kept host buffers for gathered latent rows (page-locked when a GPU reads them), alternated, grown on
+    demand: a layer gathers into one while the previous layer's rows may still be on their way to the GPU from
+    the other; before a buffer is written again its last copies out are waited for (an event)."""
+
+    def __init__(self):
+        self.bufs: dict = {}  # (dtype, pin) -> [[buffer, event or None], [buffer, event or None]]
+        self.turn = 0
+
+    def take(self, n: int, dtype, pin: bool) -> torch.Tensor:
+        pair = self.bufs.setdefault((dtype, pin), [[None, None], [None, None]])
+        self.turn ^= 1
+        slot = pair[self.turn]
+        if slot[1] is not None:
+            slot[1].synchronize()
+            slot[1] = None
+        if slot[0] is None or slot[0].numel() < n:
+            with torch.inference_mode(False):  # writable outside inference_mode too (see workspace)
+                slot[0] = torch.empty(n, dtype=dtype, pin_memory=pin)
+        return slot[0][:n]
+
+    def copied(self, buf: torch.Tensor) -> None:
+        """The copies out of `buf` are enqueued (on a GPU: an event after them)."""
+        if not buf.is_pinned():
+            return
+        for pair in self.bufs.values():
+            for slot in pair:
+                if slot[0] is not None and slot[0].data_ptr() == buf.data_ptr():
+                    slot[1] = torch.cuda.Event()
+                    slot[1].record()
 
 
-def _host_rows(n: int, dtype, pin: bool) -> torch.Tensor:
-    """A kept host buffer for gathered latent rows (page-locked when a GPU reads it), grown on demand."""
-    buf = _pinned_rows.get((dtype, pin))
-    if buf is None or buf.numel() < n:
-        with torch.inference_mode(False):  # writable outside inference_mode too (see workspace)
-            buf = _pinned_rows[(dtype, pin)] = torch.empty(n, dtype=dtype, pin_memory=pin)
-    return buf[:n]
+_host_rows = _HostRows()
 
 
 def load_mla(ctx: LoadContext, prefix: str, a, rope: Rope, scale: float, selector=None,

@@ -69,3 +69,29 @@ def test_the_memory_check_counts_the_latent_in_ram(tiny_checkpoint):
     full = sum(1 for layer in model.layers if layer.attn.index_dim)  # layers with indexer keys
     assert need["cpu"][0] == N_LAYERS * 100 * (a.c + a.r) * 4  # float32 latent + rope key, in RAM
     assert need["cpu:0"][0] == full * 100 * a.index_dim * 4  # the indexer keys, on the (stand-in) GPU
+
+
+def test_index_share_layers_reuse_the_host_read(tiny_checkpoint, monkeypatch):
+    """The indices are read on the host once per full indexer layer: an IndexShare layer (same selection, its
+    own latent cache) reuses the distinct rows and renumbering; the logits stay those of the KV with the layer."""
+    path = tiny_checkpoint("glm_moe_dsa")
+    ref_model, model = _model(path, False), _model(path, True)
+    ids = torch.randint(0, ref_model.args.vocab_size, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    reads = []
+    unique = torch.unique
+
+    def counted(*args, **kwargs):
+        if kwargs.get("return_inverse"):  # fetch_rows' (the MoE groups call unique too)
+            reads.append(1)
+        return unique(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "unique", counted)
+    assert torch.equal(run(model, ids, 20), run(ref_model, ids, 20))
+    full = model.args.indexer_types.count("full")
+    assert 0 < full < N_LAYERS
+    reads.clear()
+    cache = model.new_cache(31)
+    model.forward(torch.tensor(ids), cache)
+    reads.clear()
+    model.forward(torch.tensor([1]), cache)  # a decode step past index_topk: every layer gathers
+    assert len(reads) == full
