@@ -46,7 +46,9 @@ def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=Non
     # (planned from this open file: its header is parsed once for the plan and the weights)
     homes, plan = resolve_homes(gguf, placement, dev, ctx, None, None, **plan_options)
     report_plan(plan, progress)
-    lctx = LoadContext(source, dev, dt)
+    # paged only where the plan found RAM too small (check_fits let it through for --page-from-disk): a model that
+    # fits keeps the faster interleaved copies
+    lctx = LoadContext(source, dev, dt, page_experts=bool(plan and plan.get("status") == "does_not_fit_ram"))
     homes.apply(lctx)
     if dev.type == "cuda":  # long prompts stream a GPU layer's CPU experts above the crossover (offload.streaming)
         from offload.streaming import StreamPolicy

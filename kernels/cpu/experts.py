@@ -74,19 +74,29 @@ class CpuExpertGroup:
 
 
 def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, expert_ids: list[int],
-                     shared=None) -> CpuExpertGroup:
+                     shared=None, views: bool = False) -> CpuExpertGroup:
     """A group over a file's stacked expert tensors (E, N, row bytes) of ggml `qtypes`: zero-copy views of the
     mmap when it holds every expert of the layer; block types the native kernels read faster interleaved are
     copied once into that layout (lossless, the same size); float32 experts as float views of the same bytes
-    (each matmul reads the mmap directly). `shared` is taken where `takes_shared` allows."""
+    (each matmul reads the mmap directly). `shared` is taken where `takes_shared` allows.
+
+    views=True (a model paged from disk, LoadContext.page_experts): no interleaved copy, the kernels read the
+    file's own layout, so the experts stay evictable file pages instead of anonymous RAM. What still copies is
+    warned about by name: a type only computed after a rewrite (as_native: IQ4_NL) and a subset of the layer's
+    experts (a split with another home)."""
     ids = list(expert_ids)
     mats, qts = [], []
     for raw, qt in zip((gate, up, down), qtypes):
         qt = int(qt)
         if ids != list(range(raw.shape[0])):
+            if views:
+                _copy_warning(f"{len(ids)} of the layer's {raw.shape[0]} experts (the rest live elsewhere)")
             raw = raw[np.asarray(ids, dtype=np.int64)]  # this home's experts only (a copy, still quantised)
+        plain = qt
         raw, qt = as_native(raw, qt)
-        if native.repacks(qt, raw.shape[1]):
+        if views and qt != plain:
+            _copy_warning(f"{GGMLType(plain).name} blocks (computed as {GGMLType(qt).name}, a copy)")
+        if not views and native.repacks(qt, raw.shape[1]):
             raw, qt = native.repack(raw, qt)
         mats.append(raw)
         qts.append(qt)
@@ -97,6 +107,11 @@ def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes:
     else:
         experts = CpuExperts(*mats, tuple(qts), ids)
     return CpuExpertGroup(experts, shared if CpuExpertGroup.takes_shared(experts, shared) else None)
+
+
+def _copy_warning(what: str) -> None:
+    warnings.warn(f"offload: --page-from-disk cannot page {what}: those CPU experts are copied into RAM",
+                  RuntimeWarning, stacklevel=3)
 
 
 def cpu_experts_factory(quant: str):

@@ -49,6 +49,9 @@ class LoadContext:
     # long prompts: a GPU layer's CPU experts of a GGUF streamed to the GPU above the crossover
     # (offload.streaming.StreamPolicy; None: never)
     stream: object = None
+    # a model paged from disk (the plan: RAM cannot hold it): CPU expert groups stay views of the file's mmap in
+    # its own layout (kernels.cpu.experts.from_file_blocks views=True), evictable pages instead of anonymous RAM
+    page_experts: bool = False
     home: str = "gpu"  # the home this context reads to
     kv: str | None = None  # in a layer's context: its KV cache's home (None: this context's)
     main: torch.device | None = None  # the main device, the "gpu" home (set from `device`)
@@ -253,7 +256,7 @@ class LoadContext:
                 from offload.kernels.cpu.experts import from_file_blocks
 
                 group = from_file_blocks(*(files[p][0] for p in dims), tuple(files[p][1] for p in dims), ids,
-                                         shared)
+                                         shared, views=self.page_experts)
                 if group.shared is not None:
                     shared = None  # runs inside this group's native call from now on
                 group.stream = self._expert_stream(files, dims, ids, n_experts, group) if name == "cpu" else None

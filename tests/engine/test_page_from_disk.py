@@ -1,0 +1,89 @@
+"""--page-from-disk where the plan finds RAM too small: the CPU expert groups stay views of the GGUF's memory map in
+the file's own layout (no interleaved copy), so the kernel reads evictable file pages, not anonymous RAM; the logits
+are the interleaved load's but for the layouts' float order; what cannot page is named in a warning."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import offload
+from offload.held_bytes import held_bytes
+from offload.kernels.cpu import native
+from tests.gguf.fixtures_models import gguf_models  # noqa: F401  (session fixture)
+
+IDS = list(range(1, 25))
+
+
+def _expert_file_bytes(llm) -> int:
+    return sum(t.nbytes for name, t in llm.model.gguf.tensors.items() if "_exps." in name)
+
+
+@pytest.fixture(scope="module")
+def loads(gguf_models):  # noqa: F811
+    if not native.has_vnni():
+        pytest.skip("no VNNI: the native kernels keep the file's layout anyway (nothing is interleaved)")
+    path = gguf_models.path("glm_moe_dsa", "Q4_K_M")
+    paged = offload.load(path, device="cpu", ram="64MiB", page_from_disk=True, progress=False)
+    normal = offload.load(path, device="cpu", progress=False)
+    return paged, normal
+
+
+def test_the_plan_pages_only_where_ram_is_too_small(loads):
+    paged, normal = loads
+    assert paged.plan["status"] == "does_not_fit_ram" and any("from disk" in n for n in paged.plan["notes"])
+    assert normal.plan["status"] != "does_not_fit_ram"
+    # a model that fits keeps the interleaved copies: none of its experts are the file's pages
+    assert held_bytes(normal.model).mapped.get("cpu", 0) < _expert_file_bytes(normal) / 10
+
+
+def test_paged_experts_are_views_of_the_mmap(loads):
+    paged, _ = loads
+    held = held_bytes(paged.model)
+    experts = _expert_file_bytes(paged)
+    mapped_experts = sum(n for path, home, cls, n, mapped in held.parts if mapped and cls == "routed_experts")
+    assert mapped_experts == experts  # every expert byte of the file is a view of its pages
+    # and nothing else of the class is big: what is not mapped are the groups' id tables (a few hundred bytes)
+    assert held.by_home["cpu"]["routed_experts"] - mapped_experts < experts / 1000
+    for layer in paged.model.layers:
+        for g in getattr(layer.mlp, "groups", []):
+            assert not any(q & native.R16 for q in g.experts.qtypes)  # the file's layout
+
+
+def test_paged_logits_equal_the_interleaved_load(loads):
+    paged, normal = loads
+    a, b = paged.logits(IDS), normal.logits(IDS)  # (T, V)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # The layouts sum the products in other float orders (tests/kernels/cpu/test_native.py); where a value sits
+    # on a rounding boundary of the next matrix's 8-bit activations one quantum flips and that position moves
+    # (measured on this fixture: 1 position of 39 by 2.6e-3 of the largest logit, the others <= 1e-7 of it)
+    scale = float(b.abs().max())
+    off = ((a - b).abs() > 1e-5 * scale).any(-1)  # (T,) positions beyond float-order error
+    assert int(off.sum()) <= 3 and float((a - b).abs().max()) <= 1e-2 * scale
+
+
+def test_what_cannot_page_is_named(rng=np.random.default_rng(0)):
+    """IQ4_NL experts are computed as Q8_0 (a copy: as_native), and a subset of a layer's experts is gathered
+    (a copy): paged loads warn, naming them, and still build a working group."""
+    from offload.gguf.types import GGMLType
+    from offload.kernels.cpu.experts import from_file_blocks
+    from tests.kernels.cpu.blocks import sane_blocks
+
+    E, H, I = 4, 64, 32
+    nl = int(GGMLType.IQ4_NL)
+    gate, up, down = (sane_blocks(nl, I, H, rng, (E,)), sane_blocks(nl, I, H, rng, (E,)),
+                      sane_blocks(nl, H, I, rng, (E,)))
+    with pytest.warns(RuntimeWarning, match="cannot page IQ4_NL"):
+        g = from_file_blocks(gate, up, down, (nl, nl, nl), list(range(E)), views=True)
+    assert g.experts.qtypes == (int(GGMLType.Q8_0),) * 3
+    q4 = int(GGMLType.Q4_K)
+    H = I = 256
+    gate, up, down = (sane_blocks(q4, I, H, rng, (E,)), sane_blocks(q4, I, H, rng, (E,)),
+                      sane_blocks(q4, H, I, rng, (E,)))
+    with pytest.warns(RuntimeWarning, match="cannot page 2 of the layer's 4 experts"):
+        from_file_blocks(gate, up, down, (q4, q4, q4), [1, 3], views=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole layer in a native type: views, no warning
+        g = from_file_blocks(gate, up, down, (q4, q4, q4), list(range(E)), views=True)
+    assert g.experts.gate.base is not None and np.shares_memory(g.experts.gate, gate)
