@@ -10,6 +10,8 @@ import typer
 BENCHES = {  # name -> (module with main(argv), what it measures)
     "cpu-moe": ("offload.bench", "CPU expert kernels in GB/s against DRAM read bandwidth (torch.sum)"),
     "decode": ("offload.bench_decode", "decode and prefill tok/s of a GGUF against llama.cpp, in turns"),
+    "paging": ("offload.bench_paging", "decode / prefill tok/s of a --page-from-disk load (experts in the file's "
+               "layout) against the normal one (interleaved), in turns"),
     "load": ("offload.bench_load", "start to first token of a GGUF against llama.cpp"),
     "dequant": ("offload.gguf.bench_dequant", "torch dequantisation against the numpy reference"),
     "plan-check": ("offload.bench_plan", "the planner's decode / prefill prediction against the engine's measured"),

@@ -1,0 +1,76 @@
+"""What --page-from-disk costs beyond the disk: decode / prefill tok/s of one GGUF loaded twice in one run, the
+normal load (CPU experts interleaved into RAM, native.repack) and the paged one (experts left as views of the
+file's mmap in its own layout), with the file in the page cache so the disk itself is out of the comparison.
+
+    offload bench paging FILE.gguf [--threads N] [--prompt 64] [--tokens 32] [--repeat 3]
+
+The paged load is made as a user's is: a plan for RAM smaller than the model (`--ram`, default a quarter of the
+file) with page_from_disk=True. Both are fed the same token ids (teacher-forced), warmed once, then timed in turns
+`--repeat` times; prints the medians, the ratio paged / normal, and each load's bytes held as file pages
+(offload.held_bytes' "mapped").
+"""
+
+import argparse
+import os
+import statistics
+
+import torch
+
+from offload.bench_decode import Offload
+
+
+class Loaded(Offload):
+    def __init__(self, path: str, n_ctx: int, threads: int, **kwargs):
+        import offload
+        from offload.kernels.cpu.threads import set_threads
+
+        set_threads(threads)
+        self.model = offload.load(path, device="cpu", ctx=n_ctx, progress=False, **kwargs).model
+        self.n_ctx = n_ctx
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="offload bench paging", description=__doc__.splitlines()[0])
+    ap.add_argument("gguf")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per load, taking turns (median)")
+    ap.add_argument("--ram", default=None, help="the RAM the paged load's plan is made for (default: file / 4)")
+    a = ap.parse_args(argv)
+    import psutil
+
+    from offload.held_bytes import held_bytes
+    from offload.placement.hardware import fmt_bytes
+
+    threads = a.threads or psutil.cpu_count(logical=False) or 1
+    ram = a.ram or f"{os.path.getsize(a.gguf) // 4}B"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 5000, (a.prompt + a.tokens,), generator=g).tolist()
+    n_ctx = len(ids) + 8
+    loads = {"interleaved (normal)": Loaded(a.gguf, n_ctx, threads),
+             "file layout (paged)": Loaded(a.gguf, n_ctx, threads, ram=ram, page_from_disk=True)}
+    for e in loads.values():  # warm-up: page cache, buffers, the native library
+        e.run(ids[: a.prompt + 2], a.prompt)
+    runs: dict[str, list] = {name: [] for name in loads}
+    for _ in range(a.repeat):
+        for name, e in loads.items():
+            runs[name].append(e.run(ids, a.prompt))
+    med = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+           for name, rs in runs.items()}
+    print(f"## --page-from-disk, {a.gguf}, {threads} threads, CPU only, paged plan for {ram} of RAM, "
+          f"median of {a.repeat}\n")
+    print("| load | held / of it file pages | prefill tok/s (%d tokens) | decode tok/s (%d steps) | runs |"
+          % (a.prompt, a.tokens))
+    print("|---|---|---|---|---|")
+    for name, e in loads.items():
+        h = held_bytes(e.model)
+        each = ", ".join(f"{p:.1f}/{d:.2f}" for p, d in runs[name])
+        print(f"| {name} | {fmt_bytes(sum(h.by_home['cpu'].values()))} / {fmt_bytes(h.mapped.get('cpu', 0))} | "
+              f"{med[name][0]:.1f} | {med[name][1]:.2f} | {each} |")
+    (np_, nd), (pp, pd) = med.values()
+    print(f"| ratio paged / normal | | {pp / np_:.2f} | {pd / nd:.2f} | |")
+
+
+if __name__ == "__main__":
+    main()
