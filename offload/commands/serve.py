@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
-from offload.commands.options import (Ctx, Demo, Device, GpuMem, Graphs, ModelPath, PageFromDisk, Placement,
-                                      Profile, Ram, load_options, model_or_demo)
+from offload.commands.options import (Ctx, Demo, Device, ExpertQuant, GpuMem, Graphs, ModelPath, PageFromDisk,
+                                      Placement, Profile, Ram, load_options, model_or_demo)
 from offload.errors import ConfigError
 
 
@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
         model_name: str | None = typer.Option(None, "--model-name", help="the name clients send (default: dir name)"),
         ctx: Ctx = 4096,
         device: Device = "auto",
+        expert_quant: ExpertQuant = None,
         max_concurrency: int = typer.Option(4, "--max-concurrency", help="sequences decoded together (continuous batching)"),
         kv_budget: int | None = typer.Option(None, "--kv-budget", help="KV positions all running sequences may hold "
                                              "(default: what free memory holds, at most --max-concurrency x --ctx); "
@@ -98,7 +99,7 @@ def register(app: typer.Typer) -> None:
 
         def loader():
             try:
-                return offload.load(model, device=device, ctx=ctx, **options)
+                return offload.load(model, device=device, ctx=ctx, expert_quant=expert_quant, **options)
             except Exception as e:
                 typer.secho(f"error: {e}", fg="red", err=True)
                 if server is not None:

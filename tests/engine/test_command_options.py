@@ -6,7 +6,8 @@ import typer
 
 from offload.cli import app
 
-SHARED = ("path", "demo", "device", "ctx", "placement", "gpu_mem", "ram", "profile", "page_from_disk")
+SHARED = ("path", "demo", "device", "ctx", "placement", "gpu_mem", "ram", "profile", "page_from_disk", "graphs",
+          "expert_quant")
 
 
 def _params(name: str) -> dict:
