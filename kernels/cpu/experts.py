@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import torch
 
-from offload.gguf.types import GGMLType
+from offload.gguf.types import CPU_COMPUTE_TYPE, GGMLType
 from offload.kernels.cpu import native
 from offload.kernels.cpu.moe import CpuExperts, moe_cpu, one_native_call, shares_call
 from offload.kernels.cpu.weights import QuantMLP, as_native
@@ -46,7 +46,8 @@ class CpuExpertGroup:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(m.nbytes) for m in (self.experts.gate, self.experts.up, self.experts.down))
+        held = len(self.ids) / len(self.experts.ids)  # a paged split layer's view spans the others' experts too
+        return int(sum(int(m.nbytes) for m in (self.experts.gate, self.experts.up, self.experts.down)) * held)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, background: bool | None = None):
         """background (else this group's own `background`; None: when x is not on the CPU): on the worker thread
@@ -81,16 +82,17 @@ def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes:
     (each matmul reads the mmap directly). `shared` is taken where `takes_shared` allows.
 
     views=True (a model paged from disk, LoadContext.page_experts): no interleaved copy, the kernels read the
-    file's own layout, so the experts stay evictable file pages instead of anonymous RAM. What still copies is
-    warned about by name: a type only computed after a rewrite (as_native: IQ4_NL) and a subset of the layer's
-    experts (a split with another home)."""
+    file's own layout, so the experts stay evictable file pages instead of anonymous RAM; a home holding some of
+    the layer's experts (a split with a GPU) keeps the whole file tensor and masks the others, instead of
+    gathering its own. What still copies is warned about by name: a type only computed after a rewrite
+    (as_native: IQ4_NL)."""
     ids = list(expert_ids)
+    every = list(range(gate.shape[0]))
+    masked = views and ids != every and not any(int(q) in CPU_COMPUTE_TYPE for q in qtypes)
     mats, qts = [], []
     for raw, qt in zip((gate, up, down), qtypes):
         qt = int(qt)
-        if ids != list(range(raw.shape[0])):
-            if views:
-                _copy_warning(f"{len(ids)} of the layer's {raw.shape[0]} experts (the rest live elsewhere)")
+        if ids != every and not masked:
             raw = raw[np.asarray(ids, dtype=np.int64)]  # this home's experts only (a copy, still quantised)
         plain = qt
         raw, qt = as_native(raw, qt)
@@ -100,13 +102,19 @@ def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes:
             raw, qt = native.repack(raw, qt)
         mats.append(raw)
         qts.append(qt)
+    held = every if masked else ids  # the storage order of `mats`
     if all(qt == GGMLType.F32 for qt in qts):
         with warnings.catch_warnings():  # read-only mmap: the kernel only reads it
             warnings.simplefilter("ignore", UserWarning)
-            experts = CpuExperts(*(torch.from_numpy(m).view(torch.float32) for m in mats), None, ids)
+            experts = CpuExperts(*(torch.from_numpy(m).view(torch.float32) for m in mats), None, held)
     else:
-        experts = CpuExperts(*mats, tuple(qts), ids)
-    return CpuExpertGroup(experts, shared if CpuExpertGroup.takes_shared(experts, shared) else None)
+        experts = CpuExperts(*mats, tuple(qts), held)
+    group = CpuExpertGroup(experts, shared if CpuExpertGroup.takes_shared(experts, shared) else None)
+    if masked:  # pairs of the experts held elsewhere map to no local expert: the kernels skip them
+        others = torch.tensor(sorted(set(every) - set(ids)), dtype=torch.int64)
+        experts._local[others] = -1
+        group.ids = ids
+    return group
 
 
 def _copy_warning(what: str) -> None:

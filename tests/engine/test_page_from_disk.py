@@ -64,8 +64,8 @@ def test_paged_logits_equal_the_interleaved_load(loads):
 
 
 def test_what_cannot_page_is_named(rng=np.random.default_rng(0)):
-    """IQ4_NL experts are computed as Q8_0 (a copy: as_native), and a subset of a layer's experts is gathered
-    (a copy): paged loads warn, naming them, and still build a working group."""
+    """IQ4_NL experts are computed as Q8_0 (a copy: as_native): a paged load warns, naming the type, and still
+    builds a working group."""
     from offload.gguf.types import GGMLType
     from offload.kernels.cpu.experts import from_file_blocks
     from tests.kernels.cpu.blocks import sane_blocks
@@ -77,13 +77,58 @@ def test_what_cannot_page_is_named(rng=np.random.default_rng(0)):
     with pytest.warns(RuntimeWarning, match="cannot page IQ4_NL"):
         g = from_file_blocks(gate, up, down, (nl, nl, nl), list(range(E)), views=True)
     assert g.experts.qtypes == (int(GGMLType.Q8_0),) * 3
-    q4 = int(GGMLType.Q4_K)
-    H = I = 256
+
+
+@pytest.mark.parametrize("held", [[1, 3], [0], [0, 1, 2, 3]])
+def test_a_split_layer_pages_its_share(held):
+    """A home holding some of a layer's experts (the rest on a GPU) keeps the whole file tensor as a view and
+    computes only its own: equal to a group over a gathered copy of them, in the same layout."""
+    from offload.gguf.types import GGMLType
+    from offload.kernels.cpu.experts import CpuExpertGroup, from_file_blocks
+    from offload.kernels.cpu.moe import CpuExperts
+    from tests.kernels.cpu.blocks import sane_blocks
+
+    rng = np.random.default_rng()
+    E, H, I, T, K = 4, 256, 256, 5, 2
+    q4, q6 = int(GGMLType.Q4_K), int(GGMLType.Q6_K)
     gate, up, down = (sane_blocks(q4, I, H, rng, (E,)), sane_blocks(q4, I, H, rng, (E,)),
-                      sane_blocks(q4, H, I, rng, (E,)))
-    with pytest.warns(RuntimeWarning, match="cannot page 2 of the layer's 4 experts"):
-        from_file_blocks(gate, up, down, (q4, q4, q4), [1, 3], views=True)
+                      sane_blocks(q6, H, I, rng, (E,)))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the whole layer in a native type: views, no warning
-        g = from_file_blocks(gate, up, down, (q4, q4, q4), list(range(E)), views=True)
-    assert g.experts.gate.base is not None and np.shares_memory(g.experts.gate, gate)
+        warnings.simplefilter("error")  # native types: views, no warning
+        g = from_file_blocks(gate, up, down, (q4, q4, q6), held, views=True)
+    assert np.shares_memory(g.experts.gate, gate) and g.ids == held
+    assert g.nbytes == sum(m[held].nbytes for m in (gate, up, down))
+    ref = CpuExpertGroup(CpuExperts(gate[held], up[held], down[held], (q4, q4, q6), held))
+    x = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32))
+    ids = torch.from_numpy(rng.integers(0, E, (T, K)))
+    wts = torch.from_numpy(rng.random((T, K)).astype(np.float32))
+    assert torch.equal(g.submit(x, ids, wts, background=False).wait(), ref.submit(x, ids, wts, background=False).wait())
+
+
+def test_a_split_model_pages_both_homes(loads, gguf_models):  # noqa: F811
+    """Odd experts on one home, even on the other, both paged (as a GPU plan's CPU share is): the groups are
+    masked views of the same file tensors, and the logits are the unsplit paged load's but for float order."""
+    from offload.gguf.names import hf_config
+    from offload.gguf.reader import GGUFFile
+    from offload.gguf.source import GGUFSource
+    from offload.models import architecture
+    from offload.models.loading import LoadContext
+
+    paged, _ = loads
+    gguf = GGUFFile(gguf_models.path("glm_moe_dsa", "Q4_K_M"))
+    config = hf_config(gguf.metadata, gguf.tensors, "fixture")
+    arch = architecture(config["model_type"])
+    ctx = LoadContext(GGUFSource(gguf), torch.device("cpu"), torch.float32, page_experts=True,
+                      placement=lambda layer, n: ["cpu" if e % 2 else "gpu" for e in range(n)],
+                      home_devices={"gpu": torch.device("cpu")})
+    model = arch.build(ctx, arch.ModelArgs.from_config(config))
+    model.gguf = gguf
+    groups = [g for layer in model.layers for g in getattr(layer.mlp, "groups", [])]
+    assert groups and all(g.ids == list(range(len(g.ids) * 2))[g.ids[0]::2] for g in groups)
+    assert held_bytes(model).mapped["cpu"] >= _expert_file_bytes(paged)  # no gathered copies
+    cache = model.new_cache(64)
+    a = model.forward(torch.tensor(IDS), cache).float()  # (T, V)
+    b = paged.logits(IDS)
+    scale = float(b.abs().max())
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert int(((a - b).abs() > 1e-5 * scale).any(-1).sum()) <= 3 and float((a - b).abs().max()) <= 1e-2 * scale
