@@ -48,7 +48,7 @@ def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=Non
     report_plan(plan, progress)
     # paged only where the plan found RAM too small (check_fits let it through for --page-from-disk): a model that
     # fits keeps the faster interleaved copies
-    lctx = LoadContext(source, dev, dt, page_experts=bool(plan and plan.get("status") == "does_not_fit_ram"))
+    lctx = LoadContext(source, dev, dt, paged=bool(plan and plan.get("status") == "does_not_fit_ram"))
     homes.apply(lctx)
     if dev.type == "cuda":  # long prompts stream a GPU layer's CPU experts above the crossover (offload.streaming)
         from offload.streaming import StreamPolicy

@@ -81,7 +81,7 @@ def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes:
     copied once into that layout (lossless, the same size); float32 experts as float views of the same bytes
     (each matmul reads the mmap directly). `shared` is taken where `takes_shared` allows.
 
-    views=True (a model paged from disk, LoadContext.page_experts): no interleaved copy, the kernels read the
+    views=True (a model paged from disk, LoadContext.paged): no interleaved copy, the kernels read the
     file's own layout, so the experts stay evictable file pages instead of anonymous RAM; a home holding some of
     the layer's experts (a split with a GPU) keeps the whole file tensor and masks the others, instead of
     gathering its own. What still copies is warned about by name: a type only computed after a rewrite

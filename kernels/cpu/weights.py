@@ -53,11 +53,12 @@ class QuantWeight:
 
     @classmethod
     def from_file(cls, raw: np.ndarray, qtype: int, cols: int, bias=None, dtype=torch.float32,
-                  act_quant: bool = False, name: str = "") -> "QuantWeight":
+                  act_quant: bool = False, name: str = "", repack: bool = True) -> "QuantWeight":
         """Over a file's blocks (N, row bytes), interleaved once here where the native kernels read that faster
-        (the file's bytes then stay only as evictable page cache)."""
+        (the file's bytes then stay only as evictable page cache); repack=False keeps the file's layout (a
+        model paged from disk: the blocks stay views of its pages)."""
         qtype = int(qtype)
-        if not act_quant and native.repacks(qtype, raw.shape[0]):
+        if repack and not act_quant and native.repacks(qtype, raw.shape[0]):
             raw, qtype = native.repack(raw, qtype)
         return cls(raw, qtype, cols, bias, dtype, act_quant, name)
 

@@ -49,9 +49,10 @@ class LoadContext:
     # long prompts: a GPU layer's CPU experts of a GGUF streamed to the GPU above the crossover
     # (offload.streaming.StreamPolicy; None: never)
     stream: object = None
-    # a model paged from disk (the plan: RAM cannot hold it): CPU expert groups stay views of the file's mmap in
-    # its own layout (kernels.cpu.experts.from_file_blocks views=True), evictable pages instead of anonymous RAM
-    page_experts: bool = False
+    # a model paged from disk (the plan: RAM cannot hold it): CPU expert groups and the embedding / head tables stay
+    # views of the file's mmap in its own layout (kernels.cpu.experts.from_file_blocks views=True), evictable
+    # pages instead of anonymous RAM; the matrices every token reads (attention, dense, shared) stay interleaved
+    paged: bool = False
     home: str = "gpu"  # the home this context reads to
     kv: str | None = None  # in a layer's context: its KV cache's home (None: this context's)
     main: torch.device | None = None  # the main device, the "gpu" home (set from `device`)
@@ -97,12 +98,12 @@ class LoadContext:
     def maybe(self, name: str, shape=None, device=None, dtype=None) -> torch.Tensor | None:
         return self.get(name, shape, device, dtype) if self.source.has(name) else None
 
-    def linear(self, name: str, shape: tuple[int, int], bias: str | None = None):
+    def linear(self, name: str, shape: tuple[int, int], bias: str | None = None, plain: bool = False):
         """Matrix `name` (N, K) and optional bias `bias` (N,) as a weight that knows its matmul: a file's ggml
         blocks stay blocks on the CPU where the native kernels multiply their type (as llama.cpp) and on a GPU
         where the Triton kernels do (`triton`), as do an HF checkpoint's FP8 blocks on a GPU; anything else is a
-        float tensor on this context's device."""
-        w = self._blocks(name, shape)
+        float tensor on this context's device. plain: CPU blocks stay in the file's layout (a view of its pages)."""
+        w = self._blocks(name, shape, plain)
         if w is None:
             w = self._fp8_triton(name, shape)
         b = self.get(bias, (shape[0],)) if bias else None
@@ -153,7 +154,7 @@ class LoadContext:
             self.on_tensor()
         return w
 
-    def _blocks(self, name: str, shape: tuple[int, int]):
+    def _blocks(self, name: str, shape: tuple[int, int], plain: bool = False):
         if self._triton(self.device):
             return self._triton_blocks(name, shape)
         if self.device.type != "cpu" or not hasattr(self.source, "blocks"):
@@ -171,7 +172,7 @@ class LoadContext:
         if not native.fast(int(qtype)):
             return None
 
-        w = QuantWeight.from_file(raw, qtype, shape[1], None, self.dtype, self.source.act_quant, name)
+        w = QuantWeight.from_file(raw, qtype, shape[1], None, self.dtype, self.source.act_quant, name, repack=not plain)
         if self.on_tensor is not None:
             self.on_tensor()
         return w
@@ -256,7 +257,7 @@ class LoadContext:
                 from offload.kernels.cpu.experts import from_file_blocks
 
                 group = from_file_blocks(*(files[p][0] for p in dims), tuple(files[p][1] for p in dims), ids,
-                                         shared, views=self.page_experts)
+                                         shared, views=self.paged)
                 if group.shared is not None:
                     shared = None  # runs inside this group's native call from now on
                 group.stream = self._expert_stream(files, dims, ids, n_experts, group) if name == "cpu" else None
@@ -291,11 +292,15 @@ def load_embeddings(ctx: LoadContext, a) -> tuple[object, torch.Tensor, object]:
     asked for, and the head is read quantised each token (Q6_K: 5x fewer bytes than float32), as llama.cpp."""
     shape = (a.vocab_size, a.hidden_size)
     ectx, hctx = ctx.at(ctx.embed_home or "gpu"), ctx.at(ctx.head_home or "gpu")
-    embed = ectx.linear("model.embed_tokens.weight", shape)
+    # paged from disk: the tables stay the file's pages (a lookup reads a few rows of the embedding)
+    embed = ectx.linear("model.embed_tokens.weight", shape, plain=ctx.paged)
     norm = hctx.get("model.norm.weight", (a.hidden_size,))
-    if a.tie_word_embeddings and not ctx.source.has("lm_head.weight"):
-        return embed, norm, embed if hctx.device == ectx.device else hctx.linear("model.embed_tokens.weight", shape)
-    return embed, norm, hctx.linear("lm_head.weight", shape)
+    head = "lm_head.weight"
+    if a.tie_word_embeddings and not ctx.source.has(head):
+        if hctx.device == ectx.device:
+            return embed, norm, embed
+        head = "model.embed_tokens.weight"
+    return embed, norm, hctx.linear(head, shape, plain=ctx.paged)
 
 
 def load_noaux_moe(ctx: LoadContext, prefix: str, layer: int, a) -> "MoE":

@@ -38,7 +38,7 @@ def test_the_plan_pages_only_where_ram_is_too_small(loads):
     assert held_bytes(normal.model).mapped.get("cpu", 0) < _expert_file_bytes(normal) / 10
 
 
-def test_paged_experts_are_views_of_the_mmap(loads):
+def test_paged_experts_and_tables_are_views_of_the_mmap(loads):
     paged, _ = loads
     held = held_bytes(paged.model)
     experts = _expert_file_bytes(paged)
@@ -46,6 +46,10 @@ def test_paged_experts_are_views_of_the_mmap(loads):
     assert mapped_experts == experts  # every expert byte of the file is a view of its pages
     # and nothing else of the class is big: what is not mapped are the groups' id tables (a few hundred bytes)
     assert held.by_home["cpu"]["routed_experts"] - mapped_experts < experts / 1000
+    embed = paged.model.embed  # a tied head: the same table
+    file = np.frombuffer(paged.model.gguf._shards[0].mm, np.uint8)
+    assert embed.qtype == embed.ggml_type and np.shares_memory(embed.blocks, file)  # the file's layout, its pages
+    assert held.mapped["cpu"] >= experts + embed.blocks.nbytes
     for layer in paged.model.layers:
         for g in getattr(layer.mlp, "groups", []):
             assert not any(q & native.R16 for q in g.experts.qtypes)  # the file's layout
@@ -118,7 +122,7 @@ def test_a_split_model_pages_both_homes(loads, gguf_models):  # noqa: F811
     gguf = GGUFFile(gguf_models.path("glm_moe_dsa", "Q4_K_M"))
     config = hf_config(gguf.metadata, gguf.tensors, "fixture")
     arch = architecture(config["model_type"])
-    ctx = LoadContext(GGUFSource(gguf), torch.device("cpu"), torch.float32, page_experts=True,
+    ctx = LoadContext(GGUFSource(gguf), torch.device("cpu"), torch.float32, paged=True,
                       placement=lambda layer, n: ["cpu" if e % 2 else "gpu" for e in range(n)],
                       home_devices={"gpu": torch.device("cpu")})
     model = arch.build(ctx, arch.ModelArgs.from_config(config))
