@@ -5,6 +5,7 @@ Hugging Face names, the tokenizer and chat template from `tokenizer.*` metadata.
 """
 
 import time
+import warnings
 from pathlib import Path
 
 from offload.errors import ConfigError, GGUFError
@@ -48,7 +49,11 @@ def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=Non
     report_plan(plan, progress)
     # paged only where the plan found RAM too small (check_fits let it through for --page-from-disk): a model that
     # fits keeps the faster interleaved copies
-    lctx = LoadContext(source, dev, dt, paged=bool(plan and plan.get("status") == "does_not_fit_ram"))
+    paged = bool(plan and plan.get("status") == "does_not_fit_ram")
+    if paged and (copied := unpageable_experts(gguf.tensors)):
+        warnings.warn(f"offload: --page-from-disk cannot page {copied}: the CPU kernels compute them as another "
+                      "type, copied into RAM at load", RuntimeWarning, stacklevel=3)
+    lctx = LoadContext(source, dev, dt, paged=paged)
     homes.apply(lctx)
     if dev.type == "cuda":  # long prompts stream a GPU layer's CPU experts above the crossover (offload.streaming)
         from offload.streaming import StreamPolicy
@@ -57,3 +62,17 @@ def load_gguf(path: str | Path, device: str = "auto", ctx: int = 4096, dtype=Non
     model = _build_with_progress(arch, lctx, args, len(gguf.tensors), progress, path.name)
     model.gguf = gguf  # quantised expert groups read the mmap: keep the file open with the model
     return LLM(model, tokenizer, ctx, path.name, time.perf_counter() - start, plan)
+
+
+def unpageable_experts(tensors: dict) -> str:
+    """The routed-expert tensors (name -> TensorInfo) that a paged load still copies, as "12.3 MiB of IQ4_NL
+    experts" per type: the types the native kernels compute only after a rewrite (offload.gguf.types
+    CPU_COMPUTE_TYPE, kernels/cpu/weights.as_native); "" when every expert can stay the file's pages."""
+    from offload.gguf.types import CPU_COMPUTE_TYPE
+    from offload.placement.hardware import fmt_bytes
+
+    by_type: dict[str, int] = {}
+    for name, t in tensors.items():
+        if "_exps." in name and int(t.type) in CPU_COMPUTE_TYPE:
+            by_type[t.type.name] = by_type.get(t.type.name, 0) + t.nbytes
+    return ", ".join(f"{fmt_bytes(n)} of {q} experts" for q, n in sorted(by_type.items()))

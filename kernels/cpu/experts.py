@@ -84,8 +84,8 @@ def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes:
     views=True (a model paged from disk, LoadContext.paged): no interleaved copy, the kernels read the
     file's own layout, so the experts stay evictable file pages instead of anonymous RAM; a home holding some of
     the layer's experts (a split with a GPU) keeps the whole file tensor and masks the others, instead of
-    gathering its own. What still copies is warned about by name: a type only computed after a rewrite
-    (as_native: IQ4_NL)."""
+    gathering its own. A type computed only after a rewrite (as_native: IQ4_NL) is still a copy (the load warns,
+    gguf/load.unpageable_experts)."""
     ids = list(expert_ids)
     every = list(range(gate.shape[0]))
     masked = views and ids != every and not any(int(q) in CPU_COMPUTE_TYPE for q in qtypes)
@@ -94,10 +94,7 @@ def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes:
         qt = int(qt)
         if ids != every and not masked:
             raw = raw[np.asarray(ids, dtype=np.int64)]  # this home's experts only (a copy, still quantised)
-        plain = qt
         raw, qt = as_native(raw, qt)
-        if views and qt != plain:
-            _copy_warning(f"{GGMLType(plain).name} blocks (computed as {GGMLType(qt).name}, a copy)")
         if not views and native.repacks(qt, raw.shape[1]):
             raw, qt = native.repack(raw, qt)
         mats.append(raw)
@@ -115,11 +112,6 @@ def from_file_blocks(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes:
         experts._local[others] = -1
         group.ids = ids
     return group
-
-
-def _copy_warning(what: str) -> None:
-    warnings.warn(f"offload: --page-from-disk cannot page {what}: those CPU experts are copied into RAM",
-                  RuntimeWarning, stacklevel=3)
 
 
 def cpu_experts_factory(quant: str):

@@ -67,19 +67,27 @@ def test_paged_logits_equal_the_interleaved_load(loads):
     assert int(off.sum()) <= 3 and float((a - b).abs().max()) <= 1e-2 * scale
 
 
-def test_what_cannot_page_is_named(rng=np.random.default_rng(0)):
-    """IQ4_NL experts are computed as Q8_0 (a copy: as_native): a paged load warns, naming the type, and still
-    builds a working group."""
+def test_what_cannot_page_is_named(loads, rng=np.random.default_rng(0)):
+    """IQ4_NL experts are computed as Q8_0 (a copy: as_native): the load names them, with their bytes, and the
+    group still works; a file of native types pages every expert and names nothing."""
+    from offload.gguf.load import unpageable_experts
+    from offload.gguf.reader import TensorInfo
     from offload.gguf.types import GGMLType
     from offload.kernels.cpu.experts import from_file_blocks
     from tests.kernels.cpu.blocks import sane_blocks
 
+    assert unpageable_experts(loads[0].model.gguf.tensors) == ""  # Q4_K_M: Q4_K / Q5_K / Q6_K experts
+    nl = GGMLType.IQ4_NL
+    tensors = {"blk.1.ffn_down_exps.weight": TensorInfo("blk.1.ffn_down_exps.weight", (1408, 4096, 16), nl, 0, 0,
+                                                        3 << 20),
+               "blk.1.ffn_up_exps.weight": TensorInfo("blk.1.ffn_up_exps.weight", (4096, 1408, 16), GGMLType.IQ4_XS,
+                                                      0, 0, 3 << 20),
+               "blk.1.attn_q.weight": TensorInfo("blk.1.attn_q.weight", (1408, 1408), nl, 0, 0, 1 << 20)}
+    assert unpageable_experts(tensors) == "3.0 MiB of IQ4_NL experts"
     E, H, I = 4, 64, 32
-    nl = int(GGMLType.IQ4_NL)
-    gate, up, down = (sane_blocks(nl, I, H, rng, (E,)), sane_blocks(nl, I, H, rng, (E,)),
-                      sane_blocks(nl, H, I, rng, (E,)))
-    with pytest.warns(RuntimeWarning, match="cannot page IQ4_NL"):
-        g = from_file_blocks(gate, up, down, (nl, nl, nl), list(range(E)), views=True)
+    gate, up, down = (sane_blocks(int(nl), I, H, rng, (E,)), sane_blocks(int(nl), I, H, rng, (E,)),
+                      sane_blocks(int(nl), H, I, rng, (E,)))
+    g = from_file_blocks(gate, up, down, (nl, nl, nl), list(range(E)), views=True)
     assert g.experts.qtypes == (int(GGMLType.Q8_0),) * 3
 
 
