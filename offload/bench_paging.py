@@ -2,12 +2,13 @@
 normal load (CPU experts interleaved into RAM, native.repack) and the paged one (experts left as views of the
 file's mmap in its own layout), with the file in the page cache so the disk itself is out of the comparison.
 
-    offload bench paging FILE.gguf [--threads N] [--prompt 64] [--tokens 32] [--repeat 3]
+    offload bench paging FILE.gguf [--threads N] [--prompt 64] [--tokens 32] [--repeat 3] [--memory]
 
 The paged load is made as a user's is: a plan for RAM smaller than the model (`--ram`, default a quarter of the
 file) with page_from_disk=True. Both are fed the same token ids (teacher-forced), warmed once, then timed in turns
 `--repeat` times; prints the medians, the ratio paged / normal, and each load's bytes held as file pages
-(offload.held_bytes' "mapped").
+(offload.held_bytes' "mapped"). --memory instead loads each alone in a fresh process and prints what the
+kernel counts after the prompt and a few steps: RssAnon (RAM only swap can free) and RssFile (evictable pages).
 """
 
 import argparse
@@ -29,6 +30,32 @@ class Loaded(Offload):
         self.n_ctx = n_ctx
 
 
+def _rss(path: str, threads: int, ids: list[int], n_prompt: int, kwargs: dict, out) -> None:
+    """In a fresh process: load, run, and send back /proc/self/status' RssAnon and RssFile (kB)."""
+    import warnings
+
+    warnings.simplefilter("ignore")  # a paged IQ4_NL file's warning is not the measurement
+    Loaded(path, len(ids) + 8, threads, **kwargs).run(ids, n_prompt)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+    out.put({k: int(status[k].split()[0]) for k in ("RssAnon", "RssFile")})
+
+
+def memory(path: str, threads: int, ids: list[int], n_prompt: int, ram: str) -> None:
+    import multiprocessing as mp
+
+    print(f"## --page-from-disk memory, {path}, paged plan for {ram} of RAM, {len(ids)} tokens run\n")
+    print("| load | RssAnon MiB | RssFile MiB |")
+    print("|---|---|---|")
+    ctx = mp.get_context("spawn")
+    for name, kw in (("interleaved (normal)", {}), ("file layout (paged)", dict(ram=ram, page_from_disk=True))):
+        q = ctx.Queue()
+        p = ctx.Process(target=_rss, args=(path, threads, ids, n_prompt, kw, q))
+        p.start()
+        r = q.get()
+        p.join()
+        print(f"| {name} | {r['RssAnon'] / 1024:.0f} | {r['RssFile'] / 1024:.0f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="offload bench paging", description=__doc__.splitlines()[0])
     ap.add_argument("gguf")
@@ -37,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per load, taking turns (median)")
     ap.add_argument("--ram", default=None, help="the RAM the paged load's plan is made for (default: file / 4)")
+    ap.add_argument("--memory", action="store_true", help="each load alone in a fresh process: RssAnon / RssFile")
     a = ap.parse_args(argv)
     import psutil
 
@@ -47,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     ram = a.ram or f"{os.path.getsize(a.gguf) // 4}B"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 5000, (a.prompt + a.tokens,), generator=g).tolist()
+    if a.memory:
+        return memory(a.gguf, threads, ids, a.prompt, ram)
     n_ctx = len(ids) + 8
     loads = {"interleaved (normal)": Loaded(a.gguf, n_ctx, threads),
              "file layout (paged)": Loaded(a.gguf, n_ctx, threads, ram=ram, page_from_disk=True)}

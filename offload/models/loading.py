@@ -172,7 +172,8 @@ class LoadContext:
         if not native.fast(int(qtype)):
             return None
 
-        w = QuantWeight.from_file(raw, qtype, shape[1], None, self.dtype, self.source.act_quant, name, repack=not plain)
+        w = QuantWeight.from_file(raw, qtype, shape[1], None, self.dtype, self.source.act_quant, name,
+                                  repack=not plain)
         if self.on_tensor is not None:
             self.on_tensor()
         return w
