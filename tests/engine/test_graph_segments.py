@@ -15,20 +15,14 @@ from offload.models.moe import ExpertGroupError
 from tests.engine.conftest import ARCHS
 from tests.engine.test_graph_step import NEXT, PROMPT, BakedStep, eager_logits, max_error, replayed_logits
 from tests.engine.test_homes import build
+from tests.engine.test_sync_free import mixed_sync_free
 from tests.gguf.fixtures_models import gguf_models  # noqa: F401  (session fixture)
 
 
 def stand_in_gpu(path, **kw):
-    """Everything on the stand-in GPU gpu:0 but half of each layer's routed experts (a q8_0 CPU group on the
-    native kernels); the GPU groups on their sync-free path."""
-    model = build(path, cpu_experts_factory=cpu_experts_factory("q8_0"), layer_home=lambda i: "gpu:0",
-                  embed_home="gpu:0", head_home="gpu:0",
-                  placement=lambda layer, n: [("gpu", "cpu")[e % 2] for e in range(n)], **kw)
-    for moe in model.moe_layers():
-        for g in moe.groups:
-            if hasattr(g, "sync_free"):
-                g.sync_free = True
-    return model
+    """Everything on the stand-in GPU gpu:0 (the embedding and head too) but half of each layer's routed experts
+    (a q8_0 CPU group on the native kernels); the GPU groups on their sync-free path."""
+    return mixed_sync_free(path, embed_home="gpu:0", head_home="gpu:0", **kw)
 
 
 class Unrecorded(DecodeStep):
