@@ -67,7 +67,7 @@ def test_planned_ram_of_cpu_experts_is_what_the_loader_holds(tmp_path, iq4_nl, e
     assert held == (stored * 34 // 18 if expert_type == "IQ4_NL" else stored)  # as_native: 34-byte Q8_0 blocks
     assert planned == held
     cpu = next(d for d in p.devices() if d["name"] == "cpu")
-    assert cpu["by_class"]["routed_experts"] == held  # the report (and _check_ram) count the same bytes
+    assert cpu["by_class"]["routed_experts"] == held  # the report (and fits.check_ram) count the same bytes
 
 
 def test_a_gguf_load_parses_the_header_once(iq4_nl, monkeypatch):
