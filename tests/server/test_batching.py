@@ -73,7 +73,8 @@ def test_concurrent_streams_equal_their_solo_runs(llm):
             t.join(60)
         assert got == refs
         assert batcher.rows > batcher.steps  # steps ran several sequences
-        assert batcher.members == 0 and srv.state.scheduler.running == 0
+        # a stream's last chunk reaches the client before its worker leaves the batch and frees its slot
+        wait_for(lambda: batcher.members == 0 and srv.state.scheduler.running == 0, "every slot freed")
         text = httpx.get(srv.url + "/metrics").text
         assert f"offload_batch_steps_total {batcher.steps}" in text
         assert f"offload_batch_sequences_total {batcher.rows}" in text and "offload_kv_reserved_positions 0" in text
