@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from offload.bench_child import in_child
+
 DIMS = dict(hidden_size=512, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=256,
             kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, index_n_heads=32,
             index_head_dim=128,
@@ -207,18 +209,8 @@ def run_child(path: Path, s: int, decode_tokens: int, mask: bool, whole: bool, t
     if llama_cpp:
         fn, args = "measure_llama_cpp", [str(path), s, decode_tokens, llama_cpp == "on"]
         name = "llama.cpp FA" if llama_cpp == "on" else "llama.cpp"
-    code = (f"import json, sys; from offload.bench_long import {fn}; "
-            f"print('RESULT ' + json.dumps({fn}(*json.loads(sys.argv[1]))))")
-    try:
-        out = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(args)], capture_output=True, text=True,
-                             timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"S": s, "path": name, "error": f"over {timeout:.0f} s"}
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"S": s, "path": name, "error": tail[:200]}
+    r = in_child("offload.bench_long", fn, args, timeout)
+    return {"S": s, "path": name, **r} if "error" in r else r
 
 
 def label(s: int) -> str:

@@ -12,14 +12,12 @@ old and new called in turn in one process.
 """
 
 import argparse
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from offload.bench_child import in_child
 from offload.models import mla
 from offload.models.base import causal_mask
 from offload.models.weights import Linear
@@ -159,18 +157,7 @@ def times(case: str, heads: int, dtype_name: str, reps: int, forms: bool = False
 
 
 def run_child(fn: str, args: list, timeout: float) -> dict:
-    code = (f"import json, sys; from offload.bench_mla import {fn}; "
-            f"print('RESULT ' + json.dumps({fn}(*json.loads(sys.argv[1]))))")
-    try:
-        out = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(args)], capture_output=True, text=True,
-                             timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over {timeout:.0f} s"}
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": tail[:200]}
+    return in_child("offload.bench_mla", fn, args, timeout)
 
 
 def main(argv: list[str] | None = None) -> None:
