@@ -138,7 +138,7 @@ class MLAAttention:
         rot = torch.index_select(k_rot_all, 0, rows, out=buf[n * self.c:].view(n, self.r))  # (U, r)
         self.rows_moved += n
         lat, rot = lat.to(device, non_blocking=True), rot.to(device, non_blocking=True)
-        _host_rows.copied(buf)  # the buffer is written again only once these copies are done
+        _host_rows.copied()  # the buffer is written again only once these copies are done
         return lat, rot, (inv, valid)
 
     def attend_causal(self, q_nope, q_rot, latent_all, k_rot_all, start: int, mask=None) -> torch.Tensor:
@@ -265,30 +265,27 @@ class _HostRows:
     the other; before a buffer is written again its last copies out are waited for (an event)."""
 
     def __init__(self):
-        self.bufs: dict = {}  # (dtype, pin) -> [[buffer, event or None], [buffer, event or None]]
+        self.slots: dict = {}  # (dtype, pin) -> two [buffer, event or None]
         self.turn = 0
+        self.taken: list | None = None  # the slot take() handed out last
 
     def take(self, n: int, dtype, pin: bool) -> torch.Tensor:
-        pair = self.bufs.setdefault((dtype, pin), [[None, None], [None, None]])
         self.turn ^= 1
-        slot = pair[self.turn]
+        slot = self.slots.setdefault((dtype, pin), [[None, None], [None, None]])[self.turn]
         if slot[1] is not None:
             slot[1].synchronize()
             slot[1] = None
         if slot[0] is None or slot[0].numel() < n:
             with torch.inference_mode(False):  # writable outside inference_mode too (see workspace)
                 slot[0] = torch.empty(n, dtype=dtype, pin_memory=pin)
+        self.taken = slot
         return slot[0][:n]
 
-    def copied(self, buf: torch.Tensor) -> None:
-        """The copies out of `buf` are enqueued (on a GPU: an event after them)."""
-        if not buf.is_pinned():
-            return
-        for pair in self.bufs.values():
-            for slot in pair:
-                if slot[0] is not None and slot[0].data_ptr() == buf.data_ptr():
-                    slot[1] = torch.cuda.Event()
-                    slot[1].record()
+    def copied(self) -> None:
+        """The copies out of the buffer take() handed out are enqueued (on a GPU: an event after them)."""
+        if self.taken[0].is_pinned():
+            self.taken[1] = torch.cuda.Event()
+            self.taken[1].record()
 
 
 _host_rows = _HostRows()
