@@ -48,7 +48,7 @@ class Offload:
     def streams(self) -> list:
         """The layers' streamed CPU expert groups (offload.streaming: long prompts' CPU experts run on the GPU)."""
         return [g.stream for layer in self.model.layers for g in getattr(layer.mlp, "groups", [])
-                if getattr(g, "stream", None) is not None]
+                if g.stream is not None]
 
     def stream_from(self) -> int | None:
         """The shortest prompt from which some layer streams its CPU experts (None: none does)."""
@@ -137,7 +137,7 @@ class LayerTimer:
             if moe.shared is not None:
                 self._set(moe, "shared", _Timed(moe.shared, self, i, "gpu_experts"))
             for g in moe.groups:
-                if getattr(g, "runs_in_background", False):  # its call, without the hand-off
+                if g.runs_in_background:  # its call, without the hand-off
                     self._set(g, "_run", _Timed(g._run, self, i, "cpu_experts"))
                 else:
                     self._set(g, "submit", _Timed(g.submit, self, i, "gpu_experts"))

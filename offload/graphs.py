@@ -54,11 +54,11 @@ def capture_blocker(model) -> str | None:
             if layer.mlp.observer is not None:
                 return f"layer {i}: a routing observer reads the ids on the host"
             for g in layer.mlp.groups:
-                if g.device != layer.device and getattr(g, "runs_in_background", False):
+                if g.device != layer.device and g.runs_in_background:
                     continue  # handed off between two segments
                 if isinstance(g, unseen):
                     return f"layer {i}: {type(g).__name__} runs outside the recording inside the step"
-                if not _same(g.device, device) or not getattr(g, "sync_free", False):
+                if not _same(g.device, device) or not getattr(g, "sync_free", False):  # host groups have none
                     return f"layer {i}: an expert group on {g.device} that is not sync-free (host reads)"
     return None
 

@@ -109,12 +109,10 @@ class Runtime:
         """x (T, H) of a layer living on `home` -> the MoE output (T, H)."""
         ids, weights = moe.route(x)  # (T, K), (T, K)
         handles = [None] * len(moe.groups)
-        for j, g in enumerate(moe.groups):
-            stream = getattr(g, "stream", None)  # a long chunk's CPU experts copied to the GPU (offload.streaming)
-            if stream is not None and stream.takes(ids):
-                handles[j] = stream.submit(x, ids, weights)  # the copies start now, the kernels at wait
-        off = [j for j, g in enumerate(moe.groups)
-               if handles[j] is None and getattr(g, "runs_in_background", False) and g.device != home]
+        for j, g in enumerate(moe.groups):  # a long chunk's CPU experts copied to the GPU (offload.streaming)
+            if g.stream is not None and g.stream.takes(ids):
+                handles[j] = g.stream.submit(x, ids, weights)  # the copies start now, the kernels at wait
+        off = [j for j, g in enumerate(moe.groups) if handles[j] is None and g.runs_in_background and g.device != home]
         if off:
             alone = moe.shared is None and all(h is not None or j in off for j, h in enumerate(handles))
             for j, h in zip(off, self.hand_off(moe, off, x, ids, weights, host, alone)):

@@ -29,6 +29,7 @@ class CpuExpertGroup:
 
     device = torch.device("cpu")
     runs_in_background = True  # the runtime hands it off (offload.runtime: staged, on the worker with overlap)
+    stream = None  # a GPU layer's group of a GGUF: set at load (offload.streaming)
 
     def __init__(self, experts: CpuExperts, shared: QuantMLP | None = None, background: bool | None = None):
         self.experts = experts

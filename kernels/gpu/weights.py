@@ -86,6 +86,7 @@ class TritonExperts:
     (S, H, I-row bytes) for the experts `expert_ids`, slot i holding expert_ids[i]."""
 
     runs_in_background = False  # its kernels run on the caller's stream
+    stream = None
     sync_free = True  # decode-sized batches (< moe.GEMM_MIN_TOKENS tokens) run moe_gemv: no host read
 
     def __init__(self, device: torch.device, expert_ids: list[int], n_experts: int, gate: Packed, up: Packed,

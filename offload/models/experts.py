@@ -7,8 +7,14 @@ A group computes the (token, expert) pairs whose expert it holds (`group.ids`); 
 elsewhere contribute nothing, so every group of a layer takes the router's ids as they are. A group may
 compute at submit (`Ready`) or in the background (`Pending`), so the caller can work meanwhile.
 
+Every group also says, as class attributes, how the runtime treats it: `runs_in_background` (a host group the
+runtime hands off when its layer lives elsewhere: staged, on the worker thread) and `stream` (None, or the
+offload.streaming.ExpertStream that copies a long chunk's experts to the GPU). Groups whose decode path can run
+without host reads carry `sync_free` (offload.graphs records a step only over such groups).
+
 Kinds: TorchExperts (float tensors on a device), BlockExperts (ggml blocks on a device, expanded per
-matmul) here; offload.kernels.cpu.experts.CpuExpertGroup (the fused CPU kernel).
+matmul) here; offload.kernels.cpu.experts.CpuExpertGroup (the fused CPU kernel);
+offload.kernels.gpu.weights.TritonExperts (ggml blocks on the Triton kernels).
 
 T tokens, K top-k, H hidden, I expert intermediate, n tokens routed to one expert.
 """
@@ -73,6 +79,9 @@ def _sum_pairs(y: torch.Tensor, weights: torch.Tensor, mine: torch.Tensor) -> to
 
 class TorchExperts:
     """Experts held as float tensors on one device (a GPU, or the CPU for unquantised experts)."""
+
+    runs_in_background = False
+    stream = None
 
     def __init__(self, device: torch.device, experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         self.device = device
@@ -168,6 +177,9 @@ class ExpertBlocks:
 class BlockExperts:
     """Experts kept as ggml blocks on a device, each expert's matrices expanded inside its matmul: GGUF experts
     on a GPU (copied over once at load), and on the CPU the emulation of llama.cpp's numerics (act_quant)."""
+
+    runs_in_background = False
+    stream = None
 
     def __init__(self, device: torch.device, expert_ids: list[int], gate: ExpertBlocks, up: ExpertBlocks,
                  down: ExpertBlocks):
