@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from offload.cache import Cache
 from offload.models.experts import STATIC_PAIRS
 from offload.models.moe import MoE
+from offload.runtime import run_now
 
 # ops that make the host wait for the device: a recorded step cannot hold them (a CUDA graph capture fails)
 HOST_READS = {"_local_scalar_dense", "nonzero", "_unique", "_unique2", "unique_dim", "unique_consecutive",
@@ -206,10 +207,8 @@ class DecodeStep:
         self.blocker: str | None = None  # why the last record() could not record (the step function runs)
         self.segments = 0  # recorded segments (host calls + 1)
 
-    def run(self, host: Callable | None = None) -> torch.Tensor:
+    def run(self, host: Callable = run_now) -> torch.Tensor:
         """The step's body: reads only the buffers and the caches."""
-        if host is None:
-            return self.model.runtime.step_static(self.tokens, self.pos, self.caches)
         return self.model.runtime.step_static(self.tokens, self.pos, self.caches, host=host)
 
     def record(self):

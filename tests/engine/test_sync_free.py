@@ -12,14 +12,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import offload
-from offload.graphs import DecodeStep
+from offload.graphs import HOST_READS, DecodeStep
 from offload.kernels.cpu.experts import cpu_experts_factory
 from offload.models.experts import STATIC_PAIRS, BlockExperts, ExpertBlocks, TorchExperts
 from tests.engine.conftest import ARCHS
 from tests.engine.test_homes import build
 
-HOST_READS = {"_local_scalar_dense", "nonzero", "_unique", "_unique2", "unique_dim", "unique_consecutive",
-              "masked_select"}
 # where offload's files are: this checkout, or wherever the package was installed or copied (gpu_check.sh)
 ROOTS = (Path(__file__).resolve().parents[2], Path(offload.__file__).resolve().parent.parent)
 MOE_FILES = ("offload/models/moe.py", "offload/models/experts.py", "offload/runtime.py", "offload/staging.py",
