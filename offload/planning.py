@@ -180,9 +180,13 @@ def make_plan(model, *, context: int, concurrency: int = 1, mtp: bool = False,
     return p
 
 
+PAGEABLE = ("routed_experts", "embeddings", "lm_head")  # what a paged load leaves as the file's pages
+
+
 def _what_would_fit(p) -> str:
-    """The planner's RAM error, plus the context that would fit and the flag that pages from disk."""
+    """The planner's RAM error, plus the context that would fit and whether paging from disk would."""
     from offload.placement import planner
+    from offload.placement.hardware import fmt_bytes
 
     msg = p.error
     ctx = p.options.context
@@ -192,22 +196,48 @@ def _what_would_fit(p) -> str:
         if q.status != "does_not_fit_ram":
             msg += f", or a context of {ctx} tokens (--ctx {ctx})"
             break
+    copied, room = _paged_copies(p)
+    if copied > room:
+        return msg + (f"; --page-from-disk cannot help: it pages only the routed experts and the embedding / head "
+                      f"tables, and the rest held in RAM (attention, shared and dense MLPs, KV cache) is "
+                      f"{fmt_bytes(copied)} > {fmt_bytes(room)}")
     return msg + "; --page-from-disk loads it anyway and reads what RAM cannot hold from disk (slow)"
 
 
+def _paged_copies(p) -> tuple[float, float]:
+    """(bytes a paged load still copies into RAM, the RAM there is for weights)."""
+    from offload.placement import planner
+
+    cpu = p.usage()["cpu"]
+    copied = planner.cpu_resident_bytes(p) - sum(cpu.get(c, 0.0) for c in PAGEABLE)
+    return copied, max(p.hw.ram_bytes - planner.os_margin(p.hw, p.options), 1.0)
+
+
 def _paged(p, spec, quant, routing, opts):
-    """Weights beyond RAM are read from disk (mmap, as llama.cpp allows): each token reads the CPU bytes
-    that RAM holds at DRAM speed and the rest at the disk's, so decode is predicted at that mixed rate."""
+    """Weights beyond RAM are read from disk (mmap, as llama.cpp allows). A paged load keeps only the routed
+    experts and the embedding / head tables as the file's pages; attention, norms, router, dense and shared MLPs
+    and the KV cache are copied into RAM as usual and must fit it. Each token reads the non-pageable CPU bytes
+    at DRAM speed and the pageable ones partly from disk (the share RAM cannot hold), so decode is predicted at
+    that mixed rate; a plan whose copies alone exceed RAM stays `does_not_fit_ram`."""
     from offload.placement import planner
     from offload.placement.hardware import GB, fmt_bytes
 
+    cpu = p.usage()["cpu"]
     need = planner.cpu_resident_bytes(p)
-    room = max(p.hw.ram_bytes - planner.os_margin(p.hw, opts), 1.0)
-    on_disk = min(max(need - room, 0.0) / need, 1.0)
-    bw = 1.0 / ((1 - on_disk) / p.hw.dram_bw + on_disk / p.hw.disk_bw)
-    note = (f"--page-from-disk: {fmt_bytes(need - room)} of {fmt_bytes(need)} CPU-resident weights do not fit "
-            f"RAM and are read from disk at {p.hw.disk_bw / GB:.1f} GB/s: CPU reads predicted at {bw / GB:.2f} GB/s")
-    q = planner.plan(spec, replace(p.hw, dram_bw=bw, notes=[*p.hw.notes, note]), quant, routing, opts)
+    copied, room = _paged_copies(p)
+    if copied > room:  # the error says so (_what_would_fit)
+        return p
+    pageable = need - copied
+    on_disk = min(max(need - room, 0.0) / max(pageable, 1.0), 1.0)  # of the pageable bytes
+    # per token: the CPU layers' own weights and their routed experts' (cpu_bytes_per_token), and the head
+    total = p.prediction["cpu_bytes_per_token"] + cpu.get("lm_head", 0.0)  # (the embedding: a row)
+    other_read = min(copied - cpu.get("kv_cache", 0.0), total)  # the copies are read from RAM
+    paged_read = total - other_read
+    bw = total / ((other_read + paged_read * (1 - on_disk)) / p.hw.dram_bw + paged_read * on_disk / p.hw.disk_bw)
+    note = (f"--page-from-disk: {fmt_bytes(need - room)} of the {fmt_bytes(pageable)} of routed experts and "
+            f"tables do not fit RAM beside the {fmt_bytes(copied)} copied into it, and are read from disk at "
+            f"{p.hw.disk_bw / GB:.1f} GB/s: CPU reads predicted at {bw / GB:.2f} GB/s")
+    q = planner.plan(spec, replace(p.hw, dram_bw=bw), quant, routing, opts)
     q.error, q.paged_from_disk = p.error, True
     q.notes.append(note)
     return q

@@ -176,7 +176,7 @@ def decode(layers: list[LayerLayout], hw: Hardware, head_bytes: float, head_devi
 
 
 def cpu_bytes_per_token(layers: list[LayerLayout]) -> float:
-    """Routed-expert bytes the CPU reads per token (batch 1)."""
+    """Bytes the CPU reads per token (batch 1): its routed experts', and the whole of each layer living there."""
     total = 0.0
     for lay in layers:
         if lay.moe:

@@ -122,7 +122,7 @@ def blocks(d: dict) -> list[tuple]:
         ["decode tok/s at llama.cpp's efficiency (63 %)", f"{pred['decode_tok_s_at_llama_cpp_efficiency']:.2f}"],
         ["roofline decode tok/s (fraction reached)",
          f"{pred['roofline_decode_tok_s']:.2f} ({pred['roofline_fraction']:.0%})"],
-        ["CPU expert bytes read per token", fmt_bytes(pred["cpu_bytes_per_token"])],
+        ["CPU bytes read per token (experts, CPU layers)", fmt_bytes(pred["cpu_bytes_per_token"])],
         ["routed experts on GPU / in RAM", f"{pred['gpu_experts']} / {pred['cpu_experts']}"],
     ]
     for n in ("1024", "8192"):

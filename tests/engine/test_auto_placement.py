@@ -12,6 +12,7 @@ import offload
 from offload.cli import app
 from offload.errors import ConfigError, PlacementError
 from offload.models.loading import LoadContext
+from offload.planning import check_fits, make_plan
 from tests.commands import offload_command
 from tests.gguf.fixtures_models import gguf_models  # noqa: F401  (session fixture)
 
@@ -83,13 +84,30 @@ def test_does_not_fit_gguf_stops_before_the_weights(gguf_models, monkeypatch):  
 
 def test_page_from_disk_loads_and_says_so(tiny_checkpoint):
     path = tiny_checkpoint("qwen3_moe")
-    llm = offload.load(path, device="cpu", ram="64MiB", page_from_disk=True, progress=False)
+    ram = "8194MiB"  # 2 MiB beside the 8 GiB OS margin: the attention and the KV cache fit, the experts do not
+    llm = offload.load(path, device="cpu", ram=ram, page_from_disk=True, progress=False)
     assert llm.plan["status"] == "does_not_fit_ram"
     assert any("from disk" in n for n in llm.plan["notes"])
     fits = offload.load(path, device="cpu", progress=False).plan
     assert llm.plan["prediction"]["decode_tok_s"] < fits["prediction"]["decode_tok_s"]  # at the disk's speed
-    assert llm.plan == _cli_plan(path, "--ctx", "4096", "--ram", "64MiB", "--page-from-disk")
+    assert llm.plan == _cli_plan(path, "--ctx", "4096", "--ram", ram, "--page-from-disk")
     assert llm.generate([1, 2, 3], max_new_tokens=2).token_ids
+
+
+def test_page_from_disk_refuses_when_the_copies_do_not_fit():
+    """A paged load still copies attention, shared / dense MLPs and the KV cache into RAM: GLM-5.2 CPU-only on
+    24 GiB (16 GiB beside the OS margin) cannot page, and says why before anything is read."""
+    p = make_plan("glm-5.2", context=32768, page_from_disk=True, ram="24GiB")
+    assert p.status == "does_not_fit_ram" and not getattr(p, "paged_from_disk", False)
+    assert "--page-from-disk cannot help" in p.error and "attention" in p.error
+    with pytest.raises(PlacementError, match="cannot help"):
+        check_fits(p)
+    q = make_plan("glm-5.2", context=32768, page_from_disk=True, ram="128GiB")  # the copies fit: it pages
+    assert q.paged_from_disk and "cannot help" not in q.error
+    on_gpu = make_plan("glm-5.2", context=32768, page_from_disk=True, ram="128GiB", gpu_mem=["24GiB"])
+    # with attention on the GPU fewer bytes a token come from RAM at DRAM speed: the mixed rate is lower
+    rate = [float(n.split("predicted at ")[1].split(" GB/s")[0]) for n in (q.notes[-1], on_gpu.notes[-1])]
+    assert rate[1] < rate[0]
 
 
 def test_cli_does_not_fit_exit_code_2(tiny_checkpoint):

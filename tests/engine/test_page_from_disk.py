@@ -25,7 +25,7 @@ def loads(gguf_models):  # noqa: F811
     if not native.has_vnni():
         pytest.skip("no VNNI: the native kernels keep the file's layout anyway (nothing is interleaved)")
     path = gguf_models.path("glm_moe_dsa", "Q4_K_M")
-    paged = offload.load(path, device="cpu", ram="64MiB", page_from_disk=True, progress=False)
+    paged = offload.load(path, device="cpu", ram="8256MiB", page_from_disk=True, progress=False)
     normal = offload.load(path, device="cpu", progress=False)
     return paged, normal
 
