@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves, tree_map
 
 from offload.cache import Cache
+from offload.models import workspace
 from offload.models.experts import STATIC_PAIRS
 from offload.models.moe import MoE
 from offload.runtime import run_now
@@ -206,6 +207,8 @@ class DecodeStep:
         self.capacities: tuple = ()  # the caches' tensors (held()) the recording was made for
         self.blocker: str | None = None  # why the last record() could not record (the step function runs)
         self.segments = 0  # recorded segments (host calls + 1)
+        self.recording = None  # the CudaSegments / Emulated recording
+        self.scratch: tuple = ()  # the scratch buffers the recording reads (offload.models.workspace)
 
     def run(self, host: Callable = run_now) -> torch.Tensor:
         """The step's body: reads only the buffers and the caches."""
@@ -213,7 +216,7 @@ class DecodeStep:
 
     def record(self):
         """Record the step for the current caches; -> the replay function (call after updating the buffers)."""
-        self.recorded, self.capacities = None, ()  # nothing stale stays if recording fails
+        self.recorded, self.capacities, self.recording, self.scratch = None, (), None, ()  # nothing stale stays
         self.blocker = capture_blocker(self.model)
         pairs = len(self.caches) * getattr(self.model.args, "num_experts_per_tok", 0)
         if self.blocker is None and pairs > STATIC_PAIRS:
@@ -234,6 +237,9 @@ class DecodeStep:
             recording = Emulated()
         logits = recording.record(self.run)  # (B, V)
         self.segments = 1 + recording.host_calls
+        # a CUDA graph keeps addresses, not tensors: a later longer forward that regrows a scratch buffer would
+        # free memory the replays still read and write
+        self.scratch, self.recording = workspace.held(), recording
 
         def replay() -> torch.Tensor:
             return recording.replay(logits)

@@ -20,3 +20,9 @@ def workspace(name: str, n: int, device, dtype: torch.dtype) -> torch.Tensor:
         with torch.inference_mode(False):
             buf = _buffers[key] = torch.empty(n, device=device, dtype=dtype)
     return buf[:n]
+
+
+def held() -> tuple:
+    """The buffers kept now: a recorded step (offload.graphs.DecodeStep) holds on to those it was recorded with,
+    since its CUDA graph reads their addresses and a bigger request would otherwise free them."""
+    return tuple(_buffers.values())
