@@ -6,12 +6,14 @@ step itself and the model keep, and then a longer forward regrows the scratch bu
 
 import gc
 
+import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from offload.graphs import DecodeStep, Emulated, capture_blocker
 from offload.models import workspace
+from tests.engine.test_graph_segments import stand_in_gpu
 from tests.engine.test_graph_step import NEXT, PROMPT
 from tests.engine.test_homes import build
 
@@ -33,31 +35,55 @@ def outside_inputs(program: list) -> dict:
     return outside
 
 
-def test_the_scratch_buffers_a_recording_reads_outlive_their_regrowth(tiny_checkpoint):
-    """glm_moe_dsa: its indexer's and sparse attention's scratch buffers are read by the recorded step; a
-    longer prompt afterwards asks for bigger ones."""
-    model = build(tiny_checkpoint("glm_moe_dsa"))
-    for moe in model.moe_layers():
-        for g in moe.groups:
-            g.sync_free = True
+def kept(model) -> set:
+    """Addresses of the buffers kept between forwards: the scratch buffers, the runtime's staging slots."""
+    staging = model.runtime.staging
+    bufs = list(workspace.held()) + [b for slot in (staging.slots if staging else ()) for b in slot.bufs.values()]
+    return {b.untyped_storage().data_ptr() for b in bufs}
+
+
+def recorded_then_regrown(model) -> tuple[DecodeStep, dict, set]:
+    """Record a decode step as CUDA does (a warm-up run of the step first, then the recording), drop the
+    emulation's references to the recorded ops' tensors (a CUDA graph keeps their addresses only; the host calls
+    stay, as CudaSegments keeps them), run a longer prompt -> (the step, which holds its cache; the recording's
+    outside inputs; the kept buffers among them that the longer prompt replaced)."""
     assert capture_blocker(model) is None, capture_blocker(model)
     cache = model.new_cache(64)
     model.forward(torch.tensor(PROMPT), cache)
     step = DecodeStep(model, cache)
     step.set_inputs(NEXT[:1], [cache.length])
-    step.run()  # the warm-up a CUDA recording starts with: the scratch buffers grow to the step's sizes here
+    step.run()  # the warm-up: the scratch and staging buffers grow to the step's sizes here
     step.record()
-    recording = step.recording
-    assert isinstance(recording, Emulated)
-    outside = outside_inputs(recording.program)
-    read = {t.untyped_storage().data_ptr() for t in workspace.held()} & set(outside)
-    assert read  # the indexer's keys and scores, the gathered rows
-    recording.program.clear()  # what a CUDA graph keeps of them: their addresses only
-    del recording
-
+    assert isinstance(step.recording, Emulated)
+    program = step.recording.program
+    outside = outside_inputs(program)
+    read = kept(model) & set(outside)
+    program[:] = [entry for entry in program if not isinstance(entry, tuple)]
     longer = model.new_cache(256)
-    model.forward(torch.arange(3, 203) % model.args.vocab_size, longer)  # regrows the scratch buffers
+    model.forward(torch.arange(3, 203) % model.args.vocab_size, longer)  # regrows the scratch / staging buffers
     gc.collect()
-    assert read - {t.untyped_storage().data_ptr() for t in workspace.held()}  # they did regrow
+    return step, outside, read - kept(model)
+
+
+def test_the_scratch_buffers_a_recording_reads_outlive_their_regrowth(tiny_checkpoint):
+    """glm_moe_dsa, every expert with its layer: the indexer's and sparse attention's scratch buffers
+    (offload.models.workspace) are read by the recorded step; the longer prompt asks for bigger ones."""
+    model = build(tiny_checkpoint("glm_moe_dsa"))
+    for moe in model.moe_layers():
+        for g in moe.groups:
+            g.sync_free = True
+    step, outside, replaced = recorded_then_regrown(model)
+    assert len(replaced) == 3  # the indexer's keys and scores, the gathered rows
+    freed = [p for p, ref in outside.items() if ref.expired()]
+    assert freed == [], f"{len(freed)} of {len(outside)} inputs of the recorded step were freed"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm_moe_dsa"])
+def test_the_staging_buffers_of_a_segmented_recording_outlive_their_regrowth(arch, tiny_checkpoint):
+    """Half the experts in a CPU group (the recording cut at its calls): the host buffers the recorded segments
+    copy into and out of (offload.staging) outlive a longer prompt that regrows the runtime's slots."""
+    model = stand_in_gpu(tiny_checkpoint(arch))
+    step, outside, replaced = recorded_then_regrown(model)
+    assert len(replaced) >= 4  # x, ids, weights and the partial of at least one slot
     freed = [p for p, ref in outside.items() if ref.expired()]
     assert freed == [], f"{len(freed)} of {len(outside)} inputs of the recorded step were freed"
