@@ -107,6 +107,7 @@ class CudaSegments:
         self.program: list[Callable] = []  # graph replays and host calls, in order
         self.host_calls = 0
         self.graph = None
+        self.capturing = False  # a capture begun and not yet ended
 
     def record(self, step: Callable) -> torch.Tensor:
         """step(host) run once under capture (nothing computes; host calls are noted, not made) -> its output,
@@ -116,8 +117,19 @@ class CudaSegments:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._begin()
-            out = step(self.host)
-            self._cut()
+            try:
+                out = step(self.host)
+                self._cut()
+            except BaseException:
+                # a capture left open keeps this thread from syncing or allocating on the GPU ever after (CUDA's
+                # thread-local capture mode): end it, and let the step's own error be the one raised
+                if self.capturing:
+                    self.capturing = False
+                    try:
+                        self.graph.capture_end()
+                    except Exception:
+                        pass  # the capture was invalidated by that error
+                raise
         torch.cuda.current_stream().wait_stream(stream)
         return out
 
@@ -125,8 +137,10 @@ class CudaSegments:
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the server's other threads (sampling, a prefix-cache restore) may use the GPU meanwhile
         self.graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        self.capturing = True
 
     def _cut(self):
+        self.capturing = False  # capture_end ends it even when it raises (an invalidated capture)
         self.graph.capture_end()
         self.program.append(self.graph.replay)
 
