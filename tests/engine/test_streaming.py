@@ -168,7 +168,7 @@ def test_a_stream_computes_what_resident_experts_do(slots):
     scale = float(want.abs().max())
     torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=0)  # the batches' partials sum in another order
     if device.type == "cuda":
-        assert all(h.is_pinned() for pool in stream.pools() for h in pool["host"])
+        assert all(h.is_pinned() for pool in pools_on(stream.device) for h in pool.host)
 
 
 def test_the_crossover_is_the_cost_models(monkeypatch):
