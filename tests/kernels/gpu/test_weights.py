@@ -109,7 +109,7 @@ def test_gguf_blocks_stay_blocks_on_the_triton_kernels(monkeypatch, device):
     torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=1e-4)
 
 
-def test_fp8_checkpoint_blocks_stay_fp8_on_the_triton_kernels(tmp_path):
+def test_fp8_checkpoint_blocks_stay_fp8_on_the_triton_kernels(tmp_path, device):
     """A tiny deepseek_v3 whose projections are FP8 e4m3 with 128x128 scales (as DeepSeek-V3 / GLM-5-FP8 ship):
     with `triton` its dense projections stay FP8 bytes on the kernels; the logits equal the dequantise-on-read
     path's (offload.checkpoint) to float32 summation order."""
@@ -142,18 +142,19 @@ def test_fp8_checkpoint_blocks_stay_fp8_on_the_triton_kernels(tmp_path):
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     (src / "config.json").write_text(json.dumps(config))
 
-    def build(triton):
+    def build(triton, device):
         ckpt = Checkpoint(src)
         arch = architecture(ckpt.config["model_type"])
-        return arch.build(LoadContext(ckpt, torch.device("cpu"), torch.float32, triton=triton),
+        return arch.build(LoadContext(ckpt, device, torch.float32, triton=triton),
                           arch.ModelArgs.from_config(ckpt.config))
 
-    model, ref_model = build(True), build(False)
+    # the kernels where they run: the GPU's when there is one (compiled Triton takes no CPU tensors)
+    model, ref_model = build(True, device), build(False, torch.device("cpu"))
     fp8 = [w for layer in model.layers for w in vars(layer.attn).values() if isinstance(w, TritonQuantWeight)]
     assert fp8 and all(w.qtype == FP8_BLOCK for w in fp8)
     ids = torch.randint(0, 200, (5,), generator=torch.Generator().manual_seed(1))
     outs = []
     for m in (model, ref_model):
         cache = m.new_cache(5)
-        outs.append(torch.cat([m.forward(ids[:4], cache), m.forward(ids[4:], cache)]))
+        outs.append(torch.cat([m.forward(ids[:4], cache), m.forward(ids[4:], cache)]).cpu())
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
