@@ -26,9 +26,22 @@ from offload.models.experts import STATIC_PAIRS
 from offload.models.moe import MoE
 from offload.runtime import run_now
 
-# ops that make the host wait for the device: a recorded step cannot hold them (a CUDA graph capture fails)
+# ops that make the host wait for the device: a recorded step cannot hold them (a CUDA graph capture fails);
+# bincount and equal read a value back inside their CUDA kernels, unseen on the CPU
 HOST_READS = {"_local_scalar_dense", "nonzero", "_unique", "_unique2", "unique_dim", "unique_consecutive",
-              "masked_select"}
+              "masked_select", "bincount", "equal"}
+# ops that read the host on CUDA when an index is a boolean mask (its nonzero runs inside the op)
+MASK_INDEXED = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+def host_read(func, args) -> bool:
+    """Whether op `func` on `args` makes the host wait for a CUDA device (seen at the dispatch level)."""
+    name = func._schema.name.split("::")[-1]
+    if name in HOST_READS:
+        return True
+    if name in MASK_INDEXED and len(args) > 1:
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return False
 
 
 def capture_blocker(model) -> str | None:
@@ -96,6 +109,25 @@ def _host_weight(obj, kinds: tuple, depth: int = 3) -> str | None:
     for v in items:
         if (found := _host_weight(v, kinds, depth - 1)) is not None:
             return found
+    return None
+
+
+def _rows_blocker(model, rows: int) -> str | None:
+    """Why a step of `rows` sequences cannot be recorded where one of fewer can (top-k <= 4 lets 16 rows pass
+    STATIC_PAIRS): from STREAM_MIN_TOKENS rows a layer's long-prompt stream takes them (a host read of the pairs),
+    from GEMM_MIN_TOKENS the GPU experts' Triton kernels sort their pairs by expert (a host read of the count)."""
+    import sys
+
+    from offload.placement.cost import STREAM_MIN_TOKENS
+
+    triton = sys.modules.get("offload.kernels.gpu.weights")  # imported where such groups exist
+    gemm_rows = sys.modules["offload.kernels.gpu.gemm"].GEMM_MIN_TOKENS if triton is not None else None
+    for i, moe in enumerate(model.moe_layers()):
+        for g in moe.groups:
+            if g.stream is not None and rows >= STREAM_MIN_TOKENS:
+                return f"{rows} sequences: MoE layer {i} streams its CPU experts from {STREAM_MIN_TOKENS} rows"
+            if triton is not None and isinstance(g, triton.TritonExperts) and rows >= gemm_rows:
+                return f"{rows} sequences: MoE layer {i}'s GPU experts sort their pairs from {gemm_rows} rows"
     return None
 
 
@@ -201,7 +233,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func._schema.name.split("::")[-1] in HOST_READS:
+        if host_read(func, args):
             raise RuntimeError(f"{func} reads the device from the host inside a recorded step")
         out = func(*args, **kwargs)
         self.program.append((func, args, kwargs, out))  # keeps every recorded tensor alive: ids stay unique
@@ -235,6 +267,8 @@ class DecodeStep:
         pairs = len(self.caches) * getattr(self.model.args, "num_experts_per_tok", 0)
         if self.blocker is None and pairs > STATIC_PAIRS:
             self.blocker = f"{pairs} (token, expert) pairs: more than the groups' static path takes ({STATIC_PAIRS})"
+        if self.blocker is None:
+            self.blocker = _rows_blocker(self.model, len(self.caches))
         if self.blocker is not None:
             self.recorded, self.segments, self.capacities = self.run, 0, self.held()
             return self.recorded

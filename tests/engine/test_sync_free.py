@@ -1,8 +1,9 @@
 """A decode step reads nothing back from the device except the CPU experts' own transfer: run under a
-TorchDispatchMode that notes every op that makes the host wait for the device (`_local_scalar_dense`: .item(),
-bool(), .tolist(); `nonzero`; `unique`; `masked_select`; device-to-host copies) and where in offload it was
-called. On this CPU the layers live on a stand-in GPU home with the GPU-home code path (sync_free groups); the
-MoE part (router, GPU-resident groups, the CPU group's hand-off, the sums) must be clean for every architecture."""
+TorchDispatchMode that notes every op that makes the host wait for the device (offload.graphs.host_read: .item(),
+bool(), .tolist(); nonzero, unique, masked_select, bincount, boolean-mask indexing; device-to-host copies) and
+where in offload it was called. On this CPU the layers live on a stand-in GPU home with the GPU-home code path
+(sync_free groups); the MoE part (router, GPU-resident groups, the CPU group's hand-off, the sums) must be clean for
+every architecture."""
 
 import traceback
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import offload
-from offload.graphs import HOST_READS, DecodeStep
+from offload.graphs import DecodeStep, host_read
 from offload.kernels.cpu.experts import cpu_experts_factory
 from offload.models.experts import STATIC_PAIRS, BlockExperts, ExpertBlocks, TorchExperts
 from tests.engine.conftest import ARCHS
@@ -35,7 +36,7 @@ class HostReads(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func._schema.name.split("::")[-1]
         d2h = name in ("_to_copy", "copy_") and _d2h(func, args, kwargs)
-        if name in HOST_READS or d2h:
+        if host_read(func, args) or d2h:
             where = next((f"{w}:{f.lineno}" for f in reversed(traceback.extract_stack())
                           if (w := _offload_file(f.filename))), "?")
             self.found.append((name, where))
