@@ -32,7 +32,7 @@ REPEAT=2
 THREADS=""
 BUDGET=470  # seconds for the whole run: the benchmark gets what the build and the tests left
 PY="${PYTHON:-python3}"
-TEST_ARGS="tests/engine/test_cuda.py tests/kernels/gpu tests/gguf/test_dequant_torch.py tests/engine/test_overlap.py::test_overlap_on_a_gpu_is_exact tests/engine/test_streaming.py tests/engine/test_graph_step.py tests/engine/test_graph_segments.py tests/engine/test_graph_decode.py tests/engine/test_mla_sdpa.py"
+TEST_ARGS="tests/engine/test_cuda.py tests/kernels/gpu tests/gguf/test_dequant_torch.py tests/engine/test_overlap.py::test_overlap_on_a_gpu_is_exact tests/engine/test_streaming.py tests/engine/test_graph_step.py tests/engine/test_graph_segments.py tests/engine/test_graph_decode.py tests/engine/test_mla_sdpa.py tests/engine/test_gpu_slice.py"
 
 usage() {
     sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
