@@ -115,8 +115,10 @@ def test_dsa_with_its_kv_in_ram(tiny_checkpoint):
 
 def gpu_model(arch, tiny_checkpoint, homes):
     placement = {i: homes * (8 // len(homes)) for i in range(8)}
+    # CPU experts as a CPU group the runtime hands off (q8_0 on the native kernels); without expert_quant they
+    # would be float TorchExperts on the CPU, which a recording on the GPU cannot hold
     model = offload.load(tiny_checkpoint(arch), device="cuda", dtype="float32", progress=False, ctx=64,
-                         placement=placement).model
+                         placement=placement, expert_quant="q8_0" if "cpu" in homes else None).model
     for moe in model.moe_layers():
         for g in moe.groups:
             if hasattr(g, "sync_free"):
@@ -146,8 +148,11 @@ def test_gpu_step_with_cpu_experts_equals_eager(arch, tiny_checkpoint):
     model = gpu_model(arch, tiny_checkpoint, ["gpu", "cpu"])
     assert capture_blocker(model) is None, capture_blocker(model)
     want = eager_logits(model, NEXT)
+    # the CPU group rounds its input to 8 bits: the static step's masked attention differs from eager's by ~1e-7,
+    # which can move a value across a rounding edge (the DSA model's 8e-3 in test_graph_segments)
+    atol = 1e-2 if arch == "glm_moe_dsa" else 1e-4
     for g, w in zip(replayed_logits(model, DecodeStep, NEXT), want):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(g, w, atol=atol, rtol=1e-4)
     cache = model.new_cache(64)
     model.forward(torch.tensor(PROMPT), cache)
     step = DecodeStep(model, cache)
