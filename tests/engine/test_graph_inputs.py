@@ -42,12 +42,13 @@ def kept(model) -> set:
     return {b.untyped_storage().data_ptr() for b in bufs}
 
 
-def recorded_then_regrown(model) -> tuple[DecodeStep, dict, set]:
+def recorded_then_regrown(model, monkeypatch) -> tuple[DecodeStep, dict, set]:
     """Record a decode step as CUDA does (a warm-up run of the step first, then the recording), drop the
     emulation's references to the recorded ops' tensors (a CUDA graph keeps their addresses only; the host calls
     stay, as CudaSegments keeps them), run a longer prompt -> (the step, which holds its cache; the recording's
     outside inputs; the kept buffers among them that the longer prompt replaced)."""
     assert capture_blocker(model) is None, capture_blocker(model)
+    monkeypatch.setattr(workspace, "_buffers", {})  # none left by other tests: the step's sizes make them
     cache = model.new_cache(64)
     model.forward(torch.tensor(PROMPT), cache)
     step = DecodeStep(model, cache)
@@ -65,25 +66,25 @@ def recorded_then_regrown(model) -> tuple[DecodeStep, dict, set]:
     return step, outside, read - kept(model)
 
 
-def test_the_scratch_buffers_a_recording_reads_outlive_their_regrowth(tiny_checkpoint):
+def test_the_scratch_buffers_a_recording_reads_outlive_their_regrowth(tiny_checkpoint, monkeypatch):
     """glm_moe_dsa, every expert with its layer: the indexer's and sparse attention's scratch buffers
     (offload.models.workspace) are read by the recorded step; the longer prompt asks for bigger ones."""
     model = build(tiny_checkpoint("glm_moe_dsa"))
     for moe in model.moe_layers():
         for g in moe.groups:
             g.sync_free = True
-    step, outside, replaced = recorded_then_regrown(model)
+    step, outside, replaced = recorded_then_regrown(model, monkeypatch)
     assert len(replaced) == 3  # the indexer's keys and scores, the gathered rows
     freed = [p for p, ref in outside.items() if ref.expired()]
     assert freed == [], f"{len(freed)} of {len(outside)} inputs of the recorded step were freed"
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "glm_moe_dsa"])
-def test_the_staging_buffers_of_a_segmented_recording_outlive_their_regrowth(arch, tiny_checkpoint):
+def test_the_staging_buffers_of_a_segmented_recording_outlive_their_regrowth(arch, tiny_checkpoint, monkeypatch):
     """Half the experts in a CPU group (the recording cut at its calls): the host buffers the recorded segments
     copy into and out of (offload.staging) outlive a longer prompt that regrows the runtime's slots."""
     model = stand_in_gpu(tiny_checkpoint(arch))
-    step, outside, replaced = recorded_then_regrown(model)
+    step, outside, replaced = recorded_then_regrown(model, monkeypatch)
     assert len(replaced) >= 4  # x, ids, weights and the partial of at least one slot
     freed = [p for p, ref in outside.items() if ref.expired()]
     assert freed == [], f"{len(freed)} of {len(outside)} inputs of the recorded step were freed"
