@@ -84,6 +84,40 @@ def kernel_rates(types, mb: int = 256, k: int = 4096, reps: int = 5) -> dict[str
     return out
 
 
+PREFETCH_CANDIDATES = (0, 2304, 9216)  # bytes ahead (csrc/repack.h): none, one Q4_K group block, four
+
+
+def prefetch_choice(mb: int = 256, k: int = 4096, reps: int = 15) -> dict:
+    """The interleaved kernels' software prefetch distance that reads fastest here: Q4_K (the routed experts'
+    usual type) at one token from DRAM, each distance in turn rep by rep; the library keeps the choice (saved in
+    the profile, native.prefetch_ahead reads it back). -> {"prefetch_ahead": bytes, "prefetch_gbs": {bytes: GB/s}}"""
+    import torch
+
+    from offload.gguf.testing import random_blocks
+    from offload.gguf.types import GGMLType
+    from offload.kernels.cpu import native
+
+    qt = int(GGMLType.Q4_K)
+    if not native.fast(qt):
+        return {}
+    n = max(16, mb * 2**20 // (k // 256 * 144)) // 16 * 16
+    w, wt = native.repack(random_blocks(qt, n * k // 256, np.random.default_rng(0)).reshape(n, -1), qt)
+    x = torch.randn(1, k)
+    lib = native.lib()
+    times: dict[int, list[float]] = {d: [] for d in PREFETCH_CANDIDATES}
+    for rep in range(reps + 1):
+        for d in PREFETCH_CANDIDATES:
+            lib.qdot_set_prefetch(d)
+            t = time.perf_counter()
+            native.gemv(x, w, wt)
+            if rep:  # the first round warms
+                times[d].append(time.perf_counter() - t)
+    rates = {d: w.nbytes / statistics.median(t) / 1e9 for d, t in times.items()}
+    best = max(rates, key=rates.get)
+    lib.qdot_set_prefetch(best)
+    return {"prefetch_ahead": best, "prefetch_gbs": {str(d): round(r, 2) for d, r in rates.items()}}
+
+
 def moe_prefill_tflops(qt: int, rng, hidden: int, inter: int, reps: int, experts: int = 4, top_k: int = 2) -> float:
     """TFLOP/s of the engine's fused expert call (native.moe_topk) on a PREFILL_TOKENS-token chunk of one
     quant type, counted as expert FLOPs: it also gathers each (token, expert) pair's activations, quantises
@@ -211,7 +245,9 @@ def calibrate(types=DEFAULT_TYPES, quick: bool = False, gpus: int = 0) -> dict:
     import torch
 
     reads = dram_reads(256 if quick else 1024, 5 if quick else 9)
+    prefetch = prefetch_choice(mb=64 if quick else 256)  # first: the kernel rates below are measured with it
     cal = {
+        **prefetch,
         "threads": torch.get_num_threads(),
         "dram_reads_gbs": [round(r / 1e9, 2) for r in reads],
         "dram_gbs": round(statistics.median(reads) / 1e9, 2),

@@ -15,6 +15,7 @@ M tokens, K inputs, N output rows, P (token, expert) pairs, H hidden, I expert F
 import ctypes
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -129,8 +130,34 @@ def lib():
     from offload.kernels.cpu.threads import get_threads
 
     L.qdot_set_threads(get_threads())
+    L.qdot_set_prefetch.argtypes = [i32]
+    L.qdot_set_prefetch(prefetch_ahead())
     _lib = L
     return _lib
+
+
+# Bytes the interleaved kernels prefetch ahead of each group block when nothing says otherwise: none. Their reads
+# are sequential streams the hardware prefetchers follow; on the 2-core EPYC (Zen 4) dev VM a software prefetch
+# 9 KB ahead cost Q4_K's one-token GEMV 1.4x (25 -> 18 GB/s, in turns, 2026-12-06), though the same kind of VM
+# once measured the opposite (csrc/repack.h): `offload probe` measures this machine and saves its choice.
+DEFAULT_PREFETCH_AHEAD = 0
+
+
+def prefetch_ahead() -> int:
+    """The interleaved kernels' software prefetch distance in bytes (0 = none): OFFLOAD_PREFETCH_AHEAD, else the
+    one `offload probe` measured best here (the hardware profile's calibration.prefetch_ahead), else the default."""
+    env = os.environ.get("OFFLOAD_PREFETCH_AHEAD")
+    if env is not None:
+        if not env.isdigit() or int(env) > 1 << 20:
+            raise ValueError(f"OFFLOAD_PREFETCH_AHEAD: expected bytes from 0 to 1048576, got {env!r}")
+        return int(env)
+    from offload.placement.hardware import profile_path
+
+    try:
+        saved = json.loads(profile_path().read_text()).get("calibration", {}).get("prefetch_ahead")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    return saved if type(saved) is int and 0 <= saved <= 1 << 20 else DEFAULT_PREFETCH_AHEAD
 
 
 # types whose native kernel is SIMD (AVX-512 VNNI) and beats the numba one: all of them

@@ -129,6 +129,10 @@ def probe_cmd(
     reads = hw.calibration.get("dram_reads_gbs")
     spread = f" (median of {len(reads)} reads, {min(reads):.0f}-{max(reads):.0f})" if reads else ""
     typer.echo(f"RAM: {H.fmt_bytes(hw.ram_bytes)}, DRAM read {hw.dram_bw / H.GB:.1f} GB/s{spread}")
+    if hw.calibration.get("prefetch_gbs"):
+        rates = ", ".join(f"{d} B ahead {r:.1f}" for d, r in hw.calibration["prefetch_gbs"].items())
+        typer.echo(f"CPU prefetch: Q4_K one-token GB/s with {rates}: kernels keep "
+                   f"{hw.calibration['prefetch_ahead']} B (OFFLOAD_PREFETCH_AHEAD overrides)")
     for name, k in hw.calibration.get("kernels", {}).items():
         fused = f", {k['moe_prefill_tflops']:.2f} as fused experts" if k.get("moe_prefill_tflops") else ""
         typer.echo(f"CPU {name:7} {k['gemv_gbs']:6.1f} GB/s at one token, {k['prefill_tflops']:.2f} TFLOP/s at "

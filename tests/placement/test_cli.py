@@ -104,6 +104,9 @@ def test_probe_calibrates_this_engine(tmp_path):
     assert cal["prefill_s_per_token_hidden"] >= 0
     assert cal["layer_s"] >= 0 and cal["token_s"] >= 0 and len(cal["dram_reads_gbs"]) >= 3
     assert "GB/s at one token" in r.output and "per layer" in r.output
+    rates = cal["prefetch_gbs"]  # the kernels' prefetch distance: the fastest of those measured in turns
+    assert cal["prefetch_ahead"] in (0, 2304, 9216) and rates[str(cal["prefetch_ahead"])] == max(rates.values())
+    assert "CPU prefetch" in r.output
     r = runner.invoke(app, ["plan", "qwen3-30b-a3b", "--hardware", str(out), "--format", "json"])
     d = json.loads(r.output)
     assert d["hardware"]["calibration"] == cal

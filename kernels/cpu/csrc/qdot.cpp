@@ -137,6 +137,10 @@ void qdot_set_threads(int n) {
 
 int qdot_get_threads() { return pool().threads(); }
 
+// bytes ahead the interleaved kernels prefetch each group block (0: none; native.prefetch_ahead chooses)
+void qdot_set_prefetch(int bytes) { prefetch_ahead = bytes < 0 ? 0 : bytes; }
+int qdot_get_prefetch() { return prefetch_ahead; }
+
 // 1 if the type has a kernel here
 int qdot_supported(int qtype) { return find_type(qtype) != nullptr; }
 

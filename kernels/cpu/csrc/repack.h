@@ -204,15 +204,17 @@ void r16_groups(const R16Layout& L, const uint8_t* src, uint8_t* dst, int64_t nb
     }
 }
 
+// Bytes ahead each group block is software-prefetched (0: none), set at load (native.prefetch_ahead: what
+// `offload probe` measured best here, else none). A group block is a burst of loads then hundreds of cycles of
+// dot products; the reads are sequential. On 2 Zen 4 cores a 9 KB prefetch once doubled Q4_K at M=1 from DRAM
+// (23 -> 46 GB/s; 2304 B: 31, 18 KB: 34, 36 KB: 32) and on the same kind of VM later cost 1.4x (25 -> 18 GB/s):
+// the machine decides (scripts/bench_prefetch.py compares distances in turns).
+inline int prefetch_ahead = 0;
+
 #if QDOT_VNNI
 // 4 activation bytes broadcast to every int32 lane, straight from memory (through a general register, as
 // the compiler did for a copied int32 array, the broadcasts took more uops than the dot products)
 inline __m512i bcast4(const int8_t* p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
-
-// Each group block's bytes are prefetched this far ahead (9 KB: 4 Q4_K group blocks). A group block is
-// a burst of loads then hundreds of cycles of dot products; without the prefetch the hardware prefetchers
-// fell behind: Q4_K at M=1 from DRAM 23 -> 46 GB/s on 2 Zen 4 cores (2304 B ahead: 31, 18 KB: 34, 36 KB: 32)
-constexpr int PREFETCH_AHEAD = 9216;
 
 // 32-value types: a group of 16 rows against NT token rows -> out[16 m + j]
 template <const Q32& F, int NT>
@@ -220,8 +222,10 @@ void r16_q32(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, 
     const __m512i m4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16), zero = _mm512_setzero_si512();
     __m512 acc[NT];
     for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
+    const int pf = prefetch_ahead;  // read once: the loop keeps it in a register
     for (int64_t b = 0; b < nb; b++, g += 16 * F.bytes) {
-        for (int l = 0; l < 16 * F.bytes; l += 64) _mm_prefetch((const char*)(g + PREFETCH_AHEAD + l), _MM_HINT_T0);
+        if (pf)
+            for (int l = 0; l < 16 * F.bytes; l += 64) _mm_prefetch((const char*)(g + pf + l), _MM_HINT_T0);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
         const __m512 mn = F.m >= 0 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 32))) : d;
         __m512i q[8];  // q[k]: values 4k..4k+3 of the 16 rows, unsigned
@@ -259,17 +263,16 @@ void r16_q32(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, 
 // Q4_K: per chunk c (sub-blocks 2c, 2c + 1) eight vectors give 16 operands; four vpdpbusd (16 values,
 // |lane| <= 16 * 15 * 127 < 2^15) then one vpdpwssd by the rows' int16 scales, exact. Mins: the rows'
 // mins times the activation's 32-value sums, through vpdpwssd as well.
-#ifndef PF
-#define PF 36864
-#endif
 template <int NT>
 void r16_q4_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, float* out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), m6 = _mm512_set1_epi32(63), lo4 = _mm512_set1_epi32(0xF);
     const __m512i three = _mm512_set1_epi32(3), zero = _mm512_setzero_si512();
     __m512 acc[NT];
     for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
+    const int pf = prefetch_ahead;  // read once: the loop keeps it in a register
     for (int64_t b = 0; b < nb; b++, g += 16 * 144) {
-        for (int l = 0; l < 16 * 144; l += 64) _mm_prefetch((const char*)(g + PREFETCH_AHEAD + l), _MM_HINT_T0);
+        if (pf)
+            for (int l = 0; l < 16 * 144; l += 64) _mm_prefetch((const char*)(g + pf + l), _MM_HINT_T0);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 32)));
         const __m512i u0 = _mm512_loadu_si512(g + 64), u1 = _mm512_loadu_si512(g + 128), u2 = _mm512_loadu_si512(g + 192);
