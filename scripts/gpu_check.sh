@@ -204,10 +204,17 @@ fi
 # --- the GPU tests (beside the build: they time nothing)
 if [ "$TESTS" = 1 ]; then
     step "pytest $TEST_ARGS"
-    (cd "$REPO" && timeout 270 "$PY" -P -m pytest -q -rfEsx -p no:cacheprovider $TEST_ARGS) > "$WORK/tests.log" 2>&1
+    # -v: each test's outcome as it ends, so a run cut by the time limit still names what failed before the cut
+    (cd "$REPO" && timeout 270 "$PY" -P -m pytest -v --tb=short -rfEsx -p no:cacheprovider $TEST_ARGS) \
+        > "$WORK/tests.log" 2>&1
     rc=$?
     # the summary lines (triton's nanobind prints leak notes after pytest's own last line)
     { echo; echo "## tests (exit $rc): pytest $TEST_ARGS"; echo; echo '```'
+      if [ "$rc" = 124 ]; then
+          echo "timed out after 270 s: the tests after the last one below did not run"
+          grep -E " (PASSED|FAILED|ERROR|SKIPPED|XFAIL)" "$WORK/tests.log" | grep -vE " (PASSED|SKIPPED)" | tail -30
+          grep -E " (PASSED|FAILED|ERROR|SKIPPED|XFAIL)" "$WORK/tests.log" | tail -1
+      fi
       grep -E "^(FAILED|ERROR|XFAIL|SKIPPED)|[0-9]+ (passed|failed|skipped|error)" "$WORK/tests.log" | tail -40
       echo '```'; } >> "$RES"
     tail -n 3000 "$WORK/tests.log" >> "$LOG"
