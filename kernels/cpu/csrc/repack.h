@@ -204,11 +204,13 @@ void r16_groups(const R16Layout& L, const uint8_t* src, uint8_t* dst, int64_t nb
     }
 }
 
-// Bytes ahead each group block is software-prefetched (0: none), set at load (native.prefetch_ahead: what
-// `offload probe` measured best here, else none). A group block is a burst of loads then hundreds of cycles of
-// dot products; the reads are sequential. On 2 Zen 4 cores a 9 KB prefetch once doubled Q4_K at M=1 from DRAM
-// (23 -> 46 GB/s; 2304 B: 31, 18 KB: 34, 36 KB: 32) and on the same kind of VM later cost 1.4x (25 -> 18 GB/s):
-// the machine decides (scripts/bench_prefetch.py compares distances in turns).
+// Bytes ahead the Q4_K and Q6_K group kernels prefetch each group block into L2 (0: none), set at load
+// (native.prefetch_ahead: what `offload probe` measured best here, else 9 KB). A group block is a burst of
+// loads then hundreds of cycles of dot products: the hardware prefetchers alone left 2 Zen 4 cores at ~25 GB/s
+// from DRAM where they read 32+. Into L2 (prefetcht1) 9 KB ahead: Q4_K 1.15-1.32x, Q6_K 1.30x; into L1 (t0),
+// as before, cost 1.4x on the same VM (probably: each line held an L1 miss buffer until DRAM answered), though
+// it once doubled Q4_K. The 32-value kernels issue none: Q8_0 lost 0.88x with it, Q4_0 / Q5_0 gained 1.05x,
+// within the noise (scripts/bench_prefetch.py compares distances in turns).
 inline int prefetch_ahead = 0;
 
 #if QDOT_VNNI
@@ -222,10 +224,7 @@ void r16_q32(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb, 
     const __m512i m4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16), zero = _mm512_setzero_si512();
     __m512 acc[NT];
     for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
-    const int pf = prefetch_ahead;  // read once: the loop keeps it in a register
     for (int64_t b = 0; b < nb; b++, g += 16 * F.bytes) {
-        if (pf)
-            for (int l = 0; l < 16 * F.bytes; l += 64) _mm_prefetch((const char*)(g + pf + l), _MM_HINT_T0);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
         const __m512 mn = F.m >= 0 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 32))) : d;
         __m512i q[8];  // q[k]: values 4k..4k+3 of the 16 rows, unsigned
@@ -272,7 +271,7 @@ void r16_q4_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb,
     const int pf = prefetch_ahead;  // read once: the loop keeps it in a register
     for (int64_t b = 0; b < nb; b++, g += 16 * 144) {
         if (pf)
-            for (int l = 0; l < 16 * 144; l += 64) _mm_prefetch((const char*)(g + pf + l), _MM_HINT_T0);
+            for (int l = 0; l < 16 * 144; l += 64) _mm_prefetch((const char*)(g + pf + l), _MM_HINT_T1);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(g + 32)));
         const __m512i u0 = _mm512_loadu_si512(g + 64), u1 = _mm512_loadu_si512(g + 128), u2 = _mm512_loadu_si512(g + 192);
