@@ -136,10 +136,10 @@ def lib():
     return _lib
 
 
-# Bytes the Q4_K / Q6_K interleaved kernels prefetch ahead into L2 when nothing says otherwise: 9 KB (four Q4_K
-# group blocks). On the 2-core EPYC (Zen 4) dev VM the hardware prefetchers alone read ~25 GB/s from DRAM; with it
-# Q4_K's one-token GEMV read 1.15-1.32x faster, Q6_K's 1.30x (in turns, 2026-12-06; csrc/repack.h). `offload
-# probe` measures this machine and saves its choice.
+# Bytes the Q4_K interleaved kernel prefetches ahead into L2 when nothing says otherwise: 9 KB (four group blocks).
+# On the 2-core EPYC (Zen 4) dev VM the hardware prefetchers alone read Q4_K from DRAM at ~0.8x of a plain read;
+# with it the one-token GEMV read 1.15-1.33x faster in five runs of six (in turns, 2026-12-06; csrc/repack.h).
+# `offload probe` measures this machine and saves its choice.
 DEFAULT_PREFETCH_AHEAD = 9216
 
 

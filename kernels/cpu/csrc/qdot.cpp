@@ -137,7 +137,7 @@ void qdot_set_threads(int n) {
 
 int qdot_get_threads() { return pool().threads(); }
 
-// bytes ahead the Q4_K / Q6_K group kernels prefetch each group block into L2 (0: none; native.prefetch_ahead chooses)
+// bytes ahead the Q4_K group kernel prefetches each group block into L2 (0: none; native.prefetch_ahead chooses)
 void qdot_set_prefetch(int bytes) { prefetch_ahead = bytes < 0 ? 0 : bytes; }
 int qdot_get_prefetch() { return prefetch_ahead; }
 

@@ -4,9 +4,9 @@
 // As in repack.h, one vpdpbusd takes 4 weights of each of 16 rows (int32 lane j = row j) against 4
 // broadcast activations, each group block is decoded once for up to 8 tokens, and every row's integer
 // sum over a block is exactly the row kernel's (dots_vnni.h); only the float summation order differs.
-// Q6_K prefetches each group block prefetch_ahead bytes ahead into L2, as repack.h's Q4_K (1.30x from DRAM
-// on 2 Zen 4 cores at 9 KB); the others issue none. An L1 prefetch (t0) 9 KB ahead once cut Q6_K to about
-// half on a 2-core Zen 5 box (15 -> 8 GB/s; IQ4_XS 12 -> 7).
+// Unlike repack.h's Q4_K these issue no software prefetch. Q6_K's one-token GEMV from DRAM with one into L2
+// 9 KB ahead, in turns on 2 Zen 4 cores: 1.30x, 0.89x, 0.90x, 1.00x in four runs (the neighbours' load
+// decides); into L1 (t0) it once cut Q6_K to about half on a 2-core Zen 5 box (15 -> 8 GB/s; IQ4_XS 12 -> 7).
 
 #pragma once
 
@@ -24,10 +24,7 @@ void r16_q6_k(const uint8_t* g, const uint8_t* act, int64_t astride, int64_t nb,
     const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), zero = _mm512_setzero_si512();
     __m512 acc[NT];
     for (int m = 0; m < NT; m++) acc[m] = _mm512_setzero_ps();
-    const int pf = prefetch_ahead;  // read once: the loop keeps it in a register
     for (int64_t b = 0; b < nb; b++, g += 16 * 210) {
-        if (pf)
-            for (int l = 0; l < 16 * 210; l += 64) _mm_prefetch((const char*)(g + pf + l), _MM_HINT_T1);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)g));
         alignas(64) int32_t off[NT][16];  // -32 x each 16-value activation sum
         __m512i sumi[NT];

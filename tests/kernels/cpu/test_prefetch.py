@@ -14,7 +14,7 @@ from offload.kernels.cpu import native
 pytestmark = pytest.mark.skipif(not native.has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0])  # Q8_0: issues none
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0])  # Q6_K, Q8_0: issue none
 def test_every_distance_gives_the_same_bits(qtype):
     rng = np.random.default_rng(3)
     k, n = 2048, 112  # 7 groups of 16 rows
