@@ -3,8 +3,10 @@
 One interleaved random matrix per type (K 4096, --mb each) multiplied by 1 token with each distance in turn,
 rep by rep (the library's distance set between calls), so that the neighbours' bandwidth moves every distance
 alike; prints GB/s of weights read (medians) and each distance's ratio to the first. A distance given twice
-shows the noise. With --gguf, also whole-model decode (teacher-forced tokens) of that file in turns. Usage:
-    python -P scripts/bench_prefetch.py [--ahead 9216,0] [--types Q4_K,Q8_0] [--mb 256] [--reps 41]
+shows the noise. With --moe, also the fused expert call (native.moe_topk, one token, 8 of 16 random Q4_K experts
+of H 6144 x I 2048 plus a shared one: GLM-5.2's shapes); with --gguf, whole-model decode (teacher-forced tokens)
+of that file in turns. Usage:
+    python -P scripts/bench_prefetch.py [--ahead 9216,0] [--types Q4_K,Q8_0] [--mb 256] [--reps 41] [--moe]
                                         [--gguf FILE --tokens 8]
 """
 
@@ -12,6 +14,7 @@ import argparse
 import statistics
 import time
 
+import offload  # before torch: offload makes torch's OpenMP workers sleep, not spin, only if imported first
 import numpy as np
 import torch
 
@@ -42,6 +45,7 @@ def main():
     ap.add_argument("--mb", type=int, default=256)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=41)
+    ap.add_argument("--moe", action="store_true")
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--tokens", type=int, default=8)
     a = ap.parse_args()
@@ -63,9 +67,25 @@ def main():
         print(f"| {name} GEMV GB/s | {' | '.join(f'{r:.1f}' for r in rates)} | "
               f"{' | '.join(f'{r / rates[0]:.2f}x' for r in rates[1:])} |", flush=True)
         del p
-    if a.gguf:
-        import offload
+    if a.moe:
+        H, inter, E, qt = 6144, 2048, 16, int(GGMLType.Q4_K)
 
+        def experts(n, k, count):  # (count, n, k-row bytes) interleaved
+            return np.stack([native.repack(random_blocks(qt, n * k // 256, rng).reshape(n, -1), qt)[0]
+                             for _ in range(count)])
+
+        gate, up, down = experts(inter, H, E + 1), experts(inter, H, E + 1), experts(H, inter, E + 1)
+        shared = (gate[E], up[E], down[E])
+        gate, up, down, rt = gate[:E], up[:E], down[:E], qt | 0x100
+        x, w8 = rng.standard_normal((1, H)).astype(np.float32), np.full((1, 8), 0.125, np.float32)
+        locs = iter([rng.permutation(E)[:8].reshape(1, 8) for _ in range(len(dists) * (a.reps + 1))])
+        read = 9 * 3 * gate[0].nbytes  # bytes of the 9 experts a call reads
+        rates = [read / s / 1e9 for s in turns(dists, a.reps, lambda: native.moe_topk(
+            x, next(locs), w8, gate, up, down, (rt, rt, rt), shared=shared))]
+        print(f"| moe_topk GB/s (8 + 1 experts, {read / 1e6:.0f} MB a call) | {' | '.join(f'{r:.1f}' for r in rates)} | "
+              f"{' | '.join(f'{r / rates[0]:.2f}x' for r in rates[1:])} |", flush=True)
+        del gate, up, down, shared
+    if a.gguf:
         llm = offload.load(a.gguf, device="cpu", progress=False)
         ids = torch.randint(100, 5000, (16 + a.tokens,), generator=torch.Generator().manual_seed(0))
 
