@@ -138,7 +138,8 @@ def lib():
 
 # Bytes the Q4_K interleaved kernel prefetches ahead into L2 when nothing says otherwise: 9 KB (four group blocks).
 # On the 2-core EPYC (Zen 4) dev VM the hardware prefetchers alone read Q4_K from DRAM at ~0.8x of a plain read;
-# with it the one-token GEMV read 1.15-1.33x faster in five runs of six (in turns, 2026-12-06; csrc/repack.h).
+# with it the one-token GEMV read 1.15-1.36x faster in busy phases, 0.97-1.08x in quiet ones (in turns, 15 runs,
+# 2026-12-06; csrc/repack.h).
 # `offload probe` measures this machine and saves its choice.
 DEFAULT_PREFETCH_AHEAD = 9216
 

@@ -207,10 +207,11 @@ void r16_groups(const R16Layout& L, const uint8_t* src, uint8_t* dst, int64_t nb
 // Bytes ahead the Q4_K group kernel prefetches each group block into L2 (0: none), set at load
 // (native.prefetch_ahead: what `offload probe` measured best here, else 9 KB). A group block is a burst of
 // loads then hundreds of cycles of dot products: with the hardware prefetchers alone 2 Zen 4 cores read it
-// from DRAM at ~0.8x of a plain 2-thread read. Into L2 (prefetcht1) 9 KB ahead, in turns: 1.15-1.33x in five
-// runs of six (0.97x in one), at 1.0-1.1x of the plain read; into L1 (t0), as before, it cost 1.4x on the same
-// VM (probably: each line held an L1 miss buffer until DRAM answered), though it once doubled Q4_K. The other
-// kernels issue none: Q8_0 with it 0.88-0.96x, Q4_0 / Q5_0 1.05x, Q6_K 0.89-1.30x (repack_k.h).
+// from DRAM at ~0.8x of a plain 2-thread read when the neighbours are busy. Into L2 (prefetcht1), every line
+// 9 KB ahead, in turns: 1.15-1.36x in busy phases, 0.97-1.08x in quiet ones (15 runs; the fused expert call
+// 0.93-1.24x), at 1.0-1.1x of the plain read; every 2nd line only: 0.91-0.98x. Into L1 (t0), as before, it cost
+// 1.4x on the same VM (probably: each line held an L1 miss buffer until DRAM answered), though it once doubled
+// Q4_K. The other kernels issue none: Q8_0 with it 0.88-0.96x, Q4_0 / Q5_0 1.05x, Q6_K 0.89-1.30x, mostly 1.0x.
 inline int prefetch_ahead = 0;
 
 #if QDOT_VNNI

@@ -5,8 +5,8 @@
 // broadcast activations, each group block is decoded once for up to 8 tokens, and every row's integer
 // sum over a block is exactly the row kernel's (dots_vnni.h); only the float summation order differs.
 // Unlike repack.h's Q4_K these issue no software prefetch. Q6_K's one-token GEMV from DRAM with one into L2
-// 9 KB ahead, in turns on 2 Zen 4 cores: 1.30x, 0.89x, 0.90x, 1.00x in four runs (the neighbours' load
-// decides); into L1 (t0) it once cut Q6_K to about half on a 2-core Zen 5 box (15 -> 8 GB/s; IQ4_XS 12 -> 7).
+// 9 KB ahead, in turns on 2 Zen 4 cores: 1.30x, 0.89x, 0.90x, 1.00x, 0.99x, 1.02x in six runs; into L1 (t0)
+// it once cut Q6_K to about half on a 2-core Zen 5 box (15 -> 8 GB/s; IQ4_XS 12 -> 7).
 
 #pragma once
 
