@@ -5,6 +5,7 @@ compiled or interpreted then. So it is set here, before any test runs."""
 
 import os
 
+import offload  # noqa: F401  before torch, as the CLI runs: OMP_WAIT_POLICY=PASSIVE must precede libgomp's load
 import torch
 
 if not torch.cuda.is_available():
