@@ -11,9 +11,12 @@ worker), segment [shared expert, GPU experts], host call (wait for it), then the
 copy of its partial from its pinned buffer. On a GPU each segment is a torch.cuda.CUDAGraph (one memory pool,
 replayed in order); on the CPU `Emulated` records the segments' tensor ops at the dispatch level and replays
 them on the same tensors, so whatever Python computed at record time stays baked in, as in a CUDA graph (the
-tests' check). A model the recording cannot hold (capture_blocker says why) runs the step function itself.
+tests' check). A model the recording cannot hold (capture_blocker says why) runs the step function itself, as
+does a step whose recording failed (a warning says why; OFFLOAD_GRAPHS=1 makes it an error instead).
 """
 
+import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -23,12 +26,15 @@ from torch.utils._pytree import tree_leaves, tree_map
 from offload.cache import Cache
 from offload.models import workspace
 from offload.models.experts import STATIC_PAIRS
-from offload.models.moe import MoE
+from offload.models.moe import ExpertGroupError, MoE
 from offload.runtime import run_now
 
+RECORD_FAILURES: list[str] = []  # why recordings failed in this process (tests check it stays empty)
+
 # ops that make the host wait for the device: a recorded step cannot hold them (a CUDA graph capture fails);
-# bincount and equal read a value back inside their CUDA kernels, unseen on the CPU
-HOST_READS = {"_local_scalar_dense", "nonzero", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+# bincount and equal read a value back inside their CUDA kernels, unseen on the CPU; under inference mode a
+# scalar read reaches the dispatcher as item, not _local_scalar_dense
+HOST_READS = {"_local_scalar_dense", "item", "nonzero", "_unique", "_unique2", "unique_dim", "unique_consecutive",
               "masked_select", "bincount", "equal"}
 # ops that read the host on CUDA when an index is a boolean mask (its nonzero runs inside the op)
 MASK_INDEXED = {"index", "index_put", "index_put_", "_index_put_impl_"}
@@ -283,7 +289,20 @@ class DecodeStep:
             recording = CudaSegments()
         else:
             recording = Emulated()
-        logits = recording.record(self.run)  # (B, V)
+        try:
+            logits = recording.record(self.run)  # (B, V)
+        except ExpertGroupError:
+            raise  # the model's own failure: the step function would fail the same way
+        except Exception as exc:
+            if os.environ.get("OFFLOAD_GRAPHS", "").strip() == "1":
+                raise
+            # unforeseen (a new op that syncs, a CUDA capture rule): decode goes on op by op, and says why
+            self.blocker = f"recording failed: {type(exc).__name__}: {exc}"
+            RECORD_FAILURES.append(self.blocker)
+            warnings.warn(f"offload: the decode step runs op by op, not recorded ({self.blocker}); "
+                          "OFFLOAD_GRAPHS=0 turns recording off", RuntimeWarning, stacklevel=2)
+            self.recorded, self.segments, self.capacities = self.run, 0, self.held()
+            return self.recorded
         self.segments = 1 + recording.host_calls
         # a CUDA graph keeps addresses, not tensors: a later longer forward that regrows a scratch buffer would
         # free memory the replays still read and write

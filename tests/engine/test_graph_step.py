@@ -158,3 +158,41 @@ def test_gpu_step_with_cpu_experts_equals_eager(arch, tiny_checkpoint):
     step = DecodeStep(model, cache)
     step(NEXT[0])
     assert step.segments == 1 + 2 * len(model.moe_layers())
+
+
+def test_a_failed_recording_falls_back_to_the_step_function(tiny_checkpoint, monkeypatch):
+    """A step the recording cannot hold though capture_blocker saw nothing (here: a norm that reads a value back
+    into Python, as an op new to the runtime might) decodes op by op with a warning naming the failure, and
+    equals eager; OFFLOAD_GRAPHS=1 (recording demanded) makes it an error instead."""
+    import offload.graphs as graphs
+    from offload.models import base
+
+    model = build(tiny_checkpoint("qwen3_moe"))
+    want = eager_logits(model, NEXT[:3])
+    real_norm = base.rms_norm
+
+    def norm_with_a_host_read(x, w, eps):
+        float(x.abs().max())  # a host read: the recording refuses it
+        return real_norm(x, w, eps)
+
+    for moe in model.moe_layers():  # the static path (as test_graph_decode): nothing else blocks the recording
+        for g in moe.groups:
+            if hasattr(g, "sync_free"):
+                g.sync_free = True
+    monkeypatch.setattr("offload.runtime.rms_norm", norm_with_a_host_read)
+    monkeypatch.setattr(graphs, "RECORD_FAILURES", [])
+    monkeypatch.delenv("OFFLOAD_GRAPHS", raising=False)
+    assert capture_blocker(model) is None
+    cache = model.new_cache(64)
+    model.forward(torch.tensor(PROMPT), cache)
+    step = DecodeStep(model, cache)
+    with pytest.warns(RuntimeWarning, match="runs op by op, not recorded .recording failed: RuntimeError"):
+        got = [step(t) for t in NEXT[:3]]
+    assert step.segments == 0 and step.blocker.startswith("recording failed") and graphs.RECORD_FAILURES
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("OFFLOAD_GRAPHS", "1")
+    cache = model.new_cache(64)
+    model.forward(torch.tensor(PROMPT), cache)
+    with pytest.raises(RuntimeError, match="reads the device from the host"):
+        DecodeStep(model, cache)(NEXT[0])
