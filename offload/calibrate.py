@@ -87,6 +87,24 @@ def kernel_rates(types, mb: int = 256, k: int = 4096, reps: int = 5) -> dict[str
 PREFETCH_CANDIDATES = (0, 2304, 9216)  # bytes ahead (csrc/repack.h): none, one Q4_K group block, four
 
 
+def prefetch_turns(dists, reps: int, fn) -> list[float]:
+    """Median seconds of fn() under each prefetch distance (bytes), taking turns rep by rep so the neighbours'
+    bandwidth moves every distance alike; the first round warms. The library's own distance is set back after."""
+    from offload.kernels.cpu import native
+
+    lib = native.lib()
+    times = [[] for _ in dists]
+    for rep in range(reps + 1):
+        for i, d in enumerate(dists):
+            lib.qdot_set_prefetch(d)
+            t = time.perf_counter()
+            fn()
+            if rep:
+                times[i].append(time.perf_counter() - t)
+    lib.qdot_set_prefetch(native.prefetch_ahead())
+    return [statistics.median(t) for t in times]
+
+
 def prefetch_choice(mb: int = 256, k: int = 4096, reps: int = 15) -> dict:
     """The interleaved kernels' software prefetch distance that reads fastest here: Q4_K (the routed experts'
     usual type) at one token from DRAM, each distance in turn rep by rep; the library keeps the choice (saved in
@@ -103,18 +121,10 @@ def prefetch_choice(mb: int = 256, k: int = 4096, reps: int = 15) -> dict:
     n = max(16, mb * 2**20 // (k // 256 * 144)) // 16 * 16
     w, wt = native.repack(random_blocks(qt, n * k // 256, np.random.default_rng(0)).reshape(n, -1), qt)
     x = torch.randn(1, k)
-    lib = native.lib()
-    times: dict[int, list[float]] = {d: [] for d in PREFETCH_CANDIDATES}
-    for rep in range(reps + 1):
-        for d in PREFETCH_CANDIDATES:
-            lib.qdot_set_prefetch(d)
-            t = time.perf_counter()
-            native.gemv(x, w, wt)
-            if rep:  # the first round warms
-                times[d].append(time.perf_counter() - t)
-    rates = {d: w.nbytes / statistics.median(t) / 1e9 for d, t in times.items()}
+    secs = prefetch_turns(PREFETCH_CANDIDATES, reps, lambda: native.gemv(x, w, wt))
+    rates = {d: w.nbytes / t / 1e9 for d, t in zip(PREFETCH_CANDIDATES, secs)}
     best = max(rates, key=rates.get)
-    lib.qdot_set_prefetch(best)
+    native.lib().qdot_set_prefetch(best)
     return {"prefetch_ahead": best, "prefetch_gbs": {str(d): round(r, 2) for d, r in rates.items()}}
 
 

@@ -11,31 +11,15 @@ of that file in turns. Usage:
 """
 
 import argparse
-import statistics
-import time
 
 import offload  # before torch: offload makes torch's OpenMP workers sleep, not spin, only if imported first
 import numpy as np
 import torch
 
+from offload.calibrate import prefetch_turns as turns
 from offload.gguf.testing import random_blocks
 from offload.gguf.types import GGMLType, block_format
 from offload.kernels.cpu import native
-
-
-def turns(dists: list[int], reps: int, fn) -> list[float]:
-    """Median seconds of fn() under each prefetch distance, taking turns; the first round warms."""
-    lib = native.lib()
-    times = [[] for _ in dists]
-    for rep in range(reps + 1):
-        for i, d in enumerate(dists):
-            lib.qdot_set_prefetch(d)
-            t = time.perf_counter()
-            fn()
-            if rep:
-                times[i].append(time.perf_counter() - t)
-    lib.qdot_set_prefetch(native.prefetch_ahead())
-    return [statistics.median(t) for t in times]
 
 
 def main():
