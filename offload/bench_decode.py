@@ -34,12 +34,12 @@ class LlamaCpp:
 
 
 class Offload:
-    def __init__(self, path: str, n_ctx: int, threads: int):
+    def __init__(self, path: str, n_ctx: int, threads: int, **load_kwargs):
         import offload
         from offload.kernels.cpu.threads import set_threads
 
         set_threads(threads)
-        self.model = offload.load(path, device="cpu", ctx=n_ctx, progress=False).model
+        self.model = offload.load(path, device="cpu", ctx=n_ctx, progress=False, **load_kwargs).model
         self.n_ctx = n_ctx
 
     def run(self, ids: list[int], n_prompt: int) -> tuple[float, float]:
@@ -52,6 +52,20 @@ class Offload:
             self.model.forward(torch.tensor([tok]), cache, last_only=True)
         t2 = time.perf_counter()
         return n_prompt / (t1 - t0), (len(ids) - n_prompt) / (t2 - t1)
+
+
+def in_turns(engines: dict, ids: list[int], n_prompt: int, repeat: int) -> tuple[dict, dict]:
+    """Each engine warmed once, then run `repeat` times taking turns (a shared machine's noise falls on all)
+    -> (name -> [(prefill, decode) tok/s per run], name -> (median prefill, median decode))."""
+    for e in engines.values():  # warm-up: page cache, buffers, the native library, numba's cached kernels
+        e.run(ids[: n_prompt + 2], n_prompt)
+    runs: dict[str, list] = {name: [] for name in engines}
+    for _ in range(repeat):
+        for name, e in engines.items():
+            runs[name].append(e.run(ids, n_prompt))
+    med = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+           for name, rs in runs.items()}
+    return runs, med
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,14 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.randint(100, 5000, (a.prompt + a.tokens,), generator=g).tolist()
     n_ctx = len(ids) + 8
     engines = {"llama.cpp": LlamaCpp(a.gguf, n_ctx, a.prompt, threads), "offload": Offload(a.gguf, n_ctx, threads)}
-    for e in engines.values():  # warm-up: page cache, buffers, the native library, numba's cached kernels
-        e.run(ids[: a.prompt + 2], a.prompt)
-    runs: dict[str, list] = {name: [] for name in engines}
-    for _ in range(a.repeat):
-        for name, e in engines.items():
-            runs[name].append(e.run(ids, a.prompt))
-    med = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
-           for name, rs in runs.items()}
+    runs, med = in_turns(engines, ids, a.prompt, a.repeat)
     print(f"## decode / prefill, {a.gguf}, {threads} threads, CPU only, median of {a.repeat}\n")
     print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, "
           f"{llama_cpp.llama_print_system_info().decode().strip()}\n")
