@@ -223,7 +223,7 @@ def _paged(p, spec, quant, routing, opts):
     from offload.placement.hardware import GB, fmt_bytes
 
     cpu = p.usage()["cpu"]
-    need = planner.cpu_resident_bytes(p)
+    need = sum(cpu.values())
     copied, room = _paged_copies(p)
     if copied > room:  # the error says so (_what_would_fit)
         return p
